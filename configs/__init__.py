@@ -1,0 +1,1 @@
+"""Autotune candidate configs, one JSON file per kernel (read by fused_sigxent.kernels._configs)."""

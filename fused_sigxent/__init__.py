@@ -1,0 +1,22 @@
+"""Fused sigmoid cross entropy (BCE with logits) for PyTorch: TF semantics, Triton kernels."""
+
+from . import _op  # noqa: F401  (registers torch.ops.fused_sigxent)
+from ._reduction import Reduction
+from ._tf_api import (
+    deprecated_flipped_sigmoid_cross_entropy_with_logits,
+    sigmoid_cross_entropy,
+    sigmoid_cross_entropy_with_logits,
+    weighted_cross_entropy_with_logits,
+)
+from ._torch_api import BCEWithLogitsLoss, binary_cross_entropy_with_logits
+
+__all__ = [
+    "BCEWithLogitsLoss",
+    "Reduction",
+    "binary_cross_entropy_with_logits",
+    "deprecated_flipped_sigmoid_cross_entropy_with_logits",
+    "sigmoid_cross_entropy",
+    "sigmoid_cross_entropy_with_logits",
+    "weighted_cross_entropy_with_logits",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,41 @@
+"""Which implementation runs: FUSED_SIGXENT_BACKEND, read at every call."""
+
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+ENV = "FUSED_SIGXENT_BACKEND"
+
+
+def backend() -> str:
+    """The chosen backend name; ValueError for anything but `BACKENDS`."""
+    name = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"{ENV}={os.environ[ENV]!r} is not one of {', '.join(BACKENDS)}")
+    return name
+
+
+def interpreting() -> bool:
+    """Triton runs kernels on the CPU, slowly, only under TRITON_INTERPRET=1."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def check(device: torch.device) -> None:
+    """Raises before any computation when the backend cannot run on `device`."""
+    if backend() == "triton" and device.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"{ENV}=triton got {device.type} tensors: Triton kernels need CUDA tensors, "
+            "or TRITON_INTERPRET=1 (set before the first call) to interpret them on the CPU"
+        )
+
+
+def use_kernels(device: torch.device) -> bool:
+    """True where the Triton kernels run, False where the reference path does."""
+    name = backend()
+    if name == "reference":
+        return False
+    if name == "auto":
+        return device.type == "cuda"
+    check(device)
+    return True

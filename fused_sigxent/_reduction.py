@@ -1,0 +1,49 @@
+"""Reduction names of both front ends and the integer codes the op takes."""
+
+import enum
+
+
+class Reduction(str, enum.Enum):
+    """TensorFlow's ``tf.losses.Reduction``; the values are TF's own strings."""
+
+    NONE = "none"
+    SUM = "weighted_sum"
+    MEAN = "weighted_mean"
+    SUM_OVER_BATCH_SIZE = "weighted_sum_over_batch_size"
+    SUM_BY_NONZERO_WEIGHTS = "weighted_sum_by_nonzero_weights"
+    # TF spells the same reduction twice; an equal value makes this an alias.
+    SUM_OVER_NONZERO_WEIGHTS = "weighted_sum_by_nonzero_weights"
+
+
+# The op's `reduction` argument. Every front end maps onto these six; the
+# numbers are part of the op schema, so they never change meaning.
+NONE = 0
+SUM = 1
+MEAN_BY_WEIGHTS = 2  # sum(w*l) / sum(w), 0 when sum(w) == 0 (TF MEAN)
+MEAN_BY_NUMEL = 3  # sum(w*l) / numel, 0 when empty (TF SUM_OVER_BATCH_SIZE)
+MEAN_BY_NONZERO = 4  # sum(w*l) / count(w != 0), 0 when the count is 0
+TORCH_MEAN = 5  # sum(w*l) / numel, NaN when empty, as PyTorch's "mean"
+CODES = (NONE, SUM, MEAN_BY_WEIGHTS, MEAN_BY_NUMEL, MEAN_BY_NONZERO, TORCH_MEAN)
+
+TF_CODES = {
+    Reduction.NONE: NONE,
+    Reduction.SUM: SUM,
+    Reduction.MEAN: MEAN_BY_WEIGHTS,
+    Reduction.SUM_OVER_BATCH_SIZE: MEAN_BY_NUMEL,
+    Reduction.SUM_BY_NONZERO_WEIGHTS: MEAN_BY_NONZERO,
+}
+TORCH_CODES = {"none": NONE, "sum": SUM, "mean": TORCH_MEAN}
+
+
+def denominator_is_static(reduction: int, weight_numel: int | None) -> bool:
+    """True when the denominator needs no pass over a weight tensor.
+
+    Then a kernel knows the gradient's scale before the reduction ends, so the
+    forward can write the final gradient (see `_op.plan_grads_in_forward`).
+    A single-element weight counts as static: every program reads it.
+    """
+    if reduction in (SUM, MEAN_BY_NUMEL, TORCH_MEAN):
+        return True
+    if reduction in (MEAN_BY_WEIGHTS, MEAN_BY_NONZERO):
+        return weight_numel is None or weight_numel == 1
+    return False

@@ -1,0 +1,229 @@
+"""Plain-PyTorch sigmoid cross entropy: the CPU implementation and the test oracle.
+
+Each function here has exactly the signature of the op it implements
+(`fused_sigxent/_op.py`), so the kernels can be swapped in one for one.
+Math runs in float32 (float64 for float64 logits); results come back in the
+logits dtype (the loss), or in the dtype of the tensor differentiated.
+
+Notation (SPEC section 2): x logits, z labels, s label smoothing,
+z' = z (1 - s) + s / 2, w weight, p pos_weight, q = 1 + (p - 1) z'.
+"""
+
+import torch
+from torch import Tensor
+
+from . import _reduction as R
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 math for float64 logits, float32 math for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def mul0(a: Tensor, b: Tensor) -> Tensor:
+    """a * b, with 0 * anything = 0: a zero weight or a zero coefficient masks
+    the other factor even where it is inf (the limit, not inf * 0 = NaN)."""
+    return torch.where(a == 0, 0.0, a * b)
+
+
+def smoothed_labels(labels: Tensor, label_smoothing: float, dtype: torch.dtype) -> Tensor:
+    """z' = z (1 - s) + 0.5 s, in the compute dtype."""
+    z = labels.to(dtype)
+    if label_smoothing == 0.0:
+        return z
+    return z * (1.0 - label_smoothing) + 0.5 * label_smoothing
+
+
+def elementwise_loss(x: Tensor, z: Tensor, p: Tensor | None) -> Tensor:
+    """l = (1 - z') x + q softplus(-x), written so that no step overflows:
+
+    l = (1 - z') relu(x) + p z' relu(-x) + q log1p(exp(-|x|))
+
+    With p = 1 this is the seeds' max(x, 0) - x z + log1p(exp(-|x|)).
+    The relu terms are masked products, so x = +-inf gives the limit
+    (0 where the label agrees, inf where it does not), never NaN.
+    """
+    log_term = torch.log1p(torch.exp(-x.abs()))
+    if p is None:
+        return mul0(1 - z, torch.relu(x)) + mul0(z, torch.relu(-x)) + log_term
+    q = 1 + (p - 1) * z
+    return mul0(1 - z, torch.relu(x)) + mul0(p * z, torch.relu(-x)) + q * log_term
+
+
+def grad_wrt_logits(x: Tensor, z: Tensor, p: Tensor | None) -> Tensor:
+    """dl/dx = (1 - z') sigmoid(x) - p z' sigmoid(-x).
+
+    Equal to sigmoid(x) - z' when p = 1, but with no cancellation when
+    sigmoid(x) rounds to 1 or 0.
+    """
+    pz = z if p is None else p * z
+    return (1 - z) * torch.sigmoid(x) - pz * torch.sigmoid(-x)
+
+
+def grad_wrt_smoothed_labels(x: Tensor, p: Tensor | None) -> Tensor:
+    """dl/dz' = -x + (p - 1) softplus(-x) = -relu(x) + p relu(-x) + (p - 1) log1p(exp(-|x|))."""
+    if p is None:
+        return -x
+    return -torch.relu(x) + mul0(p, torch.relu(-x)) + (p - 1) * torch.log1p(torch.exp(-x.abs()))
+
+
+def grad_wrt_pos_weight(x: Tensor, z: Tensor) -> Tensor:
+    """dl/dp = z' softplus(-x) = z' relu(-x) + z' log1p(exp(-|x|))."""
+    return mul0(z, torch.relu(-x)) + z * torch.log1p(torch.exp(-x.abs()))
+
+
+def denominator(reduction: int, weight: Tensor | None, logits: Tensor, dtype: torch.dtype) -> Tensor:
+    """What the reduced loss is divided by, as a 0-d tensor of the compute dtype.
+
+    A broadcast weight of n_w elements covers numel / n_w copies of itself,
+    so its broadcast sum is weight.sum() * numel / n_w: no full-size temporary.
+    """
+    numel = logits.numel()
+    one = torch.ones((), dtype=dtype, device=logits.device)
+    if reduction in (R.NONE, R.SUM):
+        return one
+    if weight is None or reduction in (R.MEAN_BY_NUMEL, R.TORCH_MEAN) or numel == 0:
+        return one * numel
+    copies = numel // weight.numel()
+    if reduction == R.MEAN_BY_WEIGHTS:
+        return weight.to(dtype).sum() * copies
+    return (weight != 0).sum().to(dtype) * copies
+
+
+def gradient_scale(grad: Tensor, denom: Tensor, reduction: int) -> Tensor:
+    """d(reduced loss)/d(sum of weighted losses) times the incoming gradient.
+
+    TF's reductions divide "no NaN" (a zero denominator gives 0, and so does
+    its gradient); PyTorch's "mean" of an empty tensor is NaN, and has no
+    elements to differentiate.
+    """
+    if reduction == R.NONE:
+        return grad
+    if reduction == R.TORCH_MEAN:
+        return grad / denom
+    return torch.where(denom == 0, 0.0, grad / denom)
+
+
+def _empty_like_none(t: Tensor) -> Tensor:
+    return t.new_empty(0)
+
+
+def sigmoid_ce_fwd(
+    logits: Tensor,
+    labels: Tensor,
+    weight: Tensor | None,
+    pos_weight: Tensor | None,
+    label_smoothing: float,
+    reduction: int,
+    out_dtype: torch.dtype,
+    grad_logits_in_fwd: bool,
+    grad_labels_in_fwd: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Loss (reduced, or elementwise for NONE), its denominator, and, when
+    asked, the gradients of the loss for an incoming gradient of 1 (which the
+    backward then only scales). Unasked gradients come back empty."""
+    ct = compute_dtype(logits.dtype)
+    x = logits.to(ct)
+    z = smoothed_labels(labels, label_smoothing, ct)
+    p = None if pos_weight is None else pos_weight.to(ct)
+    loss = elementwise_loss(x, z, p)
+    if weight is not None:
+        loss = mul0(weight.to(ct), loss)
+    denom = denominator(reduction, weight, logits, ct)
+    if reduction != R.NONE:
+        total = loss.sum()
+        if reduction == R.TORCH_MEAN:
+            loss = total / denom
+        else:
+            loss = torch.where(denom == 0, 0.0, total / denom)
+    grad_logits, grad_labels = _empty_like_none(logits), _empty_like_none(labels)
+    if grad_logits_in_fwd or grad_labels_in_fwd:
+        one = torch.ones((), dtype=out_dtype, device=logits.device)
+        grad_logits, grad_labels = sigmoid_ce_bwd(
+            one, logits, labels, weight, pos_weight, denom, label_smoothing, reduction,
+            grad_logits_in_fwd, grad_labels_in_fwd,
+        )
+    return loss.to(out_dtype).contiguous(), denom, grad_logits, grad_labels
+
+
+def sigmoid_ce_bwd(
+    grad: Tensor,
+    logits: Tensor,
+    labels: Tensor,
+    weight: Tensor | None,
+    pos_weight: Tensor | None,
+    denom: Tensor,
+    label_smoothing: float,
+    reduction: int,
+    need_grad_logits: bool,
+    need_grad_labels: bool,
+) -> tuple[Tensor, Tensor]:
+    """Gradients for logits and labels, recomputed from the inputs.
+
+    `grad` is the incoming gradient: 0-d for a reduced loss, the logits'
+    shape for NONE. Unasked gradients come back empty.
+    """
+    ct = compute_dtype(logits.dtype)
+    x = logits.to(ct)
+    z = smoothed_labels(labels, label_smoothing, ct)
+    p = None if pos_weight is None else pos_weight.to(ct)
+    scale = gradient_scale(grad.to(ct), denom, reduction)
+    w = None if weight is None else weight.to(ct)
+
+    def weighted(d: Tensor) -> Tensor:
+        return (d if w is None else mul0(w, d)) * scale
+
+    grad_logits, grad_labels = _empty_like_none(logits), _empty_like_none(labels)
+    if need_grad_logits:
+        grad_logits = weighted(grad_wrt_logits(x, z, p)).to(logits.dtype).contiguous()
+    if need_grad_labels:
+        dz = grad_wrt_smoothed_labels(x, p) * (1.0 - label_smoothing)
+        grad_labels = weighted(dz).to(labels.dtype).contiguous()
+    return grad_logits, grad_labels
+
+
+def sigmoid_ce_scale_(grad: Tensor, grad_logits: Tensor, grad_labels: Tensor) -> None:
+    """Scales gradients that the forward wrote for an incoming gradient of 1."""
+    for g in (grad_logits, grad_labels):
+        if g.numel():
+            g.copy_(g.to(compute_dtype(g.dtype)) * grad.to(compute_dtype(g.dtype)))
+
+
+def sigmoid_ce_param_grads(
+    grad: Tensor,
+    logits: Tensor,
+    labels: Tensor,
+    weight: Tensor | None,
+    pos_weight: Tensor | None,
+    denom: Tensor,
+    label_smoothing: float,
+    reduction: int,
+    need_grad_weight: bool,
+    need_grad_pos_weight: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients for a learned weight and pos_weight, summed back to their
+    broadcast shapes. The slow path: full-size temporaries, several launches.
+
+    For MEAN (sum(w l) / sum(w)) the weight also moves the denominator:
+    dL/dw = (l - L) / sum(w). The count of nonzero weights is piecewise
+    constant, so it contributes nothing.
+    """
+    ct = compute_dtype(logits.dtype)
+    x = logits.to(ct)
+    z = smoothed_labels(labels, label_smoothing, ct)
+    p = None if pos_weight is None else pos_weight.to(ct)
+    scale = gradient_scale(grad.to(ct), denom, reduction)
+    grad_weight = grad_pos_weight = None
+    if need_grad_weight and weight is not None:
+        loss = elementwise_loss(x, z, p)
+        if reduction == R.MEAN_BY_WEIGHTS:
+            total = mul0(weight.to(ct), loss).sum()
+            mean = torch.where(denom == 0, 0.0, total / denom)
+            loss = loss - mean
+        grad_weight = (loss * scale).sum_to_size(weight.shape).to(weight.dtype)
+    if need_grad_pos_weight and pos_weight is not None:
+        d = grad_wrt_pos_weight(x, z)
+        if weight is not None:
+            d = mul0(weight.to(ct), d)
+        grad_pos_weight = (d * scale).sum_to_size(pos_weight.shape).to(pos_weight.dtype)
+    return grad_weight, grad_pos_weight

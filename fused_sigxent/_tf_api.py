@@ -1,0 +1,83 @@
+"""TensorFlow-style front ends: TF's argument names, shapes rules and reductions."""
+
+from torch import Tensor
+
+from . import _op, _validate
+from . import _reduction as R
+from ._reduction import Reduction
+
+
+def sigmoid_cross_entropy_with_logits(*, labels: Tensor, logits: Tensor) -> Tensor:
+    """`tf.nn.sigmoid_cross_entropy_with_logits`: elementwise loss, shaped and typed as `logits`."""
+    x = _validate.logits("logits", logits)
+    z = _validate.labels("labels", labels, x, "logits")
+    return _op.sigmoid_ce(x, z, None, None, 0.0, R.NONE, _validate.out_dtype(x))
+
+
+def deprecated_flipped_sigmoid_cross_entropy_with_logits(logits: Tensor, targets: Tensor) -> Tensor:
+    """`tf.contrib.nn.deprecated_flipped_sigmoid_cross_entropy_with_logits`: (logits, targets) order."""
+    x = _validate.logits("logits", logits)
+    z = _validate.labels("targets", targets, x, "logits")
+    return _op.sigmoid_ce(x, z, None, None, 0.0, R.NONE, _validate.out_dtype(x))
+
+
+def weighted_cross_entropy_with_logits(*, labels: Tensor, logits: Tensor, pos_weight) -> Tensor:
+    """`tf.nn.weighted_cross_entropy_with_logits`: positives weighted by `pos_weight`
+    (a number, or a tensor that broadcasts to `logits`), elementwise."""
+    x = _validate.logits("logits", logits)
+    z = _validate.labels("labels", labels, x, "logits")
+    if _validate.is_number(pos_weight):
+        pos_weight = _validate.number_as_tensor(pos_weight, x)
+    p = _validate.coefficient("pos_weight", pos_weight, x, "logits")
+    return _op.sigmoid_ce(x, z, None, p, 0.0, R.NONE, _validate.out_dtype(x))
+
+
+def _reduction_code(reduction) -> int:
+    try:
+        return R.TF_CODES[Reduction(reduction)]
+    except (ValueError, KeyError):
+        names = ", ".join(f"Reduction.{r.name}" for r in Reduction)
+        raise ValueError(f"reduction must be one of {names} (or their string values); got {reduction!r}") from None
+
+
+def _tf_weights(weights, x: Tensor) -> Tensor | None:
+    """TF's weights rule (SPEC section 2): a number or 0-d tensor; a tensor of the
+    logits' rank whose every dimension is 1 or the logits'; or, as TF's doc
+    promises, a [batch_size] vector that weights each sample (viewed, not copied,
+    as [batch_size, 1, ...])."""
+    if weights is None:
+        raise ValueError("weights must be a number or a tensor, got None")
+    if _validate.is_number(weights):
+        # 1.0, TF's default, weights nothing: skip reading it at all.
+        return None if float(weights) == 1.0 else _validate.number_as_tensor(weights, x)
+    w = _validate.tensor("weights", weights)
+    per_sample = w.dim() == 1 and x.dim() >= 1 and w.shape[0] == x.shape[0]
+    if per_sample:
+        w = w.reshape(w.shape + (1,) * (x.dim() - 1))
+    elif w.dim() not in (0, x.dim()) or any(wd not in (1, xd) for wd, xd in zip(w.shape, x.shape)):
+        raise ValueError(
+            f"weights of shape {tuple(w.shape)} is invalid for logits of shape {tuple(x.shape)}: "
+            "it must be 0-d, of the logits' rank with every dimension 1 or equal to the logits', "
+            "or [batch_size]"
+        )
+    return _validate.coefficient("weights", w, x, "logits")
+
+
+def sigmoid_cross_entropy(
+    multi_class_labels,
+    logits,
+    weights=1.0,
+    label_smoothing=0.0,
+    reduction=Reduction.SUM_BY_NONZERO_WEIGHTS,
+) -> Tensor:
+    """`tf.losses.sigmoid_cross_entropy`: weighted, smoothed and reduced as TF does.
+
+    Integer labels and weights are cast, as TF casts them. Returns a 0-d loss,
+    or the logits' shape for `Reduction.NONE`.
+    """
+    x = _validate.logits("logits", logits)
+    z = _validate.labels("multi_class_labels", multi_class_labels, x, "logits", cast_integers=True)
+    w = _tf_weights(weights, x)
+    s = _validate.label_smoothing(label_smoothing)
+    code = _reduction_code(reduction)
+    return _op.sigmoid_ce(x, z, w, None, s, code, _validate.out_dtype(x))

@@ -1,0 +1,109 @@
+"""Argument checks shared by the front ends; each raises before any computation
+and names the argument, shape, dtype or device at fault."""
+
+import numbers
+
+import torch
+from torch import Tensor
+
+from . import _backend
+
+LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Hard labels read as one byte each: the kernels load them as they are.
+BYTE_LABEL_DTYPES = (torch.bool, torch.uint8)
+
+
+def _dtype_names(dtypes) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def tensor(name: str, value) -> Tensor:
+    """`value` itself, if it is a tensor."""
+    if value is None:
+        raise ValueError(f"{name} must be a tensor, got None")
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def logits(name: str, value) -> Tensor:
+    """A floating tensor of a dtype the kernels compute in."""
+    x = tensor(name, value)
+    if x.dtype not in LOGITS_DTYPES:
+        raise TypeError(f"{name} must have dtype {_dtype_names(LOGITS_DTYPES)}; got {x.dtype}")
+    _backend.check(x.device)
+    return x
+
+
+def labels(name: str, value, x: Tensor, x_name: str, *, cast_integers: bool = False) -> Tensor:
+    """Labels of x's shape: floating, bool or uint8 (read as they are), or,
+    with `cast_integers` (TF's tf.losses casts), other integers cast to x's dtype."""
+    z = tensor(name, value)
+    if z.shape != x.shape:
+        raise ValueError(
+            f"{name} and {x_name} must have the same shape; got {name} {tuple(z.shape)} "
+            f"and {x_name} {tuple(x.shape)}"
+        )
+    _same_device(name, z, x, x_name)
+    if z.is_floating_point() or z.dtype in BYTE_LABEL_DTYPES:
+        return z
+    if cast_integers and not z.is_complex():
+        return z.to(x.dtype)
+    allowed = "a floating dtype, bool or uint8" + (" or an integer dtype" if cast_integers else "")
+    raise TypeError(f"{name} must have {allowed}; got {z.dtype}")
+
+
+def _same_device(name: str, t: Tensor, x: Tensor, x_name: str) -> None:
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but {x_name} is on {x.device}")
+
+
+def coefficient(name: str, value, x: Tensor, x_name: str) -> Tensor:
+    """A weight or pos_weight tensor that broadcasts to x's shape (NumPy rules),
+    on x's device. Integer and bool coefficients become float32 (they are small
+    or rare, and cannot require grad); a 0-d CPU tensor moves to x's device."""
+    t = tensor(name, value)
+    if t.is_complex():
+        raise TypeError(f"{name} must be a real tensor; got {t.dtype}")
+    try:
+        ok = torch.broadcast_shapes(t.shape, x.shape) == x.shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{name} of shape {tuple(t.shape)} does not broadcast to {x_name} of shape {tuple(x.shape)}"
+        )
+    if t.dim() == 0 and t.device != x.device and t.device.type == "cpu":
+        t = t.to(x.device, non_blocking=True)
+    _same_device(name, t, x, x_name)
+    if not t.is_floating_point():
+        t = t.to(torch.float32)
+    return t
+
+
+def number_as_tensor(value, x: Tensor) -> Tensor:
+    """A Python number as a 0-d float32 tensor on x's device (a fill, not a
+    host-to-device copy, so it is safe inside a CUDA graph capture)."""
+    return torch.full((), float(value), dtype=torch.float32, device=x.device)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def label_smoothing(value) -> float:
+    """A real number in [0, 1]."""
+    if not is_number(value):
+        raise TypeError(f"label_smoothing must be a real number in [0, 1]; got {type(value).__name__}")
+    s = float(value)
+    if not 0.0 <= s <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1]; got {value}")
+    return s
+
+
+def out_dtype(x: Tensor) -> torch.dtype:
+    """The loss dtype: the logits', except under autocast, where PyTorch's own
+    loss runs (and returns) float32 for half-precision logits."""
+    if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+        return torch.float32
+    return x.dtype

@@ -1,0 +1,1 @@
+"""Triton kernels of fused_sigxent, installed as fused_sigxent.kernels."""
