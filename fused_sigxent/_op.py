@@ -95,28 +95,28 @@ def _setup_context(ctx, inputs, output):
     logits, labels, weight, pos_weight, label_smoothing, reduction, _, grad_logits_in_fwd, grad_labels_in_fwd = inputs
     _, denom, grad_logits, grad_labels = output
     ctx.mark_non_differentiable(denom, grad_logits, grad_labels)
-    ctx.save_for_backward(logits, labels, weight, pos_weight, denom)
+    ctx.save_for_backward(logits, labels, weight, pos_weight, denom, grad_logits, grad_labels)
     ctx.label_smoothing, ctx.reduction = label_smoothing, reduction
-    # Kept off save_for_backward on purpose: the backward scales them in place,
-    # which the saved-tensor version check would (rightly) reject on a second
-    # backward. A second backward (retain_graph) recomputes instead.
-    ctx.grads_from_fwd = (grad_logits, grad_labels) if grad_logits_in_fwd or grad_labels_in_fwd else None
+    # True until a backward has scaled the forward's gradients in place.
+    ctx.grads_from_fwd = grad_logits_in_fwd or grad_labels_in_fwd
 
 
 def _backward(ctx, grad, _grad_denom, _grad_grad_logits, _grad_grad_labels):
-    logits, labels, weight, pos_weight, denom = ctx.saved_tensors
+    logits, labels, weight, pos_weight, denom, grad_logits, grad_labels = ctx.saved_tensors
     need_logits, need_labels, need_weight, need_pos_weight = ctx.needs_input_grad[:4]
-    grad_logits = grad_labels = None
-    if need_logits or need_labels:
-        if ctx.grads_from_fwd is not None:
-            grad_logits, grad_labels = ctx.grads_from_fwd
-            ctx.grads_from_fwd = None
-            torch.ops.fused_sigxent.sigmoid_ce_scale_(grad, grad_logits, grad_labels)
-        else:
-            grad_logits, grad_labels = torch.ops.fused_sigxent.sigmoid_ce_bwd(
-                grad, logits, labels, weight, pos_weight, denom, ctx.label_smoothing, ctx.reduction,
-                need_logits, need_labels,
-            )
+    if not (need_logits or need_labels):
+        grad_logits = grad_labels = None
+    elif ctx.grads_from_fwd:
+        # Scaled in place through .data, which leaves the saved tensors'
+        # version alone; a second backward through this graph
+        # (retain_graph=True, gradcheck) finds the flag down and recomputes.
+        ctx.grads_from_fwd = False
+        torch.ops.fused_sigxent.sigmoid_ce_scale_(grad, grad_logits.data, grad_labels.data)
+    else:
+        grad_logits, grad_labels = torch.ops.fused_sigxent.sigmoid_ce_bwd(
+            grad, logits, labels, weight, pos_weight, denom, ctx.label_smoothing, ctx.reduction,
+            need_logits, need_labels,
+        )
     grad_weight = grad_pos_weight = None
     if need_weight or need_pos_weight:
         grad_weight, grad_pos_weight = _reference.sigmoid_ce_param_grads(

@@ -1,0 +1,110 @@
+"""Device functions shared by the sigmoid cross entropy kernels: loads through
+broadcast strides, and the stable loss and gradient formulas of
+`fused_sigxent/_reference.py`, term for term."""
+
+import triton
+import triton.language as tl
+
+# The op's reduction codes (fused_sigxent/_reduction.py); constexpr copies for the kernels.
+NONE: tl.constexpr = 0
+SUM: tl.constexpr = 1
+MEAN_BY_WEIGHTS: tl.constexpr = 2
+MEAN_BY_NUMEL: tl.constexpr = 3
+MEAN_BY_NONZERO: tl.constexpr = 4
+TORCH_MEAN: tl.constexpr = 5
+
+
+@triton.jit
+def mul0(a, b):
+    """a * b with 0 * anything = 0 (a zero weight masks an infinite loss)."""
+    return tl.where(a == 0, 0.0, a * b)
+
+
+@triton.jit
+def log1p_small(e):
+    """log(1 + e) for e in [0, 1], accurate where 1 + e rounds (Goldberg's trick:
+    the rounding error of u = 1 + e cancels in log(u) / (u - 1))."""
+    u = 1.0 + e
+    return tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
+
+
+@triton.jit
+def coefficient_offsets(offs, d1, d2, d3, s0, s1, s2, s3, NDIM: tl.constexpr):
+    """Offsets into a coefficient (weight, pos_weight) broadcast to the logits.
+
+    offs: flat indices into the contiguous logits, whose shape is collapsed to
+    (d0, d1, d2, d3) (innermost last, NDIM of them used); s0..s3: the
+    coefficient's strides over those dimensions, 0 where it is broadcast.
+    """
+    if NDIM == 1:
+        res = offs * s3
+    elif NDIM == 2:
+        res = (offs // d3) * s2 + (offs % d3) * s3
+    elif NDIM == 3:
+        r = offs // d3
+        res = (r // d2) * s1 + (r % d2) * s2 + (offs % d3) * s3
+    else:
+        r = offs // d3
+        r2 = r // d2
+        res = (r2 // d1) * s0 + (r2 % d1) * s1 + (r % d2) * s2 + (offs % d3) * s3
+    return res
+
+
+@triton.jit
+def load_coefficient(ptr, offs, mask, d1, d2, d3, s0, s1, s2, s3, NDIM: tl.constexpr, CT: tl.constexpr):
+    """A broadcast coefficient at `offs`, upcast to the compute dtype (0 where masked)."""
+    return tl.load(ptr + coefficient_offsets(offs, d1, d2, d3, s0, s1, s2, s3, NDIM), mask=mask, other=0).to(CT)
+
+
+@triton.jit
+def smooth(z, s_hi, s_lo, CT: tl.constexpr):
+    """z' = z (1 - s) + 0.5 s. s arrives as two float32 halves (hi + lo) so that
+    float64 math sees s to ~48 bits; for float32 math lo adds nothing."""
+    s = smoothing(s_hi, s_lo, CT)
+    return z * (1.0 - s) + 0.5 * s
+
+
+@triton.jit
+def smoothing(s_hi, s_lo, CT: tl.constexpr):
+    """s = hi + lo in the compute dtype (a float argument arrives as float32)."""
+    return (tl.zeros([], CT) + s_hi) + s_lo
+
+
+@triton.jit
+def loss_and_grads(x, z, p, HAS_POS_WEIGHT: tl.constexpr):
+    """Elementwise loss l, dl/dx and dl/dz' (z' the smoothed label, p pos_weight).
+
+    stable loss: l = (1 - z') relu(x) + p z' relu(-x) + q log1p(exp(-|x|)), q = 1 + (p - 1) z'
+    (p = 1: max(x, 0) - x z' + log1p(exp(-|x|)))
+    dl/dx  = (1 - z') sigmoid(x) - p z' sigmoid(-x)
+    dl/dz' = -relu(x) + p relu(-x) + (p - 1) log1p(exp(-|x|))
+    """
+    # One exp serves both sigmoids and the log term: e = exp(-|x|) never overflows.
+    e = tl.exp(-tl.abs(x))
+    r = 1.0 / (1.0 + e)
+    pos = x >= 0
+    sig_x = tl.where(pos, r, e * r)
+    sig_neg_x = tl.where(pos, e * r, r)
+    log_term = log1p_small(e)
+    relu_x = tl.where(pos, x, 0.0)
+    relu_neg_x = tl.where(pos, 0.0, -x)
+    if HAS_POS_WEIGHT:
+        pz = p * z
+        loss = mul0(1.0 - z, relu_x) + mul0(pz, relu_neg_x) + (1.0 + (p - 1.0) * z) * log_term
+        d_logits = (1.0 - z) * sig_x - pz * sig_neg_x
+        d_labels = mul0(p, relu_neg_x) - relu_x + (p - 1.0) * log_term
+    else:
+        loss = mul0(1.0 - z, relu_x) + mul0(z, relu_neg_x) + log_term
+        d_logits = (1.0 - z) * sig_x - z * sig_neg_x
+        d_labels = relu_neg_x - relu_x
+    return loss, d_logits, d_labels
+
+
+@triton.jit
+def gradient_scale(g, denom, REDUCTION: tl.constexpr):
+    """Incoming gradient over the denominator; TF reductions divide "no NaN"."""
+    if REDUCTION == TORCH_MEAN:
+        res = g / denom
+    else:
+        res = tl.where(denom == 0, 0.0, g / denom)
+    return res

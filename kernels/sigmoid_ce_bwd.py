@@ -1,0 +1,118 @@
+"""Backward sigmoid cross entropy in one launch: logits and labels gradients
+recomputed from the inputs, for any reduction."""
+
+import torch
+import triton
+import triton.language as tl
+
+from fused_sigxent._reference import compute_dtype
+from fused_sigxent._reduction import NONE
+
+from . import _layout
+from ._configs import numel_class, tuned
+from ._math import gradient_scale, load_coefficient, loss_and_grads, mul0, smooth, smoothing
+
+
+@tuned("sigmoid_ce_bwd")
+@triton.jit(do_not_specialize=["n_elements"])
+def _sigmoid_ce_bwd_kernel(
+    grad_ptr, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, denom_ptr,
+    grad_logits_ptr, grad_labels_ptr,
+    n_elements, numel_class, d1, d2, d3,
+    stride_w_0, stride_w_1, stride_w_2, stride_w_3,
+    stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
+    smoothing_hi, smoothing_lo,
+    REDUCTION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr, NDIM: tl.constexpr,
+    NEED_GRAD_LOGITS: tl.constexpr, NEED_GRAD_LABELS: tl.constexpr,
+    INT64: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Persistent grid; each program strides over blocks of BLOCK elements.
+
+    grad_ptr: the incoming gradient, [] for a reduced loss, [n_elements]
+      (contiguous) for REDUCTION == NONE. denom_ptr: [] the forward's denominator.
+    logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, d1..d3, strides,
+      smoothing: as in _sigmoid_ce_fwd_kernel.
+    grad_logits_ptr, grad_labels_ptr: [n_elements] outputs, written when NEED_GRAD_*.
+    numel_class: the autotune key only.
+    """
+    pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    if INT64:
+        first = pid.to(tl.int64) * BLOCK
+        step = n_programs.to(tl.int64) * BLOCK
+    else:
+        first = pid * BLOCK
+        step = n_programs * BLOCK
+    one_minus_s = 1.0 - smoothing(smoothing_hi, smoothing_lo, CT)
+    if REDUCTION != NONE:
+        scale = gradient_scale(tl.load(grad_ptr).to(CT), tl.load(denom_ptr).to(CT), REDUCTION)
+
+    for start in range(first, n_elements, step):
+        # Offsets and mask of this block; loads upcast to the compute dtype.
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < n_elements
+        x = tl.load(logits_ptr + offs, mask=mask, other=0).to(CT)
+        z = smooth(tl.load(labels_ptr + offs, mask=mask, other=0).to(CT), smoothing_hi, smoothing_lo, CT)
+        p = 1.0
+        if HAS_POS_WEIGHT:
+            p = load_coefficient(pos_weight_ptr, offs, mask, d1, d2, d3,
+                                 stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, NDIM, CT)
+        _, d_logits, d_labels = loss_and_grads(x, z, p, HAS_POS_WEIGHT)
+        if REDUCTION == NONE:
+            scale = tl.load(grad_ptr + offs, mask=mask, other=0).to(CT)
+        if HAS_WEIGHT:
+            w = load_coefficient(weight_ptr, offs, mask, d1, d2, d3,
+                                 stride_w_0, stride_w_1, stride_w_2, stride_w_3, NDIM, CT)
+            d_logits = mul0(w, d_logits)
+            d_labels = mul0(w, d_labels)
+        # Chain rule: times the incoming gradient (over the denominator).
+        if NEED_GRAD_LOGITS:
+            tl.store(grad_logits_ptr + offs, (d_logits * scale).to(grad_logits_ptr.dtype.element_ty), mask=mask)
+        if NEED_GRAD_LABELS:
+            d_labels = d_labels * one_minus_s * scale
+            tl.store(grad_labels_ptr + offs, d_labels.to(grad_labels_ptr.dtype.element_ty), mask=mask)
+
+
+def sigmoid_ce_bwd(
+    grad: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor | None,
+    pos_weight: torch.Tensor | None,
+    denom: torch.Tensor,
+    label_smoothing: float,
+    reduction: int,
+    need_grad_logits: bool,
+    need_grad_labels: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op `fused_sigxent::sigmoid_ce_bwd` on validated tensors; same
+    contract as `_reference.sigmoid_ce_bwd`."""
+    device = logits.device
+    x, z = _layout.contiguous(logits), _layout.contiguous(labels)
+    # An expanded incoming gradient (loss.sum().backward() gives one) is made
+    # contiguous here: the kernel reads it at the logits' offsets.
+    g = _layout.contiguous(grad) if reduction == NONE else grad
+    n = x.numel()
+    ct = compute_dtype(logits.dtype)
+    sizes, (w, pw), (stride_w, stride_pw) = _layout.collapse(x.shape, [weight, pos_weight])
+    grad_logits = torch.empty(x.shape if need_grad_logits else (0,), dtype=logits.dtype, device=device)
+    grad_labels = torch.empty(x.shape if need_grad_labels else (0,), dtype=labels.dtype, device=device)
+    if n == 0 or not (need_grad_logits or need_grad_labels):
+        return grad_logits, grad_labels
+    max_programs = _layout.max_programs(device)
+    smoothing_hi, smoothing_lo = _layout.split_float(label_smoothing)
+
+    def grid(meta):
+        return (min(triton.cdiv(n, meta["BLOCK"]), max_programs),)
+
+    _sigmoid_ce_bwd_kernel[grid](
+        g, x, z, x if w is None else w, x if pw is None else pw, denom,
+        grad_logits if need_grad_logits else x, grad_labels if need_grad_labels else x,
+        n, numel_class("sigmoid_ce_bwd", n), sizes[1], sizes[2], sizes[3],
+        *stride_w, *stride_pw,
+        smoothing_hi, smoothing_lo,
+        REDUCTION=reduction, HAS_WEIGHT=w is not None, HAS_POS_WEIGHT=pw is not None, NDIM=_layout.ndim(sizes),
+        NEED_GRAD_LOGITS=need_grad_logits, NEED_GRAD_LABELS=need_grad_labels,
+        INT64=n >= _layout.INT32_LIMIT, CT=tl.float64 if ct == torch.float64 else tl.float32,
+    )
+    return grad_logits, grad_labels

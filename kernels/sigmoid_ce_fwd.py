@@ -1,0 +1,196 @@
+"""Forward sigmoid cross entropy in one launch: elementwise loss or its
+reduction (with the denominator), and, when asked, the final gradients."""
+
+import torch
+import triton
+import triton.language as tl
+
+from fused_sigxent._reference import compute_dtype
+from fused_sigxent._reduction import NONE, denominator_is_static
+
+from . import _layout
+from ._configs import numel_class, tuned
+from ._math import (
+    MEAN_BY_NONZERO,
+    MEAN_BY_WEIGHTS,
+    SUM,
+    TORCH_MEAN,
+    gradient_scale,
+    load_coefficient,
+    loss_and_grads,
+    mul0,
+    smooth,
+    smoothing,
+)
+
+
+@tuned("sigmoid_ce_fwd")
+@triton.jit(do_not_specialize=["n_elements"])
+def _sigmoid_ce_fwd_kernel(
+    logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr,
+    loss_ptr, denom_ptr, grad_logits_ptr, grad_labels_ptr, partials_ptr, ticket_ptr,
+    n_elements, numel_class, d1, d2, d3,
+    stride_w_0, stride_w_1, stride_w_2, stride_w_3,
+    stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
+    smoothing_hi, smoothing_lo,
+    REDUCTION: tl.constexpr, HAS_WEIGHT: tl.constexpr, SCALAR_WEIGHT: tl.constexpr,
+    HAS_POS_WEIGHT: tl.constexpr, NDIM: tl.constexpr,
+    WRITE_GRAD_LOGITS: tl.constexpr, WRITE_GRAD_LABELS: tl.constexpr,
+    INT64: tl.constexpr, MAX_PROGRAMS: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Persistent grid; each program strides over blocks of BLOCK elements.
+
+    logits_ptr, labels_ptr: [n_elements] contiguous (labels of any floating
+      dtype, or uint8). weight_ptr, pos_weight_ptr: broadcast coefficients read
+      through strides stride_w_*, stride_pw_* over the collapsed logits shape
+      (d0, d1, d2, d3), NDIM of them used (kernels/_layout.py).
+    loss_ptr: [n_elements] for REDUCTION == NONE, else [] (the reduced loss).
+    denom_ptr: [] the denominator, in CT. grad_logits_ptr, grad_labels_ptr:
+      [n_elements] final gradients for an incoming gradient of 1, written when
+      WRITE_GRAD_* (only with a denominator known before the sum ends).
+    partials_ptr: [3, MAX_PROGRAMS] per-program sums (loss, weight, nonzero
+      weights); ticket_ptr: [1] int32 arrival counter, 0 on entry and on exit.
+    numel_class: the autotune key only. smoothing_hi + smoothing_lo: label smoothing.
+    REDUCTION: an op reduction code; SCALAR_WEIGHT: the weight has one element.
+    """
+    pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    # int64 offsets only where numel (plus one grid stride) passes int32.
+    if INT64:
+        first = pid.to(tl.int64) * BLOCK
+        step = n_programs.to(tl.int64) * BLOCK
+    else:
+        first = pid * BLOCK
+        step = n_programs * BLOCK
+    COUNT_WEIGHTS: tl.constexpr = HAS_WEIGHT and not SCALAR_WEIGHT and (
+        REDUCTION == MEAN_BY_WEIGHTS or REDUCTION == MEAN_BY_NONZERO)
+    one_minus_s = 1.0 - smoothing(smoothing_hi, smoothing_lo, CT)
+
+    # The denominator, where no pass over a weight tensor is needed to know it.
+    n_float = n_elements.to(CT)
+    if REDUCTION == SUM:
+        static_denom = tl.full([], 1.0, CT)
+    elif HAS_WEIGHT and SCALAR_WEIGHT and REDUCTION == MEAN_BY_WEIGHTS:
+        static_denom = tl.load(weight_ptr).to(CT) * n_float
+    elif HAS_WEIGHT and SCALAR_WEIGHT and REDUCTION == MEAN_BY_NONZERO:
+        static_denom = tl.where(tl.load(weight_ptr) != 0, n_float, 0.0)
+    else:
+        static_denom = n_float
+    grad_scale = gradient_scale(tl.full([], 1.0, CT), static_denom, REDUCTION)
+
+    acc_loss = tl.zeros([BLOCK], CT)
+    acc_weight = tl.zeros([BLOCK], CT)
+    acc_nonzero = tl.zeros([BLOCK], CT)
+    for start in range(first, n_elements, step):
+        # Offsets and mask of this block; loads upcast to the compute dtype.
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < n_elements
+        x = tl.load(logits_ptr + offs, mask=mask, other=0).to(CT)
+        z = smooth(tl.load(labels_ptr + offs, mask=mask, other=0).to(CT), smoothing_hi, smoothing_lo, CT)
+        p = 1.0
+        if HAS_POS_WEIGHT:
+            p = load_coefficient(pos_weight_ptr, offs, mask, d1, d2, d3,
+                                 stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, NDIM, CT)
+        # Loss and gradients (stable forms in _math.loss_and_grads).
+        loss, d_logits, d_labels = loss_and_grads(x, z, p, HAS_POS_WEIGHT)
+        if HAS_WEIGHT:
+            w = load_coefficient(weight_ptr, offs, mask, d1, d2, d3,
+                                 stride_w_0, stride_w_1, stride_w_2, stride_w_3, NDIM, CT)
+            loss = mul0(w, loss)
+            d_logits = mul0(w, d_logits)
+            d_labels = mul0(w, d_labels)
+            if COUNT_WEIGHTS:
+                acc_weight += w
+                acc_nonzero += (w != 0).to(CT)
+        # Elementwise loss out, or into this program's running sum.
+        if REDUCTION == NONE:
+            tl.store(loss_ptr + offs, loss.to(loss_ptr.dtype.element_ty), mask=mask)
+        else:
+            acc_loss += tl.where(mask, loss, 0.0)
+        if WRITE_GRAD_LOGITS:
+            tl.store(grad_logits_ptr + offs, (d_logits * grad_scale).to(grad_logits_ptr.dtype.element_ty), mask=mask)
+        if WRITE_GRAD_LABELS:
+            d_labels = d_labels * one_minus_s * grad_scale
+            tl.store(grad_labels_ptr + offs, d_labels.to(grad_labels_ptr.dtype.element_ty), mask=mask)
+
+    if REDUCTION == NONE:
+        if pid == 0:
+            tl.store(denom_ptr, tl.full([], 1.0, CT))
+    else:
+        # Deterministic reduction: per-program partials, then the last program
+        # to arrive sums them in program order and resets the ticket.
+        tl.store(partials_ptr + pid, tl.sum(acc_loss, axis=0))
+        if COUNT_WEIGHTS:
+            tl.store(partials_ptr + MAX_PROGRAMS + pid, tl.sum(acc_weight, axis=0))
+            tl.store(partials_ptr + 2 * MAX_PROGRAMS + pid, tl.sum(acc_nonzero, axis=0))
+        tl.debug_barrier()
+        ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+        if ticket == n_programs - 1:
+            idx = tl.arange(0, MAX_PROGRAMS)
+            live = idx < n_programs
+            total = tl.sum(tl.load(partials_ptr + idx, mask=live, other=0, volatile=True), axis=0)
+            denom = static_denom
+            if COUNT_WEIGHTS:
+                if REDUCTION == MEAN_BY_WEIGHTS:
+                    denom_ptrs = partials_ptr + MAX_PROGRAMS + idx
+                else:
+                    denom_ptrs = partials_ptr + 2 * MAX_PROGRAMS + idx
+                denom = tl.sum(tl.load(denom_ptrs, mask=live, other=0, volatile=True), axis=0)
+            if REDUCTION == TORCH_MEAN:
+                result = total / denom
+            else:
+                result = tl.where(denom == 0, 0.0, total / denom)
+            tl.store(loss_ptr, result.to(loss_ptr.dtype.element_ty))
+            tl.store(denom_ptr, denom)
+            tl.atomic_xchg(ticket_ptr, 0)
+
+
+def sigmoid_ce_fwd(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor | None,
+    pos_weight: torch.Tensor | None,
+    label_smoothing: float,
+    reduction: int,
+    out_dtype: torch.dtype,
+    grad_logits_in_fwd: bool,
+    grad_labels_in_fwd: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op `fused_sigxent::sigmoid_ce_fwd` on validated tensors; same
+    contract as `_reference.sigmoid_ce_fwd`."""
+    device = logits.device
+    x, z = _layout.contiguous(logits), _layout.contiguous(labels)
+    n = x.numel()
+    ct = compute_dtype(logits.dtype)
+    sizes, (w, pw), (stride_w, stride_pw) = _layout.collapse(x.shape, [weight, pos_weight])
+    write_grads = grad_logits_in_fwd or grad_labels_in_fwd
+    if write_grads and not denominator_is_static(reduction, None if weight is None else weight.numel()):
+        raise ValueError("gradients in the forward need a denominator known before the reduction")
+
+    loss = torch.empty(x.shape if reduction == NONE else (), dtype=out_dtype, device=device)
+    denom = torch.empty((), dtype=ct, device=device)
+    grad_logits = torch.empty(x.shape if grad_logits_in_fwd else (0,), dtype=logits.dtype, device=device)
+    grad_labels = torch.empty(x.shape if grad_labels_in_fwd else (0,), dtype=labels.dtype, device=device)
+    ticket, partials = _layout.workspace(device)
+    if ct == torch.float32:
+        partials = partials.view(torch.float32)
+    max_programs = _layout.max_programs(device)
+    smoothing_hi, smoothing_lo = _layout.split_float(label_smoothing)
+
+    def grid(meta):
+        return (max(1, min(triton.cdiv(n, meta["BLOCK"]), max_programs)),)
+
+    _sigmoid_ce_fwd_kernel[grid](
+        x, z, x if w is None else w, x if pw is None else pw,
+        loss, denom, grad_logits if grad_logits_in_fwd else loss, grad_labels if grad_labels_in_fwd else loss,
+        partials, ticket,
+        n, numel_class("sigmoid_ce_fwd", n), sizes[1], sizes[2], sizes[3],
+        *stride_w, *stride_pw,
+        smoothing_hi, smoothing_lo,
+        REDUCTION=reduction, HAS_WEIGHT=w is not None, SCALAR_WEIGHT=w is not None and w.numel() == 1,
+        HAS_POS_WEIGHT=pw is not None, NDIM=_layout.ndim(sizes),
+        WRITE_GRAD_LOGITS=grad_logits_in_fwd, WRITE_GRAD_LABELS=grad_labels_in_fwd,
+        INT64=n >= _layout.INT32_LIMIT, MAX_PROGRAMS=_layout.partial_slots(device),
+        CT=tl.float64 if ct == torch.float64 else tl.float32,
+    )
+    return loss, denom, grad_logits, grad_labels

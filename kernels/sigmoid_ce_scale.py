@@ -1,0 +1,67 @@
+"""Backward of a loss whose forward wrote the gradients: scale them in place
+by the incoming gradient, or return at once when it is exactly 1."""
+
+import torch
+import triton
+import triton.language as tl
+
+from fused_sigxent._reference import compute_dtype
+
+from . import _layout
+from ._configs import numel_class, tuned
+
+
+@tuned("sigmoid_ce_scale")
+@triton.jit(do_not_specialize=["n_elements"])
+def _sigmoid_ce_scale_kernel(
+    grad_ptr, grad_logits_ptr, grad_labels_ptr,
+    n_elements, numel_class,
+    HAS_GRAD_LOGITS: tl.constexpr, HAS_GRAD_LABELS: tl.constexpr,
+    INT64: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Persistent grid. grad_ptr: [] the incoming gradient (read on the device:
+    no host sync decides the skip). grad_logits_ptr, grad_labels_ptr:
+    [n_elements] gradients for an incoming gradient of 1, scaled in place
+    where HAS_GRAD_*. numel_class: the autotune key only."""
+    g = tl.load(grad_ptr).to(CT)
+    # The common case (loss.backward() on the loss itself): nothing to do.
+    if g != 1.0:
+        pid = tl.program_id(0)
+        n_programs = tl.num_programs(0)
+        if INT64:
+            first = pid.to(tl.int64) * BLOCK
+            step = n_programs.to(tl.int64) * BLOCK
+        else:
+            first = pid * BLOCK
+            step = n_programs * BLOCK
+        for start in range(first, n_elements, step):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < n_elements
+            if HAS_GRAD_LOGITS:
+                d = tl.load(grad_logits_ptr + offs, mask=mask).to(CT) * g
+                tl.store(grad_logits_ptr + offs, d.to(grad_logits_ptr.dtype.element_ty), mask=mask)
+            if HAS_GRAD_LABELS:
+                d = tl.load(grad_labels_ptr + offs, mask=mask).to(CT) * g
+                tl.store(grad_labels_ptr + offs, d.to(grad_labels_ptr.dtype.element_ty), mask=mask)
+
+
+def sigmoid_ce_scale_(grad: torch.Tensor, grad_logits: torch.Tensor, grad_labels: torch.Tensor) -> None:
+    """The op `fused_sigxent::sigmoid_ce_scale_`: same contract as
+    `_reference.sigmoid_ce_scale_`. Both gradients are contiguous (the forward
+    allocated them); an empty one is left alone."""
+    has_logits, has_labels = grad_logits.numel() > 0, grad_labels.numel() > 0
+    n = max(grad_logits.numel(), grad_labels.numel())
+    if n == 0:
+        return
+    dtype = grad_logits.dtype if has_logits else grad_labels.dtype
+    max_programs = _layout.max_programs(grad.device)
+
+    def grid(meta):
+        return (min(triton.cdiv(n, meta["BLOCK"]), max_programs),)
+
+    _sigmoid_ce_scale_kernel[grid](
+        grad, grad_logits if has_logits else grad_labels, grad_labels if has_labels else grad_logits,
+        n, numel_class("sigmoid_ce_scale", n),
+        HAS_GRAD_LOGITS=has_logits, HAS_GRAD_LABELS=has_labels,
+        INT64=n >= _layout.INT32_LIMIT, CT=tl.float64 if compute_dtype(dtype) == torch.float64 else tl.float32,
+    )

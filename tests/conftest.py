@@ -1,0 +1,104 @@
+"""Shared fixtures: both backends, the dtype-keyed tolerance table, a float64
+oracle written independently of `_reference.py`, and poisoned allocations."""
+
+import math
+import os
+
+# Triton decides interpretation when a kernel is decorated, so this must be
+# set before fused_sigxent.kernels is imported by any test.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+HAS_GPU = torch.cuda.is_available()
+
+# Compared in the output dtype. fp16/bf16: a few units of the last place
+# (2**-10, 2**-7), since the forward-written gradient is rounded twice
+# (once at 1/denominator, once after the incoming gradient). fp32: summation
+# order differs between the kernels and torch's sum. fp64: the same, 2**-52.
+TOLERANCES = {
+    torch.float16: dict(rtol=4e-3, atol=1e-3),
+    torch.bfloat16: dict(rtol=3e-2, atol=1e-2),
+    torch.float32: dict(rtol=2e-5, atol=1e-6),
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+}
+
+
+def assert_close(actual, expected, dtype=None, msg=""):
+    dtype = dtype or actual.dtype
+    torch.testing.assert_close(
+        actual.to(torch.float64), expected.to(torch.float64), equal_nan=True, msg=msg or None,
+        **TOLERANCES[dtype],
+    )
+
+
+def oracle_elementwise(x, z, pos_weight=None, label_smoothing=0.0):
+    """l = p z' softplus(-x) + (1 - z') softplus(x), in float64, from the
+    definition (not from `_reference.py`'s stable rewrite)."""
+    x, z = x.double(), z.double()
+    z = z * (1 - label_smoothing) + 0.5 * label_smoothing
+    p = 1.0 if pos_weight is None else pos_weight.double()
+    return p * z * F.softplus(-x) + (1 - z) * F.softplus(x)
+
+
+def oracle_reduce(loss, weight, reduction):
+    """TF/PyTorch reductions (SPEC section 2) in float64, on an elementwise loss."""
+    w = torch.ones_like(loss) if weight is None else weight.double().expand(loss.shape)
+    total = (w * loss).sum()
+    if reduction == "none":
+        return w * loss
+    if reduction == "sum":
+        return total
+    if reduction == "torch_mean":
+        return total / loss.numel() if loss.numel() else torch.tensor(math.nan, dtype=torch.float64)
+    denom = {"mean": w.sum(), "numel": float(loss.numel()), "nonzero": (w != 0).sum().double()}[reduction]
+    return total / denom if denom != 0 else torch.zeros((), dtype=torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(params=["reference", "triton"])
+def backend(request, monkeypatch):
+    """Runs a test through the reference path and through the Triton kernels
+    (interpreted here, compiled on a GPU)."""
+    monkeypatch.setenv("FUSED_SIGXENT_BACKEND", request.param)
+    return request.param
+
+
+@pytest.fixture
+def device():
+    return torch.device("cuda" if HAS_GPU else "cpu")
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every torch.empty returns NaN (floats) or -1 (integers), so an output
+    element a kernel fails to write shows up as a mismatch."""
+    empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(math.nan) if t.is_floating_point() else t.fill_(-1 if t.dtype != torch.bool else True)
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts Triton kernel launches, by kernel name, under the interpreter."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    counts: dict[str, int] = {}
+    run = InterpretedFunction.run
+
+    def counting_run(self, *args, **kwargs):
+        counts[self.fn.__name__] = counts.get(self.fn.__name__, 0) + 1
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", counting_run)
+    return counts
