@@ -52,9 +52,10 @@ def oracle_reduce(loss, weight, reduction):
     if reduction == "sum":
         return total
     if reduction == "torch_mean":
-        return total / loss.numel() if loss.numel() else torch.tensor(math.nan, dtype=torch.float64)
+        return total / loss.numel() if loss.numel() else total * math.nan
     denom = {"mean": w.sum(), "numel": float(loss.numel()), "nonzero": (w != 0).sum().double()}[reduction]
-    return total / denom if denom != 0 else torch.zeros((), dtype=torch.float64)
+    # TF's "no NaN" division: a zero denominator gives 0, and a zero gradient.
+    return total / denom if denom != 0 else total * 0
 
 
 @pytest.fixture(autouse=True)
