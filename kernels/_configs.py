@@ -10,7 +10,7 @@ from fused_sigxent._backend import interpreting
 # Used when a kernel's JSON file is missing (a source tree without configs/).
 FALLBACK = {
     "numel_class_bounds": [1 << 20],
-    "interpreter": {"BLOCK": 256},
+    "interpreter": {"BLOCK": 1024},
     "candidates": [{"BLOCK": 2048, "num_warps": 8, "num_stages": 1, "numel_class": [0, 1]}],
 }
 
