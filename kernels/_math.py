@@ -6,12 +6,12 @@ import triton
 import triton.language as tl
 
 # The op's reduction codes (fused_sigxent/_reduction.py); constexpr copies for the kernels.
-NONE: tl.constexpr = 0
-SUM: tl.constexpr = 1
-MEAN_BY_WEIGHTS: tl.constexpr = 2
-MEAN_BY_NUMEL: tl.constexpr = 3
-MEAN_BY_NONZERO: tl.constexpr = 4
-TORCH_MEAN: tl.constexpr = 5
+NONE = tl.constexpr(0)
+SUM = tl.constexpr(1)
+MEAN_BY_WEIGHTS = tl.constexpr(2)
+MEAN_BY_NUMEL = tl.constexpr(3)
+MEAN_BY_NONZERO = tl.constexpr(4)
+TORCH_MEAN = tl.constexpr(5)
 
 
 @triton.jit

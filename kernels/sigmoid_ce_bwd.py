@@ -6,11 +6,52 @@ import triton
 import triton.language as tl
 
 from fused_sigxent._reference import compute_dtype
-from fused_sigxent._reduction import NONE
+from fused_sigxent import _reduction as R
 
 from . import _layout
 from ._configs import numel_class, tuned
-from ._math import gradient_scale, load_coefficient, loss_and_grads, mul0, smooth, smoothing
+from ._math import NONE, gradient_scale, load_coefficient, loss_and_grads, mul0, smooth, smoothing
+
+
+@triton.jit
+def _bwd_block(
+    start, grad_ptr, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, grad_logits_ptr, grad_labels_ptr,
+    n_elements, d1, d2, d3, stride_w_0, stride_w_1, stride_w_2, stride_w_3,
+    stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, smoothing_hi, smoothing_lo, one_minus_s, scale,
+    REDUCTION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr, NDIM: tl.constexpr,
+    NEED_GRAD_LOGITS: tl.constexpr, NEED_GRAD_LABELS: tl.constexpr,
+    MASKED: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Gradients of one block of BLOCK elements from `start`. MASKED only for
+    the ragged tail; `scale` is the incoming gradient over the denominator
+    (unused for NONE, whose incoming gradient is read per element)."""
+    # Offsets and mask of this block; loads upcast to the compute dtype.
+    offs = start + tl.arange(0, BLOCK)
+    if MASKED:
+        mask = offs < n_elements
+    else:
+        # A constant mask folds away, leaving the accesses unpredicated.
+        mask = tl.full([BLOCK], 1, tl.int1)
+    x = tl.load(logits_ptr + offs, mask=mask, other=0).to(CT)
+    z = smooth(tl.load(labels_ptr + offs, mask=mask, other=0).to(CT), smoothing_hi, smoothing_lo, CT)
+    p = 1.0
+    if HAS_POS_WEIGHT:
+        p = load_coefficient(pos_weight_ptr, offs, mask, d1, d2, d3,
+                             stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, NDIM, CT)
+    _, d_logits, d_labels = loss_and_grads(x, z, p, HAS_POS_WEIGHT)
+    if REDUCTION == NONE:
+        scale = tl.load(grad_ptr + offs, mask=mask, other=0).to(CT)
+    if HAS_WEIGHT:
+        w = load_coefficient(weight_ptr, offs, mask, d1, d2, d3,
+                             stride_w_0, stride_w_1, stride_w_2, stride_w_3, NDIM, CT)
+        d_logits = mul0(w, d_logits)
+        d_labels = mul0(w, d_labels)
+    # Chain rule: times the incoming gradient (over the denominator).
+    if NEED_GRAD_LOGITS:
+        tl.store(grad_logits_ptr + offs, (d_logits * scale).to(grad_logits_ptr.dtype.element_ty), mask=mask)
+    if NEED_GRAD_LABELS:
+        d_labels = d_labels * one_minus_s * scale
+        tl.store(grad_labels_ptr + offs, d_labels.to(grad_labels_ptr.dtype.element_ty), mask=mask)
 
 
 @tuned("sigmoid_ce_bwd")
@@ -47,30 +88,22 @@ def _sigmoid_ce_bwd_kernel(
     if REDUCTION != NONE:
         scale = gradient_scale(tl.load(grad_ptr).to(CT), tl.load(denom_ptr).to(CT), REDUCTION)
 
-    for start in range(first, n_elements, step):
-        # Offsets and mask of this block; loads upcast to the compute dtype.
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < n_elements
-        x = tl.load(logits_ptr + offs, mask=mask, other=0).to(CT)
-        z = smooth(tl.load(labels_ptr + offs, mask=mask, other=0).to(CT), smoothing_hi, smoothing_lo, CT)
-        p = 1.0
-        if HAS_POS_WEIGHT:
-            p = load_coefficient(pos_weight_ptr, offs, mask, d1, d2, d3,
-                                 stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, NDIM, CT)
-        _, d_logits, d_labels = loss_and_grads(x, z, p, HAS_POS_WEIGHT)
-        if REDUCTION == NONE:
-            scale = tl.load(grad_ptr + offs, mask=mask, other=0).to(CT)
-        if HAS_WEIGHT:
-            w = load_coefficient(weight_ptr, offs, mask, d1, d2, d3,
-                                 stride_w_0, stride_w_1, stride_w_2, stride_w_3, NDIM, CT)
-            d_logits = mul0(w, d_logits)
-            d_labels = mul0(w, d_labels)
-        # Chain rule: times the incoming gradient (over the denominator).
-        if NEED_GRAD_LOGITS:
-            tl.store(grad_logits_ptr + offs, (d_logits * scale).to(grad_logits_ptr.dtype.element_ty), mask=mask)
-        if NEED_GRAD_LABELS:
-            d_labels = d_labels * one_minus_s * scale
-            tl.store(grad_labels_ptr + offs, d_labels.to(grad_labels_ptr.dtype.element_ty), mask=mask)
+    else:
+        scale = 1.0
+    # Full blocks unmasked (16-byte vectors); the ragged tail block masked.
+    n_full = (n_elements // BLOCK) * BLOCK
+    for start in range(first, n_full, step):
+        _bwd_block(start, grad_ptr, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr,
+                   grad_logits_ptr, grad_labels_ptr, n_elements, d1, d2, d3,
+                   stride_w_0, stride_w_1, stride_w_2, stride_w_3, stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
+                   smoothing_hi, smoothing_lo, one_minus_s, scale, REDUCTION, HAS_WEIGHT, HAS_POS_WEIGHT, NDIM,
+                   NEED_GRAD_LOGITS, NEED_GRAD_LABELS, False, CT, BLOCK)
+    if (n_full < n_elements) & (pid == (n_full // BLOCK) % n_programs):
+        _bwd_block(n_full, grad_ptr, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr,
+                   grad_logits_ptr, grad_labels_ptr, n_elements, d1, d2, d3,
+                   stride_w_0, stride_w_1, stride_w_2, stride_w_3, stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
+                   smoothing_hi, smoothing_lo, one_minus_s, scale, REDUCTION, HAS_WEIGHT, HAS_POS_WEIGHT, NDIM,
+                   NEED_GRAD_LOGITS, NEED_GRAD_LABELS, True, CT, BLOCK)
 
 
 def sigmoid_ce_bwd(
@@ -91,7 +124,7 @@ def sigmoid_ce_bwd(
     x, z = _layout.contiguous(logits), _layout.contiguous(labels)
     # An expanded incoming gradient (loss.sum().backward() gives one) is made
     # contiguous here: the kernel reads it at the logits' offsets.
-    g = _layout.contiguous(grad) if reduction == NONE else grad
+    g = _layout.contiguous(grad) if reduction == R.NONE else grad
     n = x.numel()
     ct = compute_dtype(logits.dtype)
     sizes, (w, pw), (stride_w, stride_pw) = _layout.collapse(x.shape, [weight, pos_weight])

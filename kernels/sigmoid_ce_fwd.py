@@ -6,13 +6,14 @@ import triton
 import triton.language as tl
 
 from fused_sigxent._reference import compute_dtype
-from fused_sigxent._reduction import NONE, denominator_is_static
+from fused_sigxent import _reduction as R
 
 from . import _layout
 from ._configs import numel_class, tuned
 from ._math import (
     MEAN_BY_NONZERO,
     MEAN_BY_WEIGHTS,
+    NONE,
     SUM,
     TORCH_MEAN,
     gradient_scale,
@@ -22,6 +23,58 @@ from ._math import (
     smooth,
     smoothing,
 )
+
+
+@triton.jit
+def _fwd_block(
+    start, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, loss_ptr, grad_logits_ptr, grad_labels_ptr,
+    n_elements, d1, d2, d3, stride_w_0, stride_w_1, stride_w_2, stride_w_3,
+    stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, smoothing_hi, smoothing_lo, one_minus_s, grad_scale,
+    acc_loss, acc_weight, acc_nonzero,
+    REDUCTION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr, COUNT_WEIGHTS: tl.constexpr,
+    NDIM: tl.constexpr, WRITE_GRAD_LOGITS: tl.constexpr, WRITE_GRAD_LABELS: tl.constexpr,
+    MASKED: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One block of BLOCK elements from `start`: stores what the forward writes
+    and returns the running sums. MASKED only for the ragged tail block."""
+    # Offsets and mask of this block; loads upcast to the compute dtype.
+    offs = start + tl.arange(0, BLOCK)
+    if MASKED:
+        mask = offs < n_elements
+    else:
+        # A constant mask folds away, leaving the accesses unpredicated.
+        mask = tl.full([BLOCK], 1, tl.int1)
+    x = tl.load(logits_ptr + offs, mask=mask, other=0).to(CT)
+    z = smooth(tl.load(labels_ptr + offs, mask=mask, other=0).to(CT), smoothing_hi, smoothing_lo, CT)
+    p = 1.0
+    if HAS_POS_WEIGHT:
+        p = load_coefficient(pos_weight_ptr, offs, mask, d1, d2, d3,
+                             stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, NDIM, CT)
+    # Loss and gradients (stable forms in _math.loss_and_grads).
+    loss, d_logits, d_labels = loss_and_grads(x, z, p, HAS_POS_WEIGHT)
+    if HAS_WEIGHT:
+        w = load_coefficient(weight_ptr, offs, mask, d1, d2, d3,
+                             stride_w_0, stride_w_1, stride_w_2, stride_w_3, NDIM, CT)
+        loss = mul0(w, loss)
+        d_logits = mul0(w, d_logits)
+        d_labels = mul0(w, d_labels)
+        if COUNT_WEIGHTS:
+            # Masked weights load as 0: they add nothing to either sum.
+            acc_weight += w
+            acc_nonzero += (w != 0).to(CT)
+    # Elementwise loss out, or into this program's running sum.
+    if REDUCTION == NONE:
+        tl.store(loss_ptr + offs, loss.to(loss_ptr.dtype.element_ty), mask=mask)
+    else:
+        if MASKED:
+            loss = tl.where(mask, loss, 0.0)
+        acc_loss += loss
+    if WRITE_GRAD_LOGITS:
+        tl.store(grad_logits_ptr + offs, (d_logits * grad_scale).to(grad_logits_ptr.dtype.element_ty), mask=mask)
+    if WRITE_GRAD_LABELS:
+        d_labels = d_labels * one_minus_s * grad_scale
+        tl.store(grad_labels_ptr + offs, d_labels.to(grad_labels_ptr.dtype.element_ty), mask=mask)
+    return acc_loss, acc_weight, acc_nonzero
 
 
 @tuned("sigmoid_ce_fwd")
@@ -81,37 +134,23 @@ def _sigmoid_ce_fwd_kernel(
     acc_loss = tl.zeros([BLOCK], CT)
     acc_weight = tl.zeros([BLOCK], CT)
     acc_nonzero = tl.zeros([BLOCK], CT)
-    for start in range(first, n_elements, step):
-        # Offsets and mask of this block; loads upcast to the compute dtype.
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < n_elements
-        x = tl.load(logits_ptr + offs, mask=mask, other=0).to(CT)
-        z = smooth(tl.load(labels_ptr + offs, mask=mask, other=0).to(CT), smoothing_hi, smoothing_lo, CT)
-        p = 1.0
-        if HAS_POS_WEIGHT:
-            p = load_coefficient(pos_weight_ptr, offs, mask, d1, d2, d3,
-                                 stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, NDIM, CT)
-        # Loss and gradients (stable forms in _math.loss_and_grads).
-        loss, d_logits, d_labels = loss_and_grads(x, z, p, HAS_POS_WEIGHT)
-        if HAS_WEIGHT:
-            w = load_coefficient(weight_ptr, offs, mask, d1, d2, d3,
-                                 stride_w_0, stride_w_1, stride_w_2, stride_w_3, NDIM, CT)
-            loss = mul0(w, loss)
-            d_logits = mul0(w, d_logits)
-            d_labels = mul0(w, d_labels)
-            if COUNT_WEIGHTS:
-                acc_weight += w
-                acc_nonzero += (w != 0).to(CT)
-        # Elementwise loss out, or into this program's running sum.
-        if REDUCTION == NONE:
-            tl.store(loss_ptr + offs, loss.to(loss_ptr.dtype.element_ty), mask=mask)
-        else:
-            acc_loss += tl.where(mask, loss, 0.0)
-        if WRITE_GRAD_LOGITS:
-            tl.store(grad_logits_ptr + offs, (d_logits * grad_scale).to(grad_logits_ptr.dtype.element_ty), mask=mask)
-        if WRITE_GRAD_LABELS:
-            d_labels = d_labels * one_minus_s * grad_scale
-            tl.store(grad_labels_ptr + offs, d_labels.to(grad_labels_ptr.dtype.element_ty), mask=mask)
+    # Full blocks carry no mask, so loads and stores stay 16-byte vectors;
+    # the one ragged tail block goes, masked, to the program whose turn it is.
+    n_full = (n_elements // BLOCK) * BLOCK
+    for start in range(first, n_full, step):
+        acc_loss, acc_weight, acc_nonzero = _fwd_block(
+            start, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, loss_ptr, grad_logits_ptr, grad_labels_ptr,
+            n_elements, d1, d2, d3, stride_w_0, stride_w_1, stride_w_2, stride_w_3,
+            stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, smoothing_hi, smoothing_lo, one_minus_s, grad_scale,
+            acc_loss, acc_weight, acc_nonzero, REDUCTION, HAS_WEIGHT, HAS_POS_WEIGHT, COUNT_WEIGHTS, NDIM,
+            WRITE_GRAD_LOGITS, WRITE_GRAD_LABELS, False, CT, BLOCK)
+    if (n_full < n_elements) & (pid == (n_full // BLOCK) % n_programs):
+        acc_loss, acc_weight, acc_nonzero = _fwd_block(
+            n_full, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, loss_ptr, grad_logits_ptr, grad_labels_ptr,
+            n_elements, d1, d2, d3, stride_w_0, stride_w_1, stride_w_2, stride_w_3,
+            stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, smoothing_hi, smoothing_lo, one_minus_s, grad_scale,
+            acc_loss, acc_weight, acc_nonzero, REDUCTION, HAS_WEIGHT, HAS_POS_WEIGHT, COUNT_WEIGHTS, NDIM,
+            WRITE_GRAD_LOGITS, WRITE_GRAD_LABELS, True, CT, BLOCK)
 
     if REDUCTION == NONE:
         if pid == 0:
@@ -164,10 +203,10 @@ def sigmoid_ce_fwd(
     ct = compute_dtype(logits.dtype)
     sizes, (w, pw), (stride_w, stride_pw) = _layout.collapse(x.shape, [weight, pos_weight])
     write_grads = grad_logits_in_fwd or grad_labels_in_fwd
-    if write_grads and not denominator_is_static(reduction, None if weight is None else weight.numel()):
+    if write_grads and not R.denominator_is_static(reduction, None if weight is None else weight.numel()):
         raise ValueError("gradients in the forward need a denominator known before the reduction")
 
-    loss = torch.empty(x.shape if reduction == NONE else (), dtype=out_dtype, device=device)
+    loss = torch.empty(x.shape if reduction == R.NONE else (), dtype=out_dtype, device=device)
     denom = torch.empty((), dtype=ct, device=device)
     grad_logits = torch.empty(x.shape if grad_logits_in_fwd else (0,), dtype=logits.dtype, device=device)
     grad_labels = torch.empty(x.shape if grad_labels_in_fwd else (0,), dtype=labels.dtype, device=device)

@@ -11,6 +11,24 @@ from . import _layout
 from ._configs import numel_class, tuned
 
 
+@triton.jit
+def _scale_block(start, g, grad_logits_ptr, grad_labels_ptr, n_elements,
+                 HAS_GRAD_LOGITS: tl.constexpr, HAS_GRAD_LABELS: tl.constexpr,
+                 MASKED: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr):
+    """Scales one block of BLOCK elements from `start` by g, in place."""
+    offs = start + tl.arange(0, BLOCK)
+    if MASKED:
+        mask = offs < n_elements
+    else:
+        mask = tl.full([BLOCK], 1, tl.int1)
+    if HAS_GRAD_LOGITS:
+        d = tl.load(grad_logits_ptr + offs, mask=mask).to(CT) * g
+        tl.store(grad_logits_ptr + offs, d.to(grad_logits_ptr.dtype.element_ty), mask=mask)
+    if HAS_GRAD_LABELS:
+        d = tl.load(grad_labels_ptr + offs, mask=mask).to(CT) * g
+        tl.store(grad_labels_ptr + offs, d.to(grad_labels_ptr.dtype.element_ty), mask=mask)
+
+
 @tuned("sigmoid_ce_scale")
 @triton.jit(do_not_specialize=["n_elements"])
 def _sigmoid_ce_scale_kernel(
@@ -34,15 +52,14 @@ def _sigmoid_ce_scale_kernel(
         else:
             first = pid * BLOCK
             step = n_programs * BLOCK
-        for start in range(first, n_elements, step):
-            offs = start + tl.arange(0, BLOCK)
-            mask = offs < n_elements
-            if HAS_GRAD_LOGITS:
-                d = tl.load(grad_logits_ptr + offs, mask=mask).to(CT) * g
-                tl.store(grad_logits_ptr + offs, d.to(grad_logits_ptr.dtype.element_ty), mask=mask)
-            if HAS_GRAD_LABELS:
-                d = tl.load(grad_labels_ptr + offs, mask=mask).to(CT) * g
-                tl.store(grad_labels_ptr + offs, d.to(grad_labels_ptr.dtype.element_ty), mask=mask)
+        # Full blocks unmasked (16-byte vectors); the ragged tail block masked.
+        n_full = (n_elements // BLOCK) * BLOCK
+        for start in range(first, n_full, step):
+            _scale_block(start, g, grad_logits_ptr, grad_labels_ptr, n_elements,
+                         HAS_GRAD_LOGITS, HAS_GRAD_LABELS, False, CT, BLOCK)
+        if (n_full < n_elements) & (pid == (n_full // BLOCK) % n_programs):
+            _scale_block(n_full, g, grad_logits_ptr, grad_labels_ptr, n_elements,
+                         HAS_GRAD_LOGITS, HAS_GRAD_LABELS, True, CT, BLOCK)
 
 
 def sigmoid_ce_scale_(grad: torch.Tensor, grad_logits: torch.Tensor, grad_labels: torch.Tensor) -> None:
