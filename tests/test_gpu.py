@@ -1,0 +1,150 @@
+"""CUDA-only checks (marked gpu; skipped cleanly without a GPU): large and
+int64-indexed sizes, no host syncs, CUDA graphs, streams, determinism, memory."""
+
+import pytest
+import torch
+
+import fused_sigxent as fs
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _auto(monkeypatch):
+    monkeypatch.setenv("FUSED_SIGXENT_BACKEND", "auto")
+
+
+def _step(x, z, w):
+    loss = fs.binary_cross_entropy_with_logits(x, z, w, pos_weight=w, label_smoothing=0.1)
+    loss.backward()
+    return loss
+
+
+@pytest.mark.parametrize("numel", [1 << 20, (1 << 24) + 3, 1 << 28])
+def test_large_sizes_against_float64(numel):
+    # Up to 256M elements (bf16 logits, uint8 labels), ragged at 2**24 + 3.
+    classes = 1000 if numel % 1000 == 0 else 1
+    x = torch.randn(numel, device="cuda").to(torch.bfloat16).requires_grad_()
+    z = torch.rand(numel, device="cuda") > 0.5
+    loss = fs.binary_cross_entropy_with_logits(x, z.to(torch.uint8))
+    ref = torch.nn.functional.binary_cross_entropy_with_logits(x.detach().double(), z.double())
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-2, atol=1e-3)
+    loss.backward()
+    expected = (torch.sigmoid(x.detach().float()) - z.float()) / numel
+    torch.testing.assert_close(x.grad.float(), expected, rtol=2e-2, atol=1e-9)
+    del classes
+
+
+def test_no_host_sync_in_a_training_step():
+    x = torch.randn(512, 1000, device="cuda", requires_grad=True)
+    z, w = torch.rand(512, 1000, device="cuda"), torch.rand(1000, device="cuda")
+    _step(x, z, w)  # warm-up: autotuning may sync
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for fn in [lambda: _step(x, z, w),
+                   lambda: fs.sigmoid_cross_entropy(z, x, w[None], 0.1, fs.Reduction.MEAN).backward(),
+                   lambda: fs.sigmoid_cross_entropy_with_logits(labels=z, logits=x).sum().backward(),
+                   lambda: fs.weighted_cross_entropy_with_logits(labels=z, logits=x, pos_weight=w).mean().backward()]:
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def test_cuda_graph_replay_with_new_data():
+    x = torch.randn(256, 1031, device="cuda", requires_grad=True)
+    z = torch.rand(256, 1031, device="cuda")
+    w = torch.rand(1031, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            x.grad = None
+            _step(x, z, w)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    x.grad = None
+    with torch.cuda.graph(graph):
+        static_loss = _step(x, z, w)
+    for _ in range(3):
+        with torch.no_grad():
+            x.copy_(torch.randn_like(x))
+            z.copy_(torch.rand_like(z))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = torch.nn.functional.binary_cross_entropy_with_logits(
+            x.detach(), z * 0.9 + 0.05, w, pos_weight=w)
+        torch.testing.assert_close(static_loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_two_streams_at_once():
+    tensors = [(torch.randn(4096, 1000, device="cuda"), torch.rand(4096, 1000, device="cuda")) for _ in range(2)]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    results = [None, None]
+    for _ in range(5):
+        for i, (s, (x, z)) in enumerate(zip(streams, tensors)):
+            with torch.cuda.stream(s):
+                results[i] = fs.binary_cross_entropy_with_logits(x, z, reduction="sum")
+        torch.cuda.synchronize()
+        for (x, z), r in zip(tensors, results):
+            ref = torch.nn.functional.binary_cross_entropy_with_logits(x, z, reduction="sum")
+            torch.testing.assert_close(r, ref, rtol=1e-5, atol=1e-2)
+
+
+def test_bitwise_deterministic_at_64m():
+    x = torch.randn(1 << 26, device="cuda", requires_grad=True)
+    z = torch.rand(1 << 26, device="cuda")
+    w = torch.rand(1 << 26, device="cuda")
+    first = None
+    for _ in range(10):
+        x.grad = None
+        loss = fs.sigmoid_cross_entropy(z, x, w, 0.1, fs.Reduction.MEAN)
+        loss.backward(torch.tensor(0.5, device="cuda"))
+        run = (loss.detach().clone(), x.grad.clone())
+        first = first or run
+        assert torch.equal(run[0], first[0]) and torch.equal(run[1], first[1])
+
+
+def test_numel_past_int32():
+    numel = (1 << 31) + 17
+    x = torch.zeros(numel, device="cuda", dtype=torch.bfloat16)
+    z = torch.ones(numel, device="cuda", dtype=torch.uint8)
+    loss = fs.binary_cross_entropy_with_logits(x, z, reduction="none")
+    assert loss[-1].item() == pytest.approx(0.6931, abs=1e-3)
+    assert fs.binary_cross_entropy_with_logits(x, z).item() == pytest.approx(0.6931, abs=1e-3)
+
+
+def test_peak_memory_is_inputs_outputs_and_a_few_kb():
+    n = 1 << 24
+    x = torch.randn(n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    z = (torch.rand(n, device="cuda") > 0.5).to(torch.uint8)
+    _step(x, z, None)
+    x.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    _step(x, z, None)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra <= x.numel() * x.element_size() + 64 * 1024  # the gradient + a few KB
+
+
+def test_one_kernel_each_way():
+    x = torch.randn(4096, 1000, device="cuda", requires_grad=True)
+    z = torch.rand(4096, 1000, device="cuda")
+    _step(x, z, None)
+    from torch.profiler import ProfilerActivity, profile
+
+    x.grad = None
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        loss = fs.binary_cross_entropy_with_logits(x, z)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+    assert sum("sigmoid_ce" in k for k in kernels) == 1, kernels
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        loss.backward(torch.tensor(2.0, device="cuda"))
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+    assert sum("sigmoid_ce" in k for k in kernels) == 1, kernels
