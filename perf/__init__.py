@@ -1,0 +1,1 @@
+"""Performance sweeps of fused_sigxent against PyTorch eager and torch.compile."""

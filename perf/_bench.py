@@ -1,0 +1,82 @@
+"""Timing, environment and CSV helpers shared by the sweeps."""
+
+import os
+import subprocess
+import time
+
+import torch
+
+COLUMNS = [
+    "device", "torch_version", "triton_version", "commit", "impl", "case", "dtype", "label_dtype",
+    "weight", "pos_weight", "label_smoothing", "reduction", "numel", "shape", "pass",
+    "median_ms", "p20_ms", "p80_ms", "bytes_min", "gbps", "pct_copy_bw", "peak_mem_bytes",
+]
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"cpu ({os.cpu_count()} cores, no GPU)"
+
+
+def environment(dev: torch.device) -> dict:
+    """The columns every row shares."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = ""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(__file__)).stdout.strip()
+    except OSError:
+        commit = ""
+    return dict(device=device_name(dev), torch_version=torch.__version__, triton_version=triton_version,
+                commit=commit)
+
+
+def time_ms(fn, dev: torch.device, reps: int) -> tuple[float, float, float]:
+    """(median, p20, p80) in ms. On a GPU: triton.testing.do_bench (CUDA
+    events, warm-up, and an L2 flush before every repetition so repeated runs
+    do not measure the cache). On the CPU: perf_counter over `reps` calls."""
+    if dev.type == "cuda":
+        import triton.testing
+
+        med, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=max(reps, 100), quantiles=[0.5, 0.2, 0.8])
+        return med, p20, p80
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    q = torch.tensor(times).quantile(torch.tensor([0.5, 0.2, 0.8])).tolist()
+    return q[0], q[1], q[2]
+
+
+def copy_bandwidth_gbps(dev: torch.device) -> float:
+    """A large device-to-device copy, bytes read plus written per second."""
+    n = (1 << 28) if dev.type == "cuda" else (1 << 24)
+    src = torch.empty(n, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    med, _, _ = time_ms(lambda: dst.copy_(src), dev, reps=20)
+    return 2 * n / (med * 1e-3) / 1e9
+
+
+def peak_memory(fn, dev: torch.device) -> int | None:
+    """Peak bytes allocated above what was allocated before `fn` (CUDA's
+    allocator statistics; the CPU allocator keeps none)."""
+    if dev.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated(dev) - base
