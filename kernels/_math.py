@@ -101,10 +101,78 @@ def loss_and_grads(x, z, p, HAS_POS_WEIGHT: tl.constexpr):
 
 
 @triton.jit
-def gradient_scale(g, denom, REDUCTION: tl.constexpr):
-    """Incoming gradient over the denominator; TF reductions divide "no NaN"."""
-    if REDUCTION == TORCH_MEAN:
-        res = g / denom
+def grid_stride(n_elements, INT64: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's share of a persistent grid: blocks first, first + step, ...
+    below n_full (the whole blocks), and whether it also takes the ragged tail
+    block at n_full (the program whose turn it would be). int64 offsets only
+    where numel, plus one grid stride, passes int32."""
+    pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    if INT64:
+        first = pid.to(tl.int64) * BLOCK
+        step = n_programs.to(tl.int64) * BLOCK
     else:
-        res = tl.where(denom == 0, 0.0, g / denom)
+        first = pid * BLOCK
+        step = n_programs * BLOCK
+    n_full = (n_elements // BLOCK) * BLOCK
+    owns_tail = (n_full < n_elements) & (pid == (n_full // BLOCK) % n_programs)
+    return first, step, n_full, owns_tail
+
+
+@triton.jit
+def block_mask(offs, n_elements, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    """offs < n_elements for the tail block; for whole blocks a constant mask,
+    which folds away and leaves the accesses unpredicated 16-byte vectors."""
+    if MASKED:
+        mask = offs < n_elements
+    else:
+        mask = tl.full([BLOCK], 1, tl.int1)
+    return mask
+
+
+@triton.jit
+def load_block(
+    start, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, n_elements, d1, d2, d3,
+    stride_w_0, stride_w_1, stride_w_2, stride_w_3, stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
+    smoothing_hi, smoothing_lo,
+    HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr, NDIM: tl.constexpr,
+    MASKED: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Offsets, mask and inputs of the block at `start`, upcast to the compute
+    dtype: x, the smoothed label z', the weight w and pos_weight p (1.0 when
+    absent; 0 where masked)."""
+    offs = start + tl.arange(0, BLOCK)
+    mask = block_mask(offs, n_elements, MASKED, BLOCK)
+    x = tl.load(logits_ptr + offs, mask=mask, other=0).to(CT)
+    z = smooth(tl.load(labels_ptr + offs, mask=mask, other=0).to(CT), smoothing_hi, smoothing_lo, CT)
+    w = 1.0
+    if HAS_WEIGHT:
+        w = load_coefficient(weight_ptr, offs, mask, d1, d2, d3, stride_w_0, stride_w_1, stride_w_2, stride_w_3,
+                             NDIM, CT)
+    p = 1.0
+    if HAS_POS_WEIGHT:
+        p = load_coefficient(pos_weight_ptr, offs, mask, d1, d2, d3,
+                             stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, NDIM, CT)
+    return offs, mask, x, z, w, p
+
+
+@triton.jit
+def weighted_loss_and_grads(x, z, w, p, HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr):
+    """`loss_and_grads` times the weight; a zero weight masks all three."""
+    loss, d_logits, d_labels = loss_and_grads(x, z, p, HAS_POS_WEIGHT)
+    if HAS_WEIGHT:
+        loss = mul0(w, loss)
+        d_logits = mul0(w, d_logits)
+        d_labels = mul0(w, d_labels)
+    return loss, d_logits, d_labels
+
+
+@triton.jit
+def divide(numerator, denom, REDUCTION: tl.constexpr):
+    """numerator / denom as the reduction divides: TF's "no NaN" (a zero
+    denominator gives 0), or plainly for PyTorch's mean."""
+    if REDUCTION == TORCH_MEAN:
+        res = numerator / denom
+    else:
+        res = tl.where(denom == 0, 0.0, numerator / denom)
     return res

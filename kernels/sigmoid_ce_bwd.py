@@ -10,7 +10,7 @@ from fused_sigxent import _reduction as R
 
 from . import _layout
 from ._configs import numel_class, tuned
-from ._math import NONE, gradient_scale, load_coefficient, loss_and_grads, mul0, smooth, smoothing
+from ._math import NONE, divide, grid_stride, load_block, smoothing, weighted_loss_and_grads
 
 
 @triton.jit
@@ -25,27 +25,13 @@ def _bwd_block(
     """Gradients of one block of BLOCK elements from `start`. MASKED only for
     the ragged tail; `scale` is the incoming gradient over the denominator
     (unused for NONE, whose incoming gradient is read per element)."""
-    # Offsets and mask of this block; loads upcast to the compute dtype.
-    offs = start + tl.arange(0, BLOCK)
-    if MASKED:
-        mask = offs < n_elements
-    else:
-        # A constant mask folds away, leaving the accesses unpredicated.
-        mask = tl.full([BLOCK], 1, tl.int1)
-    x = tl.load(logits_ptr + offs, mask=mask, other=0).to(CT)
-    z = smooth(tl.load(labels_ptr + offs, mask=mask, other=0).to(CT), smoothing_hi, smoothing_lo, CT)
-    p = 1.0
-    if HAS_POS_WEIGHT:
-        p = load_coefficient(pos_weight_ptr, offs, mask, d1, d2, d3,
-                             stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, NDIM, CT)
-    _, d_logits, d_labels = loss_and_grads(x, z, p, HAS_POS_WEIGHT)
+    offs, mask, x, z, w, p = load_block(
+        start, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, n_elements, d1, d2, d3,
+        stride_w_0, stride_w_1, stride_w_2, stride_w_3, stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
+        smoothing_hi, smoothing_lo, HAS_WEIGHT, HAS_POS_WEIGHT, NDIM, MASKED, CT, BLOCK)
+    _, d_logits, d_labels = weighted_loss_and_grads(x, z, w, p, HAS_WEIGHT, HAS_POS_WEIGHT)
     if REDUCTION == NONE:
         scale = tl.load(grad_ptr + offs, mask=mask, other=0).to(CT)
-    if HAS_WEIGHT:
-        w = load_coefficient(weight_ptr, offs, mask, d1, d2, d3,
-                             stride_w_0, stride_w_1, stride_w_2, stride_w_3, NDIM, CT)
-        d_logits = mul0(w, d_logits)
-        d_labels = mul0(w, d_labels)
     # Chain rule: times the incoming gradient (over the denominator).
     if NEED_GRAD_LOGITS:
         tl.store(grad_logits_ptr + offs, (d_logits * scale).to(grad_logits_ptr.dtype.element_ty), mask=mask)
@@ -76,29 +62,20 @@ def _sigmoid_ce_bwd_kernel(
     grad_logits_ptr, grad_labels_ptr: [n_elements] outputs, written when NEED_GRAD_*.
     numel_class: the autotune key only.
     """
-    pid = tl.program_id(0)
-    n_programs = tl.num_programs(0)
-    if INT64:
-        first = pid.to(tl.int64) * BLOCK
-        step = n_programs.to(tl.int64) * BLOCK
-    else:
-        first = pid * BLOCK
-        step = n_programs * BLOCK
+    first, step, n_full, owns_tail = grid_stride(n_elements, INT64, BLOCK)
     one_minus_s = 1.0 - smoothing(smoothing_hi, smoothing_lo, CT)
     if REDUCTION != NONE:
-        scale = gradient_scale(tl.load(grad_ptr).to(CT), tl.load(denom_ptr).to(CT), REDUCTION)
-
+        scale = divide(tl.load(grad_ptr).to(CT), tl.load(denom_ptr).to(CT), REDUCTION)
     else:
-        scale = 1.0
-    # Full blocks unmasked (16-byte vectors); the ragged tail block masked.
-    n_full = (n_elements // BLOCK) * BLOCK
+        scale = 1.0  # unused: NONE reads its incoming gradient per element
+    # Whole blocks unmasked (16-byte vectors); the ragged tail block masked.
     for start in range(first, n_full, step):
         _bwd_block(start, grad_ptr, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr,
                    grad_logits_ptr, grad_labels_ptr, n_elements, d1, d2, d3,
                    stride_w_0, stride_w_1, stride_w_2, stride_w_3, stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
                    smoothing_hi, smoothing_lo, one_minus_s, scale, REDUCTION, HAS_WEIGHT, HAS_POS_WEIGHT, NDIM,
                    NEED_GRAD_LOGITS, NEED_GRAD_LABELS, False, CT, BLOCK)
-    if (n_full < n_elements) & (pid == (n_full // BLOCK) % n_programs):
+    if owns_tail:
         _bwd_block(n_full, grad_ptr, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr,
                    grad_logits_ptr, grad_labels_ptr, n_elements, d1, d2, d3,
                    stride_w_0, stride_w_1, stride_w_2, stride_w_3, stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,

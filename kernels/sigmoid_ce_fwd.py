@@ -15,13 +15,11 @@ from ._math import (
     MEAN_BY_WEIGHTS,
     NONE,
     SUM,
-    TORCH_MEAN,
-    gradient_scale,
-    load_coefficient,
-    loss_and_grads,
-    mul0,
-    smooth,
+    divide,
+    grid_stride,
+    load_block,
     smoothing,
+    weighted_loss_and_grads,
 )
 
 
@@ -37,31 +35,16 @@ def _fwd_block(
 ):
     """One block of BLOCK elements from `start`: stores what the forward writes
     and returns the running sums. MASKED only for the ragged tail block."""
-    # Offsets and mask of this block; loads upcast to the compute dtype.
-    offs = start + tl.arange(0, BLOCK)
-    if MASKED:
-        mask = offs < n_elements
-    else:
-        # A constant mask folds away, leaving the accesses unpredicated.
-        mask = tl.full([BLOCK], 1, tl.int1)
-    x = tl.load(logits_ptr + offs, mask=mask, other=0).to(CT)
-    z = smooth(tl.load(labels_ptr + offs, mask=mask, other=0).to(CT), smoothing_hi, smoothing_lo, CT)
-    p = 1.0
-    if HAS_POS_WEIGHT:
-        p = load_coefficient(pos_weight_ptr, offs, mask, d1, d2, d3,
-                             stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, NDIM, CT)
+    offs, mask, x, z, w, p = load_block(
+        start, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, n_elements, d1, d2, d3,
+        stride_w_0, stride_w_1, stride_w_2, stride_w_3, stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
+        smoothing_hi, smoothing_lo, HAS_WEIGHT, HAS_POS_WEIGHT, NDIM, MASKED, CT, BLOCK)
     # Loss and gradients (stable forms in _math.loss_and_grads).
-    loss, d_logits, d_labels = loss_and_grads(x, z, p, HAS_POS_WEIGHT)
-    if HAS_WEIGHT:
-        w = load_coefficient(weight_ptr, offs, mask, d1, d2, d3,
-                             stride_w_0, stride_w_1, stride_w_2, stride_w_3, NDIM, CT)
-        loss = mul0(w, loss)
-        d_logits = mul0(w, d_logits)
-        d_labels = mul0(w, d_labels)
-        if COUNT_WEIGHTS:
-            # Masked weights load as 0: they add nothing to either sum.
-            acc_weight += w
-            acc_nonzero += (w != 0).to(CT)
+    loss, d_logits, d_labels = weighted_loss_and_grads(x, z, w, p, HAS_WEIGHT, HAS_POS_WEIGHT)
+    if COUNT_WEIGHTS:
+        # Masked weights load as 0: they add nothing to either sum.
+        acc_weight += w
+        acc_nonzero += (w != 0).to(CT)
     # Elementwise loss out, or into this program's running sum.
     if REDUCTION == NONE:
         tl.store(loss_ptr + offs, loss.to(loss_ptr.dtype.element_ty), mask=mask)
@@ -106,15 +89,7 @@ def _sigmoid_ce_fwd_kernel(
     numel_class: the autotune key only. smoothing_hi + smoothing_lo: label smoothing.
     REDUCTION: an op reduction code; SCALAR_WEIGHT: the weight has one element.
     """
-    pid = tl.program_id(0)
-    n_programs = tl.num_programs(0)
-    # int64 offsets only where numel (plus one grid stride) passes int32.
-    if INT64:
-        first = pid.to(tl.int64) * BLOCK
-        step = n_programs.to(tl.int64) * BLOCK
-    else:
-        first = pid * BLOCK
-        step = n_programs * BLOCK
+    first, step, n_full, owns_tail = grid_stride(n_elements, INT64, BLOCK)
     COUNT_WEIGHTS: tl.constexpr = HAS_WEIGHT and not SCALAR_WEIGHT and (
         REDUCTION == MEAN_BY_WEIGHTS or REDUCTION == MEAN_BY_NONZERO)
     one_minus_s = 1.0 - smoothing(smoothing_hi, smoothing_lo, CT)
@@ -129,14 +104,13 @@ def _sigmoid_ce_fwd_kernel(
         static_denom = tl.where(tl.load(weight_ptr) != 0, n_float, 0.0)
     else:
         static_denom = n_float
-    grad_scale = gradient_scale(tl.full([], 1.0, CT), static_denom, REDUCTION)
+    grad_scale = divide(tl.full([], 1.0, CT), static_denom, REDUCTION)
 
     acc_loss = tl.zeros([BLOCK], CT)
     acc_weight = tl.zeros([BLOCK], CT)
     acc_nonzero = tl.zeros([BLOCK], CT)
-    # Full blocks carry no mask, so loads and stores stay 16-byte vectors;
-    # the one ragged tail block goes, masked, to the program whose turn it is.
-    n_full = (n_elements // BLOCK) * BLOCK
+    # Whole blocks unmasked, so loads and stores stay 16-byte vectors; the
+    # ragged tail block, masked, by the program whose turn it is.
     for start in range(first, n_full, step):
         acc_loss, acc_weight, acc_nonzero = _fwd_block(
             start, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, loss_ptr, grad_logits_ptr, grad_labels_ptr,
@@ -144,7 +118,7 @@ def _sigmoid_ce_fwd_kernel(
             stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, smoothing_hi, smoothing_lo, one_minus_s, grad_scale,
             acc_loss, acc_weight, acc_nonzero, REDUCTION, HAS_WEIGHT, HAS_POS_WEIGHT, COUNT_WEIGHTS, NDIM,
             WRITE_GRAD_LOGITS, WRITE_GRAD_LABELS, False, CT, BLOCK)
-    if (n_full < n_elements) & (pid == (n_full // BLOCK) % n_programs):
+    if owns_tail:
         acc_loss, acc_weight, acc_nonzero = _fwd_block(
             n_full, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, loss_ptr, grad_logits_ptr, grad_labels_ptr,
             n_elements, d1, d2, d3, stride_w_0, stride_w_1, stride_w_2, stride_w_3,
@@ -153,11 +127,13 @@ def _sigmoid_ce_fwd_kernel(
             WRITE_GRAD_LOGITS, WRITE_GRAD_LABELS, True, CT, BLOCK)
 
     if REDUCTION == NONE:
-        if pid == 0:
+        if tl.program_id(0) == 0:
             tl.store(denom_ptr, tl.full([], 1.0, CT))
     else:
         # Deterministic reduction: per-program partials, then the last program
         # to arrive sums them in program order and resets the ticket.
+        pid = tl.program_id(0)
+        n_programs = tl.num_programs(0)
         tl.store(partials_ptr + pid, tl.sum(acc_loss, axis=0))
         if COUNT_WEIGHTS:
             tl.store(partials_ptr + MAX_PROGRAMS + pid, tl.sum(acc_weight, axis=0))
@@ -175,11 +151,7 @@ def _sigmoid_ce_fwd_kernel(
                 else:
                     denom_ptrs = partials_ptr + 2 * MAX_PROGRAMS + idx
                 denom = tl.sum(tl.load(denom_ptrs, mask=live, other=0, volatile=True), axis=0)
-            if REDUCTION == TORCH_MEAN:
-                result = total / denom
-            else:
-                result = tl.where(denom == 0, 0.0, total / denom)
-            tl.store(loss_ptr, result.to(loss_ptr.dtype.element_ty))
+            tl.store(loss_ptr, divide(total, denom, REDUCTION).to(loss_ptr.dtype.element_ty))
             tl.store(denom_ptr, denom)
             tl.atomic_xchg(ticket_ptr, 0)
 

@@ -9,6 +9,7 @@ from fused_sigxent._reference import compute_dtype
 
 from . import _layout
 from ._configs import numel_class, tuned
+from ._math import block_mask, grid_stride
 
 
 @triton.jit
@@ -17,10 +18,7 @@ def _scale_block(start, g, grad_logits_ptr, grad_labels_ptr, n_elements,
                  MASKED: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr):
     """Scales one block of BLOCK elements from `start` by g, in place."""
     offs = start + tl.arange(0, BLOCK)
-    if MASKED:
-        mask = offs < n_elements
-    else:
-        mask = tl.full([BLOCK], 1, tl.int1)
+    mask = block_mask(offs, n_elements, MASKED, BLOCK)
     if HAS_GRAD_LOGITS:
         d = tl.load(grad_logits_ptr + offs, mask=mask).to(CT) * g
         tl.store(grad_logits_ptr + offs, d.to(grad_logits_ptr.dtype.element_ty), mask=mask)
@@ -44,20 +42,12 @@ def _sigmoid_ce_scale_kernel(
     g = tl.load(grad_ptr).to(CT)
     # The common case (loss.backward() on the loss itself): nothing to do.
     if g != 1.0:
-        pid = tl.program_id(0)
-        n_programs = tl.num_programs(0)
-        if INT64:
-            first = pid.to(tl.int64) * BLOCK
-            step = n_programs.to(tl.int64) * BLOCK
-        else:
-            first = pid * BLOCK
-            step = n_programs * BLOCK
-        # Full blocks unmasked (16-byte vectors); the ragged tail block masked.
-        n_full = (n_elements // BLOCK) * BLOCK
+        # Whole blocks unmasked (16-byte vectors); the ragged tail block masked.
+        first, step, n_full, owns_tail = grid_stride(n_elements, INT64, BLOCK)
         for start in range(first, n_full, step):
             _scale_block(start, g, grad_logits_ptr, grad_labels_ptr, n_elements,
                          HAS_GRAD_LOGITS, HAS_GRAD_LABELS, False, CT, BLOCK)
-        if (n_full < n_elements) & (pid == (n_full // BLOCK) % n_programs):
+        if owns_tail:
             _scale_block(n_full, g, grad_logits_ptr, grad_labels_ptr, n_elements,
                          HAS_GRAD_LOGITS, HAS_GRAD_LABELS, True, CT, BLOCK)
 
