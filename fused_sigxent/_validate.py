@@ -1,6 +1,7 @@
 """Argument checks shared by the front ends; each raises before any computation
 and names the argument, shape, dtype or device at fault."""
 
+import functools
 import numbers
 
 import torch
@@ -82,9 +83,15 @@ def coefficient(name: str, value, x: Tensor, x_name: str) -> Tensor:
 
 
 def number_as_tensor(value, x: Tensor) -> Tensor:
-    """A Python number as a 0-d float32 tensor on x's device (a fill, not a
-    host-to-device copy, so it is safe inside a CUDA graph capture)."""
-    return torch.full((), float(value), dtype=torch.float32, device=x.device)
+    """A Python number as a 0-d float32 tensor on x's device, made once per
+    (value, device) so a call with pos_weight=3.0 launches no fill kernel of
+    its own. A fill, not a host-to-device copy: safe in a CUDA graph capture."""
+    return _constant(float(value), x.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(value: float, device: torch.device) -> Tensor:
+    return torch.full((), value, dtype=torch.float32, device=device)
 
 
 def is_number(value) -> bool:

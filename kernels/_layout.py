@@ -2,6 +2,9 @@
 coefficients collapsed to at most four strided dimensions, index width, and
 the per-stream workspace of the one-launch reduction."""
 
+import functools
+import struct
+
 import torch
 from torch import Tensor
 
@@ -60,8 +63,17 @@ def ndim(sizes: list[int]) -> int:
 
 def split_float(value: float) -> tuple[float, float]:
     """value as float32 hi + lo, so a float64 kernel can rebuild it to ~48 bits."""
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
+    hi = _to_float32(value)
+    return hi, _to_float32(value - hi)
+
+
+def _to_float32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def max_programs(device: torch.device) -> int:
@@ -69,7 +81,7 @@ def max_programs(device: torch.device) -> int:
     occupancy of 256-thread programs); under the interpreter, a few."""
     if device.type != "cuda":
         return 4
-    return 8 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def partial_slots(device: torch.device) -> int:

@@ -68,7 +68,7 @@ def features(ptx: str) -> dict:
     }
 
 
-def fwd_variant(logits, labels, reduction, grads, has_weight, ct):
+def fwd_variant(logits, labels, reduction, grads, has_weight, ct, int64=False):
     types = {
         "logits_ptr": f"*{logits}", "labels_ptr": f"*{labels}", "weight_ptr": "*fp32", "pos_weight_ptr": "*fp32",
         "loss_ptr": f"*{logits}", "denom_ptr": f"*{ct}", "grad_logits_ptr": f"*{logits}",
@@ -77,7 +77,7 @@ def fwd_variant(logits, labels, reduction, grads, has_weight, ct):
     }
     constexprs = dict(
         REDUCTION=reduction, HAS_WEIGHT=has_weight, SCALAR_WEIGHT=False, HAS_POS_WEIGHT=has_weight, NDIM=2,
-        WRITE_GRAD_LOGITS=grads, WRITE_GRAD_LABELS=False, INT64=False, MAX_PROGRAMS=2048,
+        WRITE_GRAD_LOGITS=grads, WRITE_GRAD_LABELS=False, INT64=int64, MAX_PROGRAMS=2048,
         CT=tl.float64 if ct == "fp64" else tl.float32, BLOCK=BLOCK,
     )
     return features(compile_ptx(_sigmoid_ce_fwd_kernel, types, constexprs))
@@ -105,6 +105,7 @@ VARIANTS = {
     "fwd bf16/u8 mean + grad, class weights": lambda: fwd_variant("bf16", "u8", 5, True, True, "fp32"),
     "fwd bf16/bf16 none": lambda: fwd_variant("bf16", "bf16", 0, False, False, "fp32"),
     "fwd fp32/fp32 sum + grad": lambda: fwd_variant("fp32", "fp32", 1, True, False, "fp32"),
+    "fwd bf16/u8 mean + grad, int64 offsets": lambda: fwd_variant("bf16", "u8", 5, True, True, "fp32", int64=True),
     "fwd fp64 mean": lambda: fwd_variant("fp64", "fp64", 5, True, True, "fp64"),
     "bwd bf16/u8": lambda: bwd_variant("bf16", "u8", "fp32"),
     "bwd fp32/fp32": lambda: bwd_variant("fp32", "fp32", "fp32"),

@@ -178,3 +178,20 @@ def test_kernels_module_uses_fixed_config_under_interpreter():
 
     assert isinstance(_sigmoid_ce_fwd_kernel, triton.runtime.Heuristics)
     assert _reference.compute_dtype(torch.bfloat16) == torch.float32
+
+
+def test_int64_offsets_compute_the_same(monkeypatch):
+    # The int64 path (numel near 2**31, too large for the interpreter) forced
+    # on a small ragged problem: same numbers as the int32 path.
+    x = torch.randn(3, 1031, requires_grad=True)
+    z, w = torch.rand(3, 1031), torch.rand(1031)
+    results = []
+    for limit in [_layout.INT32_LIMIT, 0]:
+        monkeypatch.setattr(_layout, "INT32_LIMIT", limit)
+        for reduction in ["none", "mean"]:
+            x.grad = None
+            loss = fs.binary_cross_entropy_with_logits(x, z, w, reduction, w, label_smoothing=0.1)
+            loss.backward(torch.ones_like(loss) * 0.5)
+            results.append((loss.detach(), x.grad.clone()))
+    for (a, ga), (b, gb) in zip(results[:2], results[2:]):
+        assert torch.equal(a, b) and torch.equal(ga, gb)

@@ -155,3 +155,31 @@ def test_backend_is_read_at_call_time(monkeypatch, launches):
     monkeypatch.setenv("FUSED_SIGXENT_BACKEND", "auto")
     fs.binary_cross_entropy_with_logits(x, z)
     assert launches == {"_sigmoid_ce_fwd_kernel": 1}  # CPU tensors: reference path
+
+
+def test_no_host_reads_on_the_hot_path(backend, monkeypatch):
+    # The structural half of "no host synchronization": with every way of
+    # reading a tensor's value on the host disabled, forward and backward of
+    # every front end still run (the GPU half, under set_sync_debug_mode,
+    # is in test_gpu.py).
+    x = torch.randn(3, 40, requires_grad=True)
+    z, w = torch.rand(3, 40, requires_grad=True), torch.rand(40)
+    calls = [
+        lambda: fs.binary_cross_entropy_with_logits(x, z, w, pos_weight=w, label_smoothing=0.1),
+        lambda: fs.BCEWithLogitsLoss(reduction="sum")(x, z),
+        lambda: fs.sigmoid_cross_entropy(z, x, w[None], 0.1, fs.Reduction.MEAN),
+        lambda: fs.sigmoid_cross_entropy(z, x, 2.0),
+        lambda: fs.sigmoid_cross_entropy_with_logits(labels=z, logits=x).sum(),
+        lambda: fs.deprecated_flipped_sigmoid_cross_entropy_with_logits(x, z).mean(),
+        lambda: fs.weighted_cross_entropy_with_logits(labels=z, logits=x, pos_weight=3.0).sum(),
+    ]
+    for call in calls:  # warm-up: first calls may allocate workspaces
+        call().backward()
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a tensor value was read on the host")
+
+    for name in ["item", "tolist", "__bool__", "__float__", "__int__", "__index__"]:
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    for call in calls:
+        call().backward(torch.tensor(1.5))
