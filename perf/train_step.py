@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import _bench
-from .sweep_loss import eager_loss, fused_loss
+from .sweep_loss import implementations
 
 # (batch, features, classes): GPU sizes up to 64k x 100k; CPU sizes for CI's machine.
 GPU_CLASSIFIER = [(4096, 512, 1000), (16384, 512, 10000), (65536, 256, 100000)]
@@ -65,16 +65,13 @@ def main(argv=None):
     env = _bench.environment(dev)
     print(("GPU" if dev.type == "cuda" else "CPU run (no GPU):") + f" training steps on {env['device']}")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    impls = {"fused_sigxent": fused_loss, "torch_eager": eager_loss}
-    if dev.type == "cuda":
-        impls["torch_compile"] = torch.compile(eager_loss, dynamic=False)
     reps = 20 if dev.type == "cuda" else 5
     rows = []
     for batch, features, classes in GPU_CLASSIFIER if dev.type == "cuda" else CPU_CLASSIFIER:
         model = classifier(features, classes, dev, dtype)
         inputs = torch.randn(batch, features, device=dev, dtype=dtype)
         labels = (torch.rand(batch, classes, device=dev) < 0.05).to(torch.uint8)
-        for name, fn in impls.items():
+        for name, fn in implementations(dev).items():
             step_ms, loss_ms, peak = run(model, inputs, labels, fn, dev, reps)
             rows.append(dict(env, model="mlp_multilabel", impl=name, dtype=str(dtype), batch=batch, classes=classes,
                              step_ms=step_ms, loss_ms=loss_ms, loss_share=loss_ms / step_ms, peak_mem_bytes=peak))
@@ -83,7 +80,7 @@ def main(argv=None):
         model = CTR(rows_, dim).to(dev)
         ids = torch.randint(0, rows_, (batch, 8), device=dev)
         labels = (torch.rand(batch, 1, device=dev) < 0.1).to(torch.uint8)
-        for name, fn in impls.items():
+        for name, fn in implementations(dev).items():
             step_ms, loss_ms, peak = run(model, ids, labels, fn, dev, reps)
             rows.append(dict(env, model="ctr_embedding_bag", impl=name, dtype="float32", batch=batch, classes=1,
                              step_ms=step_ms, loss_ms=loss_ms, loss_share=loss_ms / step_ms, peak_mem_bytes=peak))

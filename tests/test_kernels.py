@@ -195,3 +195,13 @@ def test_int64_offsets_compute_the_same(monkeypatch):
             results.append((loss.detach(), x.grad.clone()))
     for (a, ga), (b, gb) in zip(results[:2], results[2:]):
         assert torch.equal(a, b) and torch.equal(ga, gb)
+
+
+def test_leaf_gradient_is_the_buffer_the_forward_wrote():
+    # The gradient written in the forward reaches x.grad without a copy:
+    # autograd takes the tensor the backward returned.
+    x = torch.randn(3, 40, requires_grad=True)
+    seen = []
+    x.register_hook(lambda g: seen.append(g.data_ptr()))
+    fs.binary_cross_entropy_with_logits(x, torch.rand(3, 40)).backward()
+    assert seen == [x.grad.data_ptr()]
