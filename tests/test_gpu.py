@@ -5,10 +5,12 @@ import pytest
 import torch
 
 import fused_sigxent as fs
+from fused_sigxent._backend import interpreting
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(interpreting(), reason="runs compiled kernels: TRITON_INTERPRET=0 (make test-gpu)"),
 ]
 
 
@@ -26,7 +28,6 @@ def _step(x, z, w):
 @pytest.mark.parametrize("numel", [1 << 20, (1 << 24) + 3, 1 << 28])
 def test_large_sizes_against_float64(numel):
     # Up to 256M elements (bf16 logits, uint8 labels), ragged at 2**24 + 3.
-    classes = 1000 if numel % 1000 == 0 else 1
     x = torch.randn(numel, device="cuda").to(torch.bfloat16).requires_grad_()
     z = torch.rand(numel, device="cuda") > 0.5
     loss = fs.binary_cross_entropy_with_logits(x, z.to(torch.uint8))
@@ -34,21 +35,24 @@ def test_large_sizes_against_float64(numel):
     torch.testing.assert_close(loss.double(), ref, rtol=1e-2, atol=1e-3)
     loss.backward()
     expected = (torch.sigmoid(x.detach().float()) - z.float()) / numel
-    torch.testing.assert_close(x.grad.float(), expected, rtol=2e-2, atol=1e-9)
-    del classes
+    torch.testing.assert_close(x.grad.float(), expected, rtol=2e-2, atol=1e-12)
 
 
 def test_no_host_sync_in_a_training_step():
     x = torch.randn(512, 1000, device="cuda", requires_grad=True)
     z, w = torch.rand(512, 1000, device="cuda"), torch.rand(1000, device="cuda")
-    _step(x, z, w)  # warm-up: autotuning may sync
+    steps = [lambda: _step(x, z, w),
+             lambda: fs.sigmoid_cross_entropy(z, x, w[None], 0.1, fs.Reduction.MEAN).backward(),
+             lambda: fs.sigmoid_cross_entropy(z, x, 2.0).backward(),
+             lambda: fs.sigmoid_cross_entropy_with_logits(labels=z, logits=x).sum().backward(),
+             lambda: fs.weighted_cross_entropy_with_logits(labels=z, logits=x, pos_weight=3.0).mean().backward()]
+    for step in steps:  # warm-up: the autotuner times configs (and syncs) on first use
+        step()
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for fn in [lambda: _step(x, z, w),
-                   lambda: fs.sigmoid_cross_entropy(z, x, w[None], 0.1, fs.Reduction.MEAN).backward(),
-                   lambda: fs.sigmoid_cross_entropy_with_logits(labels=z, logits=x).sum().backward(),
-                   lambda: fs.weighted_cross_entropy_with_logits(labels=z, logits=x, pos_weight=w).mean().backward()]:
-            fn()
+        for step in steps:
+            step()
     finally:
         torch.cuda.set_sync_debug_mode(0)
 
@@ -142,7 +146,7 @@ def test_one_kernel_each_way():
         loss = fs.binary_cross_entropy_with_logits(x, z)
         torch.cuda.synchronize()
     kernels = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
-    assert sum("sigmoid_ce" in k for k in kernels) == 1, kernels
+    assert len(kernels) == 1 and "sigmoid_ce_fwd" in kernels[0], kernels
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         loss.backward(torch.tensor(2.0, device="cuda"))
         torch.cuda.synchronize()
