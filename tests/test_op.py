@@ -183,3 +183,20 @@ def test_no_host_reads_on_the_hot_path(backend, monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, host_read)
     for call in calls:
         call().backward(torch.tensor(1.5))
+
+
+def test_gradcheck_front_ends(backend):
+    # float64 gradcheck through the public functions and the chosen backend:
+    # logits, soft labels, a learned weight and pos_weight.
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    z = torch.rand(3, 5, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(1, 5, dtype=torch.float64) + 0.1).requires_grad_()
+    p = (torch.rand(5, dtype=torch.float64) + 0.5).requires_grad_()
+    for reduction in ["none", "sum", "mean"]:
+        assert torch.autograd.gradcheck(
+            lambda x, z, w, p: fs.binary_cross_entropy_with_logits(x, z, w, reduction, p, label_smoothing=0.1),
+            (x, z, w, p))
+    for reduction in [fs.Reduction.MEAN, fs.Reduction.SUM_BY_NONZERO_WEIGHTS]:
+        assert torch.autograd.gradcheck(lambda x, z, w: fs.sigmoid_cross_entropy(z, x, w, 0.2, reduction), (x, z, w))
+    assert torch.autograd.gradcheck(
+        lambda x, z, p: fs.weighted_cross_entropy_with_logits(labels=z, logits=x, pos_weight=p), (x, z, p))

@@ -105,3 +105,54 @@ def test_subnormal_and_huge_weights_and_labels_outside_unit_interval(backend):
         for reduction in ["mean", "sum"]:
             got = fs.sigmoid_cross_entropy(z, x, w[None], reduction=getattr(fs.Reduction, reduction.upper()))
             assert_close(got, oracle_reduce(oracle_elementwise(x, z), w, reduction))
+
+
+TF_REDUCTIONS = {
+    fs.Reduction.NONE: "none", fs.Reduction.SUM: "sum", fs.Reduction.MEAN: "mean",
+    fs.Reduction.SUM_OVER_BATCH_SIZE: "numel", fs.Reduction.SUM_BY_NONZERO_WEIGHTS: "nonzero",
+}
+
+
+@st.composite
+def tf_problems(draw):
+    shape = tuple(draw(st.lists(st.integers(1, 5), min_size=1, max_size=4)))
+    form = draw(st.sampled_from(["number", "0-d", "batch", "rank"]))
+    if form == "number":
+        weights = draw(st.sampled_from([0.0, 1.0, 2.5]))
+    elif form == "0-d":
+        weights = (torch.tensor(0.5),)
+    elif form == "batch":
+        weights = ((shape[0],),)
+    else:
+        weights = (tuple(d if draw(st.booleans()) else 1 for d in shape),)
+    return dict(shape=shape, weights=weights, dtype=draw(st.sampled_from(DTYPES)),
+                labels=draw(st.sampled_from(["float", "bool", "int64"])),
+                smoothing=draw(st.floats(0.0, 1.0)), reduction=draw(st.sampled_from(list(TF_REDUCTIONS))),
+                zeros=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+
+
+@SETTINGS
+@given(problem=tf_problems())
+def test_random_tf_problems_agree_with_float64(backend, problem):
+    torch.manual_seed(problem["seed"])
+    shape, dtype = problem["shape"], problem["dtype"]
+    x = (torch.randn(shape) * 4).to(dtype)
+    z = {"float": torch.rand(shape), "bool": torch.rand(shape) > 0.5,
+         "int64": (torch.rand(shape) > 0.5).long()}[problem["labels"]]
+    weights = problem["weights"]
+    if isinstance(weights, tuple):
+        weights = weights[0] if torch.is_tensor(weights[0]) else torch.rand(weights[0])
+        if problem["zeros"]:
+            weights = weights * (torch.rand(weights.shape) > 0.4)
+        broadcast = weights.reshape(weights.shape + (1,) * (len(shape) - 1)) if weights.dim() == 1 else weights
+    else:
+        broadcast = torch.tensor(float(weights))
+    xg = x.clone().requires_grad_()
+    loss = fs.sigmoid_cross_entropy(z, xg, weights, problem["smoothing"], problem["reduction"])
+    xd = x.double().requires_grad_()
+    expected = oracle_reduce(oracle_elementwise(xd, z.double(), None, problem["smoothing"]), broadcast,
+                             TF_REDUCTIONS[problem["reduction"]])
+    assert loss.dtype == dtype and loss.shape == expected.shape
+    assert_close(loss, expected, dtype)
+    grad = torch.randn(loss.shape, dtype=torch.float64)
+    assert_close(torch.autograd.grad(loss, xg, grad.to(dtype))[0], torch.autograd.grad(expected, xd, grad)[0], dtype)
