@@ -33,7 +33,7 @@ def plots(frame: pd.DataFrame, stem: str) -> list[str]:
     by_impl = step.groupby(["impl", "numel"])["gbps"].median().unstack(0)
     fig, ax = plt.subplots(figsize=(6, 4))
     by_impl.plot(ax=ax, marker="o", logx=True)
-    ax.set_ylabel("GB/s (bytes_min / median), fwd+bwd, median over cases")
+    ax.set_ylabel("GB/s, fwd+bwd (median over cases)")
     ax.set_title(str(frame["device"].iloc[0]))
     paths = [f"{stem}-gbps.png"]
     fig.tight_layout()
@@ -52,16 +52,18 @@ def plots(frame: pd.DataFrame, stem: str) -> list[str]:
     return paths
 
 
-def build(csv_path: str) -> list[str]:
-    """Writes <stem>.md and <stem>-*.png beside the CSV; returns their paths."""
-    frame = pd.read_csv(csv_path)
-    stem = os.path.splitext(csv_path)[0]
+def build(*csv_paths: str, stem: str | None = None) -> list[str]:
+    """Writes <stem>.md and <stem>-*.png (stem: the first CSV's, by default)
+    from one or more CSVs of the same device; returns their paths."""
+    frame = pd.concat([pd.read_csv(p) for p in csv_paths], ignore_index=True)
+    stem = stem or os.path.splitext(csv_paths[0])[0]
+    csv_path = ", ".join(os.path.basename(p) for p in csv_paths)
     head = frame.iloc[0]
     lines = [
         f"# fused_sigxent sweep: {head['device']}",
         "",
         f"torch {head['torch_version']}, triton {head['triton_version']}, commit {head['commit']}; "
-        f"{len(frame)} measurements from `{os.path.basename(csv_path)}`. "
+        f"{len(frame)} measurements from `{csv_path}`. "
         "Times are medians (ms); % copy bw is bytes_min / median over the copy bandwidth measured in the same run.",
         "",
         summary(frame).to_markdown(index=False, floatfmt=".3g"),
@@ -73,5 +75,13 @@ def build(csv_path: str) -> list[str]:
 
 
 if __name__ == "__main__":
-    for path in build(sys.argv[1]):
+    # python -m perf.report A.csv [B.csv ...] [--stem OUT]: several CSVs of one
+    # device (a sweep run in parts) make one summary.
+    argv = sys.argv[1:]
+    stem = None
+    if "--stem" in argv:
+        i = argv.index("--stem")
+        stem = argv[i + 1]
+        del argv[i:i + 2]
+    for path in build(*argv, stem=stem):
         print(path)

@@ -139,22 +139,38 @@ def measure(fn, x, z, w, p, s, reduction, dev, reps):
     }
 
 
-def cases(dev, quick):
-    numels = GPU_NUMELS if dev.type == "cuda" else CPU_NUMELS
-    dtypes = GPU_DTYPES if dev.type == "cuda" else CPU_DTYPES
-    classes, features, reductions = CLASSES, list(FEATURES), REDUCTIONS
-    if quick:
+def cases(dev, args):
+    """The sweep's cases, narrowed by --quick and the filter options (so a
+    full GPU sweep can run as several shorter commands whose CSVs `report`
+    combines)."""
+    numels = args.numel or (GPU_NUMELS if dev.type == "cuda" else CPU_NUMELS)
+    dtypes = [getattr(torch, d) for d in args.dtype] if args.dtype else (GPU_DTYPES if dev.type == "cuda" else CPU_DTYPES)
+    classes = args.classes or CLASSES
+    features = args.feature or list(FEATURES)
+    reductions = args.reduction or REDUCTIONS
+    labels = args.labels or ["same", "uint8"]
+    if args.quick:
         numels, dtypes, classes, features = numels[:1], dtypes[:1], [1000], ["plain", "both+smoothing"]
-    for numel, c, dtype, same_labels, feature, reduction in itertools.product(
-            numels, classes, dtypes, [True, False], features, reductions):
+    for numel, c, dtype, label, feature, reduction in itertools.product(
+            numels, classes, dtypes, labels, features, reductions):
         if c <= numel:
-            yield numel, c, dtype, dtype if same_labels else torch.uint8, feature, reduction
+            yield numel, c, dtype, dtype if label == "same" else torch.uint8, feature, reduction
+
+
+def _list(kind):
+    return lambda text: [kind(item) for item in text.split(",")]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a few cases, for a smoke test")
     parser.add_argument("--out", default=None, help="CSV path (default perf/results/<device>-<date>.csv)")
+    parser.add_argument("--numel", type=_list(int), help="comma-separated element counts")
+    parser.add_argument("--classes", type=_list(int), help="comma-separated class counts C")
+    parser.add_argument("--dtype", type=_list(str), help="comma-separated logits dtypes (bfloat16,float16,float32)")
+    parser.add_argument("--labels", type=_list(str), help="comma-separated: same, uint8")
+    parser.add_argument("--feature", type=_list(str), help=f"comma-separated: {', '.join(FEATURES)}")
+    parser.add_argument("--reduction", type=_list(str), help="comma-separated: mean, none")
     args = parser.parse_args(argv)
     dev = _bench.device()
     env = _bench.environment(dev)
@@ -166,7 +182,7 @@ def main(argv=None):
     print(f"copy bandwidth: {copy_bw:.1f} GB/s")
     reps = 10 if dev.type == "cpu" else 100
     rows = []
-    all_cases = list(cases(dev, args.quick))
+    all_cases = list(cases(dev, args))
     for k, (numel, c, dtype, label_dtype, feature, reduction) in enumerate(all_cases):
         x, z, w, p, s = make_inputs(numel, c, dtype, label_dtype, feature, dev)
         case = f"{feature}/{reduction}/C={c}"
