@@ -9,12 +9,15 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-# --system-site-packages: a machine that already has torch (a GPU image with its
-# CUDA build) keeps it; only a machine without torch gets the pinned CPU build,
-# installed before the package so the package's loose range is already met.
+# --system-site-packages: a machine that already has a torch the package accepts
+# (>= 2.6: a GPU image with its CUDA build) keeps it; any other gets the pinned
+# CPU build, installed before the package so its loose range is already met and
+# never pulls a CUDA build.
+HAS_TORCH := import sys, torch; sys.exit(tuple(map(int, torch.__version__.split(".")[:2])) < (2, 6))
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
+	$(PY) -c '$(HAS_TORCH)' 2>/dev/null || $(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e ".[test,perf]"
 	touch $(STAMP)
 

@@ -156,3 +156,30 @@ def test_random_tf_problems_agree_with_float64(backend, problem):
     assert_close(loss, expected, dtype)
     grad = torch.randn(loss.shape, dtype=torch.float64)
     assert_close(torch.autograd.grad(loss, xg, grad.to(dtype))[0], torch.autograd.grad(expected, xd, grad)[0], dtype)
+
+
+ALL_DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64, torch.float16, torch.bfloat16,
+              torch.float32, torch.float64, torch.complex64]
+
+
+@SETTINGS
+@given(logits_dtype=st.sampled_from(ALL_DTYPES), labels_dtype=st.sampled_from(ALL_DTYPES),
+       front_end=st.sampled_from(["torch", "tf.nn", "tf.losses"]))
+def test_dtype_combinations_run_or_raise_type_error(backend, launches, logits_dtype, labels_dtype, front_end):
+    x = torch.randn(2, 3).to(logits_dtype)
+    z = (torch.rand(2, 3) > 0.5).to(labels_dtype)
+    call = {
+        "torch": lambda: fs.binary_cross_entropy_with_logits(x, z),
+        "tf.nn": lambda: fs.sigmoid_cross_entropy_with_logits(labels=z, logits=x),
+        "tf.losses": lambda: fs.sigmoid_cross_entropy(z, x),
+    }[front_end]
+    valid_labels = labels_dtype.is_floating_point or labels_dtype in (torch.bool, torch.uint8) or (
+        front_end == "tf.losses" and not labels_dtype.is_complex)
+    if logits_dtype in DTYPES and valid_labels:
+        loss = call()
+        assert loss.dtype == logits_dtype and torch.isfinite(loss).all()
+    else:
+        before = dict(launches)
+        with pytest.raises(TypeError):
+            call()
+        assert launches == before
