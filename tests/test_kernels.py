@@ -7,7 +7,7 @@ import torch
 
 import fused_sigxent as fs
 from conftest import HAS_GPU, assert_close, oracle_elementwise, oracle_reduce
-from fused_sigxent import _op, _reference
+from fused_sigxent import _op
 from fused_sigxent import _reduction as R
 from fused_sigxent.kernels import _layout
 
@@ -172,12 +172,14 @@ def test_split_float_keeps_float64_precision():
 
 
 @pytest.mark.skipif(HAS_GPU, reason="the interpreter-only path")
-def test_kernels_module_uses_fixed_config_under_interpreter():
-    from fused_sigxent.kernels.sigmoid_ce_fwd import _sigmoid_ce_fwd_kernel
+def test_interpreter_runs_a_fixed_config():
+    # The autotuner cannot time under the interpreter: a heuristics wrapper
+    # fixes BLOCK instead.
     import triton
 
+    from fused_sigxent.kernels.sigmoid_ce_fwd import _sigmoid_ce_fwd_kernel
+
     assert isinstance(_sigmoid_ce_fwd_kernel, triton.runtime.Heuristics)
-    assert _reference.compute_dtype(torch.bfloat16) == torch.float32
 
 
 def test_int64_offsets_compute_the_same(monkeypatch):
