@@ -33,7 +33,7 @@ def jit_function(kernel):
     return kernel
 
 
-def compile_ptx(kernel, types: dict, constexprs: dict) -> str:
+def compile_ptx(kernel, types: dict, constexprs: dict, target=TARGET) -> str:
     """PTX for `kernel` with the given argument types; every pointer is
     promised 16-byte aligned (as Triton specializes real aligned tensors)."""
     fn = jit_function(kernel)
@@ -42,19 +42,24 @@ def compile_ptx(kernel, types: dict, constexprs: dict) -> str:
         signature[name] = "constexpr" if name in constexprs else types.get(name, "i32")
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if signature[name].startswith("*")}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=TARGET, options={"num_warps": NUM_WARPS}).asm["ptx"]
+    return triton.compile(src, target=target, options={"num_warps": NUM_WARPS}).asm["ptx"]
 
 
 def spill_bytes(ptx: str) -> int:
-    """Spill stores + loads that ptxas reports (ptxas ships with Triton)."""
-    import triton.backends.nvidia as nvidia
+    """Spill stores + loads that ptxas reports, from the ptxas Triton itself
+    uses for the PTX's target (Triton ships it)."""
+    from triton.backends.nvidia.compiler import get_ptxas
 
-    path = os.path.join(os.path.dirname(nvidia.__file__), "bin", "ptxas")
+    arch = re.search(r"\.target\s+sm_(\d+)", ptx).group(1)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
-    out = subprocess.run([path, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
+    out = subprocess.run([get_ptxas(int(arch)).path, f"-arch=sm_{arch}a" if arch == "90" else f"-arch=sm_{arch}",
+                          "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
     os.unlink(f.name)
-    return sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", out.stderr + out.stdout))
+    assert out.returncode == 0, out.stderr
+    report = out.stderr + out.stdout
+    assert "spill" in report, report  # ptxas -v ran and reported
+    return sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
 
 
 def features(ptx: str) -> dict:
@@ -68,7 +73,7 @@ def features(ptx: str) -> dict:
     }
 
 
-def fwd_variant(logits, labels, reduction, grads, has_weight, ct, int64=False):
+def fwd_variant(logits, labels, reduction, grads, has_weight, ct, int64=False, target=TARGET):
     types = {
         "logits_ptr": f"*{logits}", "labels_ptr": f"*{labels}", "weight_ptr": "*fp32", "pos_weight_ptr": "*fp32",
         "loss_ptr": f"*{logits}", "denom_ptr": f"*{ct}", "grad_logits_ptr": f"*{logits}",
@@ -80,7 +85,7 @@ def fwd_variant(logits, labels, reduction, grads, has_weight, ct, int64=False):
         WRITE_GRAD_LOGITS=grads, WRITE_GRAD_LABELS=False, INT64=int64, MAX_PROGRAMS=2048,
         CT=tl.float64 if ct == "fp64" else tl.float32, BLOCK=BLOCK,
     )
-    return features(compile_ptx(_sigmoid_ce_fwd_kernel, types, constexprs))
+    return features(compile_ptx(_sigmoid_ce_fwd_kernel, types, constexprs, target))
 
 
 def bwd_variant(logits, labels, ct):
@@ -106,6 +111,9 @@ VARIANTS = {
     "fwd bf16/bf16 none": lambda: fwd_variant("bf16", "bf16", 0, False, False, "fp32"),
     "fwd fp32/fp32 sum + grad": lambda: fwd_variant("fp32", "fp32", 1, True, False, "fp32"),
     "fwd bf16/u8 mean + grad, int64 offsets": lambda: fwd_variant("bf16", "u8", 5, True, True, "fp32", int64=True),
+    # An A100 (sm_80) build of the same forward, for portability.
+    "fwd bf16/u8 mean + grad, sm_80": lambda: fwd_variant("bf16", "u8", 5, True, True, "fp32",
+                                                        target=GPUTarget("cuda", 80, 32)),
     "fwd fp64 mean": lambda: fwd_variant("fp64", "fp64", 5, True, True, "fp64"),
     "bwd bf16/u8": lambda: bwd_variant("bf16", "u8", "fp32"),
     "bwd fp32/fp32": lambda: bwd_variant("fp32", "fp32", "fp32"),
