@@ -73,7 +73,7 @@ def main(argv=None):
         labels = (torch.rand(batch, classes, device=dev) < 0.05).to(torch.uint8)
         for name, fn in implementations(dev).items():
             step_ms, loss_ms, peak = run(model, inputs, labels, fn, dev, reps)
-            rows.append(dict(env, model="mlp_multilabel", impl=name, dtype=str(dtype), batch=batch, classes=classes,
+            rows.append(dict(env, model="mlp_multilabel", impl=name, dtype=str(dtype).replace("torch.", ""), batch=batch, classes=classes,
                              step_ms=step_ms, loss_ms=loss_ms, loss_share=loss_ms / step_ms, peak_mem_bytes=peak))
             print(rows[-1]["model"], name, batch, classes, f"{step_ms:.3f} ms, loss share {loss_ms / step_ms:.1%}")
     for batch, rows_, dim in GPU_CTR if dev.type == "cuda" else CPU_CTR:
