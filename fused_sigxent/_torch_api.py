@@ -1,6 +1,5 @@
 """PyTorch-style front ends: drop-ins for F.binary_cross_entropy_with_logits and nn.BCEWithLogitsLoss."""
 
-import torch
 from torch import Tensor, nn
 
 from . import _op, _validate

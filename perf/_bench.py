@@ -1,5 +1,6 @@
 """Timing, environment and CSV helpers shared by the sweeps."""
 
+import datetime
 import os
 import subprocess
 import time
@@ -39,6 +40,13 @@ def environment(dev: torch.device) -> dict:
         commit = ""
     return dict(device=device_name(dev), torch_version=torch.__version__, triton_version=triton_version,
                 commit=commit)
+
+
+def results_csv(prefix: str, dev: torch.device, suffix: str = "") -> str:
+    """perf/results/<prefix><device>-<date><suffix>.csv: `cpu` or the GPU's name."""
+    name = "cpu" if dev.type == "cpu" else device_name(dev).replace(" ", "_")
+    os.makedirs(RESULTS, exist_ok=True)
+    return os.path.join(RESULTS, f"{prefix}{name}-{datetime.date.today()}{suffix}.csv")
 
 
 def time_ms(fn, dev: torch.device, reps: int) -> tuple[float, float, float]:

@@ -4,8 +4,6 @@ count, the kernels TORCH_LOGS=output_code would print). fused_sigxent launches
 one each way; this is the number it is compared with."""
 
 import argparse
-import datetime
-import os
 
 import pandas as pd
 import torch
@@ -52,8 +50,7 @@ def main(argv=None):
             print(rows[-1]["case"], rows[-1]["label_dtype"], f"inference {inference}, training: "
                   f"{forward} kernels compiled with the forward, {backward} at the backward")
     frame = pd.DataFrame(rows)
-    name = f"compile_kernels-{'cpu' if dev.type == 'cpu' else env['device'].replace(' ', '_')}-{datetime.date.today()}"
-    out = args.out or os.path.join(_bench.RESULTS, f"{name}.csv")
+    out = args.out or _bench.results_csv("compile_kernels-", dev)
     frame.to_csv(out, index=False)
     print(f"wrote {out}")
 

@@ -2,7 +2,6 @@
 passes, one CSV row per measurement (SPEC section 4), then the report."""
 
 import argparse
-import datetime
 import itertools
 import os
 
@@ -200,10 +199,7 @@ def main(argv=None):
                     bytes_min=nbytes, gbps=gbps, pct_copy_bw=100 * gbps / copy_bw, peak_mem_bytes=peak,
                 ))
     frame = pd.DataFrame(rows, columns=_bench.COLUMNS)
-    stem = f"{'cpu' if dev.type == 'cpu' else env['device'].replace(' ', '_')}-{datetime.date.today()}"
-    if args.quick:
-        stem += "-quick"
-    out = args.out or os.path.join(_bench.RESULTS, f"{stem}.csv")
+    out = args.out or _bench.results_csv("", dev, "-quick" if args.quick else "")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     frame.to_csv(out, index=False)
     print(f"wrote {len(frame)} rows to {out}")

@@ -3,8 +3,6 @@ optimizer) of a multi-label MLP classifier and a CTR-style model with each
 loss implementation: step time, the loss's share of it, peak memory."""
 
 import argparse
-import datetime
-import os
 
 import pandas as pd
 import torch
@@ -86,8 +84,7 @@ def main(argv=None):
                              step_ms=step_ms, loss_ms=loss_ms, loss_share=loss_ms / step_ms, peak_mem_bytes=peak))
             print(rows[-1]["model"], name, batch, f"{step_ms:.3f} ms, loss share {loss_ms / step_ms:.1%}")
     frame = pd.DataFrame(rows, columns=COLUMNS)
-    name = f"train_step-{'cpu' if dev.type == 'cpu' else env['device'].replace(' ', '_')}-{datetime.date.today()}.csv"
-    out = args.out or os.path.join(_bench.RESULTS, name)
+    out = args.out or _bench.results_csv("train_step-", dev)
     frame.to_csv(out, index=False)
     print(f"wrote {len(frame)} rows to {out}")
 
