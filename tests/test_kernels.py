@@ -13,8 +13,10 @@ from fused_sigxent.kernels import _layout
 
 # 1: a single element; 17: under one block; 1000, 4099: ragged tails past
 # several blocks and more blocks than programs (grid-stride loop); (3, 1031):
-# an odd prime width; (2, 5, 77): rank 3 with a broadcast middle dimension.
-SHAPES = [(1,), (17,), (1000,), (4099,), (3, 1031), (2, 5, 77)]
+# an odd prime width; (1, 1025): one row, a width just past a power of two;
+# (129, 1): a width of 1 (CTR: one logit per sample); (2, 5, 77): rank 3 with
+# a broadcast middle dimension.
+SHAPES = [(1,), (17,), (1000,), (4099,), (3, 1031), (1, 1025), (129, 1), (2, 5, 77)]
 LOGITS_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 REDUCTIONS = {R.NONE: "none", R.SUM: "sum", R.MEAN_BY_WEIGHTS: "mean", R.MEAN_BY_NUMEL: "numel",
               R.MEAN_BY_NONZERO: "nonzero", R.TORCH_MEAN: "torch_mean"}
