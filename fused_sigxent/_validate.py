@@ -85,7 +85,11 @@ def coefficient(name: str, value, x: Tensor, x_name: str) -> Tensor:
 def number_as_tensor(value, x: Tensor) -> Tensor:
     """A Python number as a 0-d float32 tensor on x's device, made once per
     (value, device) so a call with pos_weight=3.0 launches no fill kernel of
-    its own. A fill, not a host-to-device copy: safe in a CUDA graph capture."""
+    its own. A fill, not a host-to-device copy: safe in a CUDA graph capture.
+    Under torch.compile the fill is traced instead (Inductor folds it, and
+    Dynamo does not trace through caches)."""
+    if torch.compiler.is_compiling():
+        return torch.full((), float(value), dtype=torch.float32, device=x.device)
     return _constant(float(value), x.device)
 
 

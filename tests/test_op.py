@@ -99,6 +99,8 @@ FRONT_ENDS = {
     "deprecated_flipped": lambda y, z, w: fs.deprecated_flipped_sigmoid_cross_entropy_with_logits(y, z).sum(),
     "weighted_cross_entropy_with_logits": lambda y, z, w: fs.weighted_cross_entropy_with_logits(
         labels=z, logits=y, pos_weight=w[:1]).mean(),
+    "numbers as weights": lambda y, z, w: fs.weighted_cross_entropy_with_logits(
+        labels=z, logits=y, pos_weight=3.0).mean() + fs.sigmoid_cross_entropy(z, y, 2.0),
 }
 
 
