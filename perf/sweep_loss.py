@@ -170,6 +170,8 @@ def main(argv=None):
     parser.add_argument("--labels", type=_list(str), help="comma-separated: same, uint8")
     parser.add_argument("--feature", type=_list(str), help=f"comma-separated: {', '.join(FEATURES)}")
     parser.add_argument("--reduction", type=_list(str), help="comma-separated: mean, none")
+    parser.add_argument("--part", default="1/1", help="K/N: run every N-th case from the K-th (1-based), "
+                        "so N commands of bounded length cover the sweep")
     args = parser.parse_args(argv)
     dev = _bench.device()
     env = _bench.environment(dev)
@@ -181,7 +183,8 @@ def main(argv=None):
     print(f"copy bandwidth: {copy_bw:.1f} GB/s")
     reps = 10 if dev.type == "cpu" else 100
     rows = []
-    all_cases = list(cases(dev, args))
+    k_part, n_parts = map(int, args.part.split("/"))
+    all_cases = list(cases(dev, args))[k_part - 1::n_parts]
     for k, (numel, c, dtype, label_dtype, feature, reduction) in enumerate(all_cases):
         x, z, w, p, s = make_inputs(numel, c, dtype, label_dtype, feature, dev)
         case = f"{feature}/{reduction}/C={c}"
