@@ -104,7 +104,8 @@ def gradient_scale(grad: Tensor, denom: Tensor, reduction: int) -> Tensor:
     return torch.where(denom == 0, 0.0, grad / denom)
 
 
-def _empty_like_none(t: Tensor) -> Tensor:
+def _unasked(t: Tensor) -> Tensor:
+    """The placeholder for a gradient nobody asked for (an op cannot return None)."""
     return t.new_empty(0)
 
 
@@ -136,7 +137,7 @@ def sigmoid_ce_fwd(
             loss = total / denom
         else:
             loss = torch.where(denom == 0, 0.0, total / denom)
-    grad_logits, grad_labels = _empty_like_none(logits), _empty_like_none(labels)
+    grad_logits, grad_labels = _unasked(logits), _unasked(labels)
     if grad_logits_in_fwd or grad_labels_in_fwd:
         one = torch.ones((), dtype=out_dtype, device=logits.device)
         grad_logits, grad_labels = sigmoid_ce_bwd(
@@ -173,7 +174,7 @@ def sigmoid_ce_bwd(
     def weighted(d: Tensor) -> Tensor:
         return (d if w is None else mul0(w, d)) * scale
 
-    grad_logits, grad_labels = _empty_like_none(logits), _empty_like_none(labels)
+    grad_logits, grad_labels = _unasked(logits), _unasked(labels)
     if need_grad_logits:
         grad_logits = weighted(grad_wrt_logits(x, z, p)).to(logits.dtype).contiguous()
     if need_grad_labels:
