@@ -93,19 +93,32 @@ def partial_slots(device: torch.device) -> int:
 _WORKSPACES: dict[tuple, tuple[Tensor, Tensor]] = {}
 
 
+def _new_workspace(device: torch.device) -> tuple[Tensor, Tensor]:
+    return (
+        torch.zeros(1, dtype=torch.int32, device=device),
+        torch.empty(3 * partial_slots(device), dtype=torch.float64, device=device),
+    )
+
+
 def workspace(device: torch.device) -> tuple[Tensor, Tensor]:
     """(ticket, partials) for the current stream: an int32 counter that the
     last program of a reduction resets to 0 itself, and room for 3 rows of
     `partial_slots` sums in float64 (viewed as float32 for float32 math).
 
     One per stream: launches on one stream run in order, so they can share
-    it; launches on two streams may overlap, so they cannot.
+    it; launches on two streams may overlap, so they cannot. A CUDA graph
+    capture uses one per device, allocated with the device's first eager
+    workspace: memory allocated during a capture belongs to the graph's pool,
+    which torch.compile's CUDA graphs reuse for other tensors once they think
+    it dead. (So two graphs replayed at once on two streams would share it.)
     """
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device.type, device.index, stream)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if capturing:
+        key = (device.type, device.index, "graph")
+    else:
+        key = (device.type, device.index, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
     if key not in _WORKSPACES:
-        _WORKSPACES[key] = (
-            torch.zeros(1, dtype=torch.int32, device=device),
-            torch.empty(3 * partial_slots(device), dtype=torch.float64, device=device),
-        )
+        _WORKSPACES[key] = _new_workspace(device)
+        if device.type == "cuda" and not capturing:
+            _WORKSPACES.setdefault((device.type, device.index, "graph"), _new_workspace(device))
     return _WORKSPACES[key]

@@ -152,3 +152,27 @@ def test_one_kernel_each_way():
         torch.cuda.synchronize()
     kernels = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
     assert sum("sigmoid_ce" in k for k in kernels) == 1, kernels
+
+
+def test_torch_compile_with_cuda_graphs():
+    # mode="reduce-overhead" replays CUDA graphs whose pool memory torch.compile
+    # reuses: the reduction's workspace must not live there (kernels/_layout.py).
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 1000).cuda()
+
+    def loss_fn(inputs, labels):
+        return fs.binary_cross_entropy_with_logits(model(inputs), labels, label_smoothing=0.1)
+
+    compiled = torch.compile(loss_fn, mode="reduce-overhead")
+    for _ in range(6):
+        inputs, labels = torch.randn(256, 64, device="cuda"), torch.rand(256, 1000, device="cuda")
+        model.zero_grad()
+        expected = loss_fn(inputs, labels)
+        expected.backward()
+        expected_grad = model.weight.grad.clone()
+        model.zero_grad()
+        torch.compiler.cudagraph_mark_step_begin()
+        loss = compiled(inputs, labels)
+        loss.backward()
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.weight.grad, expected_grad, rtol=1e-4, atol=1e-7)
