@@ -90,18 +90,40 @@ def denominator(reduction: int, weight: Tensor | None, logits: Tensor, dtype: to
     return (weight != 0).sum().to(dtype) * copies
 
 
-def gradient_scale(grad: Tensor, denom: Tensor, reduction: int) -> Tensor:
-    """d(reduced loss)/d(sum of weighted losses) times the incoming gradient.
-
-    TF's reductions divide "no NaN" (a zero denominator gives 0, and so does
-    its gradient); PyTorch's "mean" of an empty tensor is NaN, and has no
-    elements to differentiate.
-    """
+def divide(numerator: Tensor, denom: Tensor, reduction: int) -> Tensor:
+    """numerator / denom as the reduction divides. TF's reductions divide
+    "no NaN" (a zero denominator gives 0, and so does its gradient);
+    PyTorch's "mean" of an empty tensor is NaN. NONE passes through (its
+    incoming gradient is already elementwise)."""
     if reduction == R.NONE:
-        return grad
+        return numerator
     if reduction == R.TORCH_MEAN:
-        return grad / denom
-    return torch.where(denom == 0, 0.0, grad / denom)
+        return numerator / denom
+    return torch.where(denom == 0, 0.0, numerator / denom)
+
+
+def _upcast(logits, labels, weight, pos_weight, label_smoothing):
+    """(compute dtype, x, z', w, p): the inputs in the compute dtype, labels smoothed."""
+    ct = compute_dtype(logits.dtype)
+    w = None if weight is None else weight.to(ct)
+    p = None if pos_weight is None else pos_weight.to(ct)
+    return ct, logits.to(ct), smoothed_labels(labels, label_smoothing, ct), w, p
+
+
+def _input_grads(x, z, w, p, scale, label_smoothing, logits, labels, need_grad_logits, need_grad_labels):
+    """d(loss)/d(logits) and d(loss)/d(labels) for the chain-rule factor
+    `scale`, in the dtypes of the tensors differentiated (empty if unasked)."""
+
+    def weighted(d: Tensor) -> Tensor:
+        return (d if w is None else mul0(w, d)) * scale
+
+    grad_logits, grad_labels = _unasked(logits), _unasked(labels)
+    if need_grad_logits:
+        grad_logits = weighted(grad_wrt_logits(x, z, p)).to(logits.dtype).contiguous()
+    if need_grad_labels:
+        dz = grad_wrt_smoothed_labels(x, p) * (1.0 - label_smoothing)
+        grad_labels = weighted(dz).to(labels.dtype).contiguous()
+    return grad_logits, grad_labels
 
 
 def _unasked(t: Tensor) -> Tensor:
@@ -123,25 +145,19 @@ def sigmoid_ce_fwd(
     """Loss (reduced, or elementwise for NONE), its denominator, and, when
     asked, the gradients of the loss for an incoming gradient of 1 (which the
     backward then only scales). Unasked gradients come back empty."""
-    ct = compute_dtype(logits.dtype)
-    x = logits.to(ct)
-    z = smoothed_labels(labels, label_smoothing, ct)
-    p = None if pos_weight is None else pos_weight.to(ct)
+    ct, x, z, w, p = _upcast(logits, labels, weight, pos_weight, label_smoothing)
     loss = elementwise_loss(x, z, p)
-    if weight is not None:
-        loss = mul0(weight.to(ct), loss)
+    if w is not None:
+        loss = mul0(w, loss)
     denom = denominator(reduction, weight, logits, ct)
     if reduction != R.NONE:
-        total = loss.sum()
-        if reduction == R.TORCH_MEAN:
-            loss = total / denom
-        else:
-            loss = torch.where(denom == 0, 0.0, total / denom)
+        loss = divide(loss.sum(), denom, reduction)
     grad_logits, grad_labels = _unasked(logits), _unasked(labels)
     if grad_logits_in_fwd or grad_labels_in_fwd:
-        one = torch.ones((), dtype=out_dtype, device=logits.device)
-        grad_logits, grad_labels = sigmoid_ce_bwd(
-            one, logits, labels, weight, pos_weight, denom, label_smoothing, reduction,
+        # The gradient for an incoming 1, from the same upcast inputs.
+        one = torch.ones((), dtype=ct, device=logits.device)
+        grad_logits, grad_labels = _input_grads(
+            x, z, w, p, divide(one, denom, reduction), label_smoothing, logits, labels,
             grad_logits_in_fwd, grad_labels_in_fwd,
         )
     return loss.to(out_dtype).contiguous(), denom, grad_logits, grad_labels
@@ -164,23 +180,11 @@ def sigmoid_ce_bwd(
     `grad` is the incoming gradient: 0-d for a reduced loss, the logits'
     shape for NONE. Unasked gradients come back empty.
     """
-    ct = compute_dtype(logits.dtype)
-    x = logits.to(ct)
-    z = smoothed_labels(labels, label_smoothing, ct)
-    p = None if pos_weight is None else pos_weight.to(ct)
-    scale = gradient_scale(grad.to(ct), denom, reduction)
-    w = None if weight is None else weight.to(ct)
-
-    def weighted(d: Tensor) -> Tensor:
-        return (d if w is None else mul0(w, d)) * scale
-
-    grad_logits, grad_labels = _unasked(logits), _unasked(labels)
-    if need_grad_logits:
-        grad_logits = weighted(grad_wrt_logits(x, z, p)).to(logits.dtype).contiguous()
-    if need_grad_labels:
-        dz = grad_wrt_smoothed_labels(x, p) * (1.0 - label_smoothing)
-        grad_labels = weighted(dz).to(labels.dtype).contiguous()
-    return grad_logits, grad_labels
+    ct, x, z, w, p = _upcast(logits, labels, weight, pos_weight, label_smoothing)
+    return _input_grads(
+        x, z, w, p, divide(grad.to(ct), denom, reduction), label_smoothing, logits, labels,
+        need_grad_logits, need_grad_labels,
+    )
 
 
 def sigmoid_ce_scale_(grad: Tensor, grad_logits: Tensor, grad_labels: Tensor) -> None:
@@ -209,22 +213,17 @@ def sigmoid_ce_param_grads(
     dL/dw = (l - L) / sum(w). The count of nonzero weights is piecewise
     constant, so it contributes nothing.
     """
-    ct = compute_dtype(logits.dtype)
-    x = logits.to(ct)
-    z = smoothed_labels(labels, label_smoothing, ct)
-    p = None if pos_weight is None else pos_weight.to(ct)
-    scale = gradient_scale(grad.to(ct), denom, reduction)
+    ct, x, z, w, p = _upcast(logits, labels, weight, pos_weight, label_smoothing)
+    scale = divide(grad.to(ct), denom, reduction)
     grad_weight = grad_pos_weight = None
-    if need_grad_weight and weight is not None:
+    if need_grad_weight and w is not None:
         loss = elementwise_loss(x, z, p)
         if reduction == R.MEAN_BY_WEIGHTS:
-            total = mul0(weight.to(ct), loss).sum()
-            mean = torch.where(denom == 0, 0.0, total / denom)
-            loss = loss - mean
+            loss = loss - divide(mul0(w, loss).sum(), denom, reduction)
         grad_weight = (loss * scale).sum_to_size(weight.shape).to(weight.dtype)
-    if need_grad_pos_weight and pos_weight is not None:
+    if need_grad_pos_weight and p is not None:
         d = grad_wrt_pos_weight(x, z)
-        if weight is not None:
-            d = mul0(weight.to(ct), d)
+        if w is not None:
+            d = mul0(w, d)
         grad_pos_weight = (d * scale).sum_to_size(pos_weight.shape).to(pos_weight.dtype)
     return grad_weight, grad_pos_weight

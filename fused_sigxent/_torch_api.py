@@ -26,9 +26,13 @@ def binary_cross_entropy_with_logits(
     w = None if weight is None else _validate.coefficient("weight", weight, x, "input")
     p = None if pos_weight is None else _validate.coefficient("pos_weight", pos_weight, x, "input")
     s = _validate.label_smoothing(label_smoothing)
+    return _op.sigmoid_ce(x, z, w, p, s, _reduction_code(reduction), _validate.out_dtype(x))
+
+
+def _reduction_code(reduction) -> int:
     if reduction not in R.TORCH_CODES:
         raise ValueError(f"{reduction!r} is not a valid value for reduction: use 'none', 'mean' or 'sum'")
-    return _op.sigmoid_ce(x, z, w, p, s, R.TORCH_CODES[reduction], _validate.out_dtype(x))
+    return R.TORCH_CODES[reduction]
 
 
 class BCEWithLogitsLoss(nn.Module):
@@ -44,8 +48,7 @@ class BCEWithLogitsLoss(nn.Module):
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
-        if reduction not in R.TORCH_CODES:
-            raise ValueError(f"{reduction!r} is not a valid value for reduction: use 'none', 'mean' or 'sum'")
+        _reduction_code(reduction)
         for name, value in (("weight", weight), ("pos_weight", pos_weight)):
             if value is not None and not isinstance(value, Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor or None, got {type(value).__name__}")

@@ -84,6 +84,17 @@ def max_programs(device: torch.device) -> int:
     return 8 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def persistent_grid(numel: int, device: torch.device):
+    """The launch grid for `numel` elements: one program per BLOCK, at most
+    `max_programs`, and at least one (an empty reduction still writes its loss)."""
+    limit = max_programs(device)
+
+    def grid(meta):
+        return (max(1, min(-(-numel // meta["BLOCK"]), limit)),)
+
+    return grid
+
+
 def partial_slots(device: torch.device) -> int:
     """Partial sums kept per quantity: max_programs rounded up to a power of
     two, so the last program reads them all with one tl.arange."""

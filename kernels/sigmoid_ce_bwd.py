@@ -109,13 +109,9 @@ def sigmoid_ce_bwd(
     grad_labels = torch.empty(x.shape if need_grad_labels else (0,), dtype=labels.dtype, device=device)
     if n == 0 or not (need_grad_logits or need_grad_labels):
         return grad_logits, grad_labels
-    max_programs = _layout.max_programs(device)
     smoothing_hi, smoothing_lo = _layout.split_float(label_smoothing)
 
-    def grid(meta):
-        return (min(triton.cdiv(n, meta["BLOCK"]), max_programs),)
-
-    _sigmoid_ce_bwd_kernel[grid](
+    _sigmoid_ce_bwd_kernel[_layout.persistent_grid(n, device)](
         g, x, z, x if w is None else w, x if pw is None else pw, denom,
         grad_logits if need_grad_logits else x, grad_labels if need_grad_labels else x,
         n, numel_class("sigmoid_ce_bwd", n), sizes[1], sizes[2], sizes[3],

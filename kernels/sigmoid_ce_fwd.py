@@ -185,13 +185,9 @@ def sigmoid_ce_fwd(
     ticket, partials = _layout.workspace(device)
     if ct == torch.float32:
         partials = partials.view(torch.float32)
-    max_programs = _layout.max_programs(device)
     smoothing_hi, smoothing_lo = _layout.split_float(label_smoothing)
 
-    def grid(meta):
-        return (max(1, min(triton.cdiv(n, meta["BLOCK"]), max_programs)),)
-
-    _sigmoid_ce_fwd_kernel[grid](
+    _sigmoid_ce_fwd_kernel[_layout.persistent_grid(n, device)](
         x, z, x if w is None else w, x if pw is None else pw,
         loss, denom, grad_logits if grad_logits_in_fwd else loss, grad_labels if grad_labels_in_fwd else loss,
         partials, ticket,

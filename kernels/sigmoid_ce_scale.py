@@ -61,12 +61,8 @@ def sigmoid_ce_scale_(grad: torch.Tensor, grad_logits: torch.Tensor, grad_labels
     if n == 0:
         return
     dtype = grad_logits.dtype if has_logits else grad_labels.dtype
-    max_programs = _layout.max_programs(grad.device)
 
-    def grid(meta):
-        return (min(triton.cdiv(n, meta["BLOCK"]), max_programs),)
-
-    _sigmoid_ce_scale_kernel[grid](
+    _sigmoid_ce_scale_kernel[_layout.persistent_grid(n, grad.device)](
         grad, grad_logits if has_logits else grad_labels, grad_labels if has_labels else grad_logits,
         n, numel_class("sigmoid_ce_scale", n),
         HAS_GRAD_LOGITS=has_logits, HAS_GRAD_LABELS=has_labels,
