@@ -4,7 +4,7 @@ all front ends call (`sigmoid_ce`)."""
 import torch
 from torch import Tensor
 
-from . import _backend, _reference
+from . import _autograd, _backend, _reference, _validate
 from . import _reduction as R
 
 
@@ -22,7 +22,7 @@ def sigmoid_ce_fwd(
     labels: Tensor,
     weight: Tensor | None,
     pos_weight: Tensor | None,
-    label_smoothing: float,
+    label_smoothing: Tensor,
     reduction: int,
     out_dtype: torch.dtype,
     grad_logits_in_fwd: bool,
@@ -57,7 +57,7 @@ def sigmoid_ce_bwd(
     weight: Tensor | None,
     pos_weight: Tensor | None,
     denom: Tensor,
-    label_smoothing: float,
+    label_smoothing: Tensor,
     reduction: int,
     need_grad_logits: bool,
     need_grad_labels: bool,
@@ -91,69 +91,7 @@ def _(grad, grad_logits, grad_labels):
     return None
 
 
-def _setup_context(ctx, inputs, output):
-    logits, labels, weight, pos_weight, label_smoothing, reduction, _, grad_logits_in_fwd, grad_labels_in_fwd = inputs
-    _, denom, grad_logits, grad_labels = output
-    ctx.mark_non_differentiable(denom, grad_logits, grad_labels)
-    ctx.save_for_backward(logits, labels, weight, pos_weight, denom, grad_logits, grad_labels)
-    ctx.label_smoothing, ctx.reduction = label_smoothing, reduction
-    # True until a backward has scaled the forward's gradients in place.
-    ctx.grads_from_fwd = grad_logits_in_fwd or grad_labels_in_fwd
-
-
-def _backward(ctx, grad, _grad_denom, _grad_grad_logits, _grad_grad_labels):
-    logits, labels, weight, pos_weight, denom, grad_logits, grad_labels = ctx.saved_tensors
-    need_logits, need_labels, need_weight, need_pos_weight = ctx.needs_input_grad[:4]
-    if not (need_logits or need_labels):
-        grad_logits = grad_labels = None
-    elif ctx.grads_from_fwd:
-        # Scaled in place through .data, which leaves the saved tensors'
-        # version alone; a second backward through this graph
-        # (retain_graph=True, gradcheck) finds the flag down and recomputes.
-        ctx.grads_from_fwd = False
-        torch.ops.fused_sigxent.sigmoid_ce_scale_(grad, grad_logits.data, grad_labels.data)
-    else:
-        grad_logits, grad_labels = torch.ops.fused_sigxent.sigmoid_ce_bwd(
-            grad, logits, labels, weight, pos_weight, denom, ctx.label_smoothing, ctx.reduction,
-            need_logits, need_labels,
-        )
-    grad_weight = grad_pos_weight = None
-    if need_weight or need_pos_weight:
-        grad_weight, grad_pos_weight = _reference.sigmoid_ce_param_grads(
-            grad, logits, labels, weight, pos_weight, denom, ctx.label_smoothing, ctx.reduction,
-            need_weight, need_pos_weight,
-        )
-    return (
-        grad_logits if need_logits else None,
-        grad_labels if need_labels else None,
-        grad_weight,
-        grad_pos_weight,
-        None, None, None, None, None,
-    )
-
-
-sigmoid_ce_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def plan_grads_in_forward(logits: Tensor, labels: Tensor, weight: Tensor | None, reduction: int) -> tuple[bool, bool]:
-    """Whether the forward writes the final logits/labels gradients.
-
-    Bytes per element, with e_x, e_z the logits and labels sizes, for a
-    training step (forward + backward) of a reduced loss:
-      - gradient in the forward: read x, z, write dx once (e_x + e_z + e_x);
-        the backward reads one scalar and returns when it is 1, else reads
-        and writes dx again (+ 2 e_x).
-      - recompute in the backward: the forward reads x, z; the backward reads
-        them again and writes dx (2 e_x + 2 e_z + e_x).
-    So the forward writes the gradient whenever one will be needed and its
-    scale is known before the reduction ends (`denominator_is_static`). For
-    NONE the incoming gradient is a full tensor, so there is nothing to save.
-    """
-    if reduction == R.NONE or not torch.is_grad_enabled():
-        return False, False
-    if not R.denominator_is_static(reduction, None if weight is None else weight.numel()):
-        return False, False
-    return logits.requires_grad, labels.requires_grad
+sigmoid_ce_fwd.register_autograd(_autograd.backward, setup_context=_autograd.setup_context)
 
 
 def sigmoid_ce(
@@ -165,10 +103,27 @@ def sigmoid_ce(
     reduction: int,
     out_dtype: torch.dtype,
 ) -> Tensor:
-    """The loss, through the op, for arguments a front end has validated."""
-    grad_logits_in_fwd, grad_labels_in_fwd = plan_grads_in_forward(logits, labels, weight, reduction)
-    loss, _, _, _ = torch.ops.fused_sigxent.sigmoid_ce_fwd(
-        logits, labels, weight, pos_weight, float(label_smoothing), reduction, out_dtype,
+    """The loss, through the op, for arguments a front end has validated.
+
+    The label smoothing becomes a 0-d tensor here: the op takes it as data,
+    so a schedule of values neither specializes kernels nor recompiles."""
+    _validate.not_scripted()
+    smoothing = _validate.number_as_tensor(label_smoothing, logits, _reference.compute_dtype(logits.dtype))
+    if _validate.is_dtensor(logits, labels, weight, pos_weight):
+        # DTensor runs the reference's plain ops shard by shard, and autograd
+        # differentiates them: the values and gradients of the unsharded loss.
+        with _validate.implicit_replication():
+            loss, _, _, _ = _reference.sigmoid_ce_fwd(
+                logits, labels, weight, pos_weight, smoothing, reduction, out_dtype, False, False)
+        return loss
+    grad_logits_in_fwd, grad_labels_in_fwd = _autograd.plan_grads_in_forward(logits, labels, weight, reduction)
+    # Both routes run the same op with the same derivatives. Dynamo cannot
+    # trace an autograd.Function that defines jvp, so a compiled graph calls
+    # the op, which AOTAutograd differentiates through register_autograd;
+    # eager code applies the Function, which torch.func and forward AD need.
+    apply = torch.ops.fused_sigxent.sigmoid_ce_fwd if torch.compiler.is_compiling() else _autograd.SigmoidCE.apply
+    loss, _, _, _ = apply(
+        logits, labels, weight, pos_weight, smoothing, reduction, out_dtype,
         grad_logits_in_fwd, grad_labels_in_fwd,
     )
     return loss

@@ -7,7 +7,14 @@ logits dtype (the loss), or in the dtype of the tensor differentiated.
 
 Notation (SPEC section 2): x logits, z labels, s label smoothing,
 z' = z (1 - s) + s / 2, w weight, p pos_weight, q = 1 + (p - 1) z'.
+
+Everything here is plain differentiable PyTorch, so the same functions also
+serve where autograd must see through the gradient itself (double backward,
+torch.func transforms, DTensor; see `_autograd.py`). The label smoothing is a
+0-d tensor (or a number): it is data, never a branch on the host.
 """
+
+import math
 
 import torch
 from torch import Tensor
@@ -26,12 +33,9 @@ def mul0(a: Tensor, b: Tensor) -> Tensor:
     return torch.where(a == 0, 0.0, a * b)
 
 
-def smoothed_labels(labels: Tensor, label_smoothing: float, dtype: torch.dtype) -> Tensor:
+def smoothed_labels(labels: Tensor, label_smoothing: Tensor | float, dtype: torch.dtype) -> Tensor:
     """z' = z (1 - s) + 0.5 s, in the compute dtype."""
-    z = labels.to(dtype)
-    if label_smoothing == 0.0:
-        return z
-    return z * (1.0 - label_smoothing) + 0.5 * label_smoothing
+    return labels.to(dtype) * (1.0 - label_smoothing) + 0.5 * label_smoothing
 
 
 def elementwise_loss(x: Tensor, z: Tensor, p: Tensor | None) -> Tensor:
@@ -72,22 +76,28 @@ def grad_wrt_pos_weight(x: Tensor, z: Tensor) -> Tensor:
     return mul0(z, torch.relu(-x)) + z * torch.log1p(torch.exp(-x.abs()))
 
 
-def denominator(reduction: int, weight: Tensor | None, logits: Tensor, dtype: torch.dtype) -> Tensor:
+def denominator(
+    reduction: int, weight: Tensor | None, logits: Tensor, dtype: torch.dtype, batch_dims: int = 0,
+) -> Tensor:
     """What the reduced loss is divided by, as a 0-d tensor of the compute dtype.
 
     A broadcast weight of n_w elements covers numel / n_w copies of itself,
     so its broadcast sum is weight.sum() * numel / n_w: no full-size temporary.
+    With `batch_dims` (vmap), the leading dimensions of logits and weight
+    index independent samples, and there is one denominator per sample.
     """
-    numel = logits.numel()
-    one = torch.ones((), dtype=dtype, device=logits.device)
+    batch = logits.shape[:batch_dims]
+    numel = math.prod(logits.shape[batch_dims:])
+    one = torch.ones(batch, dtype=dtype, device=logits.device)
     if reduction in (R.NONE, R.SUM):
         return one
     if weight is None or reduction in (R.MEAN_BY_NUMEL, R.TORCH_MEAN) or numel == 0:
         return one * numel
-    copies = numel // weight.numel()
+    per_sample = weight.reshape(*batch, -1) if batch_dims else weight.reshape(-1)
+    copies = numel // per_sample.shape[-1]
     if reduction == R.MEAN_BY_WEIGHTS:
-        return weight.to(dtype).sum() * copies
-    return (weight != 0).sum().to(dtype) * copies
+        return per_sample.to(dtype).sum(-1) * copies
+    return (per_sample != 0).sum(-1).to(dtype) * copies
 
 
 def divide(numerator: Tensor, denom: Tensor, reduction: int) -> Tensor:
@@ -136,7 +146,7 @@ def sigmoid_ce_fwd(
     labels: Tensor,
     weight: Tensor | None,
     pos_weight: Tensor | None,
-    label_smoothing: float,
+    label_smoothing: Tensor | float,
     reduction: int,
     out_dtype: torch.dtype,
     grad_logits_in_fwd: bool,
@@ -170,7 +180,7 @@ def sigmoid_ce_bwd(
     weight: Tensor | None,
     pos_weight: Tensor | None,
     denom: Tensor,
-    label_smoothing: float,
+    label_smoothing: Tensor | float,
     reduction: int,
     need_grad_logits: bool,
     need_grad_labels: bool,
@@ -201,7 +211,7 @@ def sigmoid_ce_param_grads(
     weight: Tensor | None,
     pos_weight: Tensor | None,
     denom: Tensor,
-    label_smoothing: float,
+    label_smoothing: Tensor | float,
     reduction: int,
     need_grad_weight: bool,
     need_grad_pos_weight: bool,
@@ -227,3 +237,44 @@ def sigmoid_ce_param_grads(
             d = mul0(w, d)
         grad_pos_weight = (d * scale).sum_to_size(pos_weight.shape).to(pos_weight.dtype)
     return grad_weight, grad_pos_weight
+
+
+def sigmoid_ce_jvp(
+    logits: Tensor,
+    labels: Tensor,
+    weight: Tensor | None,
+    pos_weight: Tensor | None,
+    label_smoothing: Tensor | float,
+    reduction: int,
+    out_dtype: torch.dtype,
+    tangents: tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None],
+) -> Tensor:
+    """Forward-mode derivative of the loss for the tangents of (logits,
+    labels, weight, pos_weight), each None where it has none.
+
+    d(w l) = w (dl/dx tx + dl/dz' (1 - s) tz + dl/dp tp) + l tw, summed for a
+    reduction; MEAN (sum(w l) / sum(w)) also moves its denominator:
+    dL = (dS - L dD) / D with dD the broadcast sum of tw.
+    """
+    t_logits, t_labels, t_weight, t_pos_weight = tangents
+    ct, x, z, w, p = _upcast(logits, labels, weight, pos_weight, label_smoothing)
+    d = torch.zeros_like(x)
+    if t_logits is not None:
+        d = d + grad_wrt_logits(x, z, p) * t_logits.to(ct)
+    if t_labels is not None:
+        d = d + grad_wrt_smoothed_labels(x, p) * (1.0 - label_smoothing) * t_labels.to(ct)
+    if t_pos_weight is not None and p is not None:
+        d = d + grad_wrt_pos_weight(x, z) * t_pos_weight.to(ct)
+    if w is not None:
+        d = mul0(w, d)
+        if t_weight is not None:
+            d = d + mul0(t_weight.to(ct), elementwise_loss(x, z, p))
+    if reduction == R.NONE:
+        return d.to(out_dtype)
+    denom = denominator(reduction, weight, logits, ct)
+    d_total = d.sum()
+    if reduction == R.MEAN_BY_WEIGHTS and t_weight is not None and w is not None:
+        loss = elementwise_loss(x, z, p)
+        value = divide(mul0(w, loss).sum(), denom, reduction)
+        d_total = d_total - value * denominator(reduction, t_weight, logits, ct)
+    return divide(d_total, denom, reduction).to(out_dtype)

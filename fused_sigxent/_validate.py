@@ -9,6 +9,12 @@ from torch import Tensor
 
 from . import _backend
 
+try:
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.experimental import implicit_replication as _implicit_replication
+except ImportError:  # a torch built without distributed support
+    DTensor = None
+
 LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Hard labels read as one byte each: the kernels load them as they are.
 BYTE_LABEL_DTYPES = (torch.bool, torch.uint8)
@@ -82,34 +88,62 @@ def coefficient(name: str, value, x: Tensor, x_name: str) -> Tensor:
     return t
 
 
-def number_as_tensor(value, x: Tensor) -> Tensor:
-    """A Python number as a 0-d float32 tensor on x's device, made once per
-    (value, device) so a call with pos_weight=3.0 launches no fill kernel of
+def number_as_tensor(value, x: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A Python number as a 0-d tensor on x's device, made once per (value,
+    dtype, device) so a call with pos_weight=3.0 launches no fill kernel of
     its own. A fill, not a host-to-device copy: safe in a CUDA graph capture.
-    Under torch.compile the fill is traced instead (Inductor folds it, and
-    Dynamo does not trace through caches)."""
+    Under torch.compile the fill is traced instead (Inductor folds it, Dynamo
+    does not trace through caches, and a float traced as a symbol stays one)."""
     if torch.compiler.is_compiling():
-        return torch.full((), float(value), dtype=torch.float32, device=x.device)
-    return _constant(float(value), x.device)
+        return torch.full((), value, dtype=dtype, device=x.device)
+    return _constant(float(value), dtype, x.device)
 
 
 @functools.lru_cache(maxsize=64)
-def _constant(value: float, device: torch.device) -> Tensor:
-    return torch.full((), value, dtype=torch.float32, device=device)
+def _constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.full((), value, dtype=dtype, device=device)
 
 
 def is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def label_smoothing(value) -> float:
-    """A real number in [0, 1]."""
+def label_smoothing(value):
+    """A real number in [0, 1]. Under torch.compile a float that Dynamo traces
+    as a symbol (a smoothing schedule) is checked at run time instead, so a
+    new value does not recompile."""
+    if isinstance(value, torch.SymFloat):
+        torch._check(value >= 0.0, lambda: "label_smoothing must be in [0, 1]")
+        torch._check(value <= 1.0, lambda: "label_smoothing must be in [0, 1]")
+        return value
     if not is_number(value):
         raise TypeError(f"label_smoothing must be a real number in [0, 1]; got {type(value).__name__}")
     s = float(value)
     if not 0.0 <= s <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1]; got {value}")
     return s
+
+
+def not_scripted() -> None:
+    """TorchScript would bake this call's Python decisions (whether the
+    forward writes the gradient, the backend) into a graph that later runs
+    with other inputs: refuse it by name rather than trace a wrong graph."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        raise RuntimeError(
+            "fused_sigxent does not support TorchScript (torch.jit.trace / torch.jit.script); "
+            "use torch.export or torch.compile instead"
+        )
+
+
+def is_dtensor(*tensors) -> bool:
+    """Whether any argument is a DTensor (torch.distributed.tensor)."""
+    return DTensor is not None and any(isinstance(t, DTensor) for t in tensors)
+
+
+def implicit_replication():
+    """The DTensor context in which plain 0-d tensors (the smoothing, the
+    denominator's constants) count as replicated."""
+    return _implicit_replication()
 
 
 def out_dtype(x: Tensor) -> torch.dtype:

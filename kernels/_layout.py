@@ -3,7 +3,6 @@ coefficients collapsed to at most four strided dimensions, index width, and
 the per-stream workspace of the one-launch reduction."""
 
 import functools
-import struct
 
 import torch
 from torch import Tensor
@@ -59,16 +58,6 @@ def ndim(sizes: list[int]) -> int:
         if size != 1:
             return MAX_DIMS - k
     return 1
-
-
-def split_float(value: float) -> tuple[float, float]:
-    """value as float32 hi + lo, so a float64 kernel can rebuild it to ~48 bits."""
-    hi = _to_float32(value)
-    return hi, _to_float32(value - hi)
-
-
-def _to_float32(value: float) -> float:
-    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 @functools.lru_cache(maxsize=None)

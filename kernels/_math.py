@@ -57,17 +57,11 @@ def load_coefficient(ptr, offs, mask, d1, d2, d3, s0, s1, s2, s3, NDIM: tl.const
 
 
 @triton.jit
-def smooth(z, s_hi, s_lo, CT: tl.constexpr):
-    """z' = z (1 - s) + 0.5 s. s arrives as two float32 halves (hi + lo) so that
-    float64 math sees s to ~48 bits; for float32 math lo adds nothing."""
-    s = smoothing(s_hi, s_lo, CT)
-    return z * (1.0 - s) + 0.5 * s
-
-
-@triton.jit
-def smoothing(s_hi, s_lo, CT: tl.constexpr):
-    """s = hi + lo in the compute dtype (a float argument arrives as float32)."""
-    return (tl.zeros([], CT) + s_hi) + s_lo
+def smoothing(smoothing_ptr, CT: tl.constexpr):
+    """The label smoothing s, read from a 0-d tensor of the compute dtype: it
+    travels as data, so a new value is neither a new kernel specialization
+    nor (under torch.compile) a recompile."""
+    return tl.load(smoothing_ptr).to(CT)
 
 
 @triton.jit
@@ -134,17 +128,18 @@ def block_mask(offs, n_elements, MASKED: tl.constexpr, BLOCK: tl.constexpr):
 def load_block(
     start, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, n_elements, d1, d2, d3,
     stride_w_0, stride_w_1, stride_w_2, stride_w_3, stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
-    smoothing_hi, smoothing_lo,
+    s,
     HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr, NDIM: tl.constexpr,
     MASKED: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Offsets, mask and inputs of the block at `start`, upcast to the compute
-    dtype: x, the smoothed label z', the weight w and pos_weight p (1.0 when
-    absent; 0 where masked)."""
+    dtype: x, the smoothed label z' = z (1 - s) + 0.5 s, the weight w and
+    pos_weight p (1.0 when absent; 0 where masked)."""
     offs = start + tl.arange(0, BLOCK)
     mask = block_mask(offs, n_elements, MASKED, BLOCK)
     x = tl.load(logits_ptr + offs, mask=mask, other=0).to(CT)
-    z = smooth(tl.load(labels_ptr + offs, mask=mask, other=0).to(CT), smoothing_hi, smoothing_lo, CT)
+    z = tl.load(labels_ptr + offs, mask=mask, other=0).to(CT)
+    z = z * (1.0 - s) + 0.5 * s
     w = 1.0
     if HAS_WEIGHT:
         w = load_coefficient(weight_ptr, offs, mask, d1, d2, d3, stride_w_0, stride_w_1, stride_w_2, stride_w_3,

@@ -17,7 +17,7 @@ from ._math import NONE, divide, grid_stride, load_block, smoothing, weighted_lo
 def _bwd_block(
     start, grad_ptr, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, grad_logits_ptr, grad_labels_ptr,
     n_elements, d1, d2, d3, stride_w_0, stride_w_1, stride_w_2, stride_w_3,
-    stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, smoothing_hi, smoothing_lo, one_minus_s, scale,
+    stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, s, one_minus_s, scale,
     REDUCTION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr, NDIM: tl.constexpr,
     NEED_GRAD_LOGITS: tl.constexpr, NEED_GRAD_LABELS: tl.constexpr,
     MASKED: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr,
@@ -28,7 +28,7 @@ def _bwd_block(
     offs, mask, x, z, w, p = load_block(
         start, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, n_elements, d1, d2, d3,
         stride_w_0, stride_w_1, stride_w_2, stride_w_3, stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
-        smoothing_hi, smoothing_lo, HAS_WEIGHT, HAS_POS_WEIGHT, NDIM, MASKED, CT, BLOCK)
+        s, HAS_WEIGHT, HAS_POS_WEIGHT, NDIM, MASKED, CT, BLOCK)
     _, d_logits, d_labels = weighted_loss_and_grads(x, z, w, p, HAS_WEIGHT, HAS_POS_WEIGHT)
     if REDUCTION == NONE:
         scale = tl.load(grad_ptr + offs, mask=mask, other=0).to(CT)
@@ -43,12 +43,11 @@ def _bwd_block(
 @tuned("sigmoid_ce_bwd")
 @triton.jit(do_not_specialize=["n_elements"])
 def _sigmoid_ce_bwd_kernel(
-    grad_ptr, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, denom_ptr,
+    grad_ptr, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, smoothing_ptr, denom_ptr,
     grad_logits_ptr, grad_labels_ptr,
     n_elements, numel_class, d1, d2, d3,
     stride_w_0, stride_w_1, stride_w_2, stride_w_3,
     stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
-    smoothing_hi, smoothing_lo,
     REDUCTION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr, NDIM: tl.constexpr,
     NEED_GRAD_LOGITS: tl.constexpr, NEED_GRAD_LABELS: tl.constexpr,
     INT64: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr,
@@ -57,13 +56,14 @@ def _sigmoid_ce_bwd_kernel(
 
     grad_ptr: the incoming gradient, [] for a reduced loss, [n_elements]
       (contiguous) for REDUCTION == NONE. denom_ptr: [] the forward's denominator.
-    logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, d1..d3, strides,
-      smoothing: as in _sigmoid_ce_fwd_kernel.
+    logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, smoothing_ptr, d1..d3,
+      strides: as in _sigmoid_ce_fwd_kernel.
     grad_logits_ptr, grad_labels_ptr: [n_elements] outputs, written when NEED_GRAD_*.
     numel_class: the autotune key only.
     """
     first, step, n_full, owns_tail = grid_stride(n_elements, INT64, BLOCK)
-    one_minus_s = 1.0 - smoothing(smoothing_hi, smoothing_lo, CT)
+    s = smoothing(smoothing_ptr, CT)
+    one_minus_s = 1.0 - s
     if REDUCTION != NONE:
         scale = divide(tl.load(grad_ptr).to(CT), tl.load(denom_ptr).to(CT), REDUCTION)
     else:
@@ -73,13 +73,13 @@ def _sigmoid_ce_bwd_kernel(
         _bwd_block(start, grad_ptr, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr,
                    grad_logits_ptr, grad_labels_ptr, n_elements, d1, d2, d3,
                    stride_w_0, stride_w_1, stride_w_2, stride_w_3, stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
-                   smoothing_hi, smoothing_lo, one_minus_s, scale, REDUCTION, HAS_WEIGHT, HAS_POS_WEIGHT, NDIM,
+                   s, one_minus_s, scale, REDUCTION, HAS_WEIGHT, HAS_POS_WEIGHT, NDIM,
                    NEED_GRAD_LOGITS, NEED_GRAD_LABELS, False, CT, BLOCK)
     if owns_tail:
         _bwd_block(n_full, grad_ptr, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr,
                    grad_logits_ptr, grad_labels_ptr, n_elements, d1, d2, d3,
                    stride_w_0, stride_w_1, stride_w_2, stride_w_3, stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
-                   smoothing_hi, smoothing_lo, one_minus_s, scale, REDUCTION, HAS_WEIGHT, HAS_POS_WEIGHT, NDIM,
+                   s, one_minus_s, scale, REDUCTION, HAS_WEIGHT, HAS_POS_WEIGHT, NDIM,
                    NEED_GRAD_LOGITS, NEED_GRAD_LABELS, True, CT, BLOCK)
 
 
@@ -90,7 +90,7 @@ def sigmoid_ce_bwd(
     weight: torch.Tensor | None,
     pos_weight: torch.Tensor | None,
     denom: torch.Tensor,
-    label_smoothing: float,
+    label_smoothing: torch.Tensor,
     reduction: int,
     need_grad_logits: bool,
     need_grad_labels: bool,
@@ -109,14 +109,12 @@ def sigmoid_ce_bwd(
     grad_labels = torch.empty(x.shape if need_grad_labels else (0,), dtype=labels.dtype, device=device)
     if n == 0 or not (need_grad_logits or need_grad_labels):
         return grad_logits, grad_labels
-    smoothing_hi, smoothing_lo = _layout.split_float(label_smoothing)
 
     _sigmoid_ce_bwd_kernel[_layout.persistent_grid(n, device)](
-        g, x, z, x if w is None else w, x if pw is None else pw, denom,
+        g, x, z, x if w is None else w, x if pw is None else pw, label_smoothing, denom,
         grad_logits if need_grad_logits else x, grad_labels if need_grad_labels else x,
         n, numel_class("sigmoid_ce_bwd", n), sizes[1], sizes[2], sizes[3],
         *stride_w, *stride_pw,
-        smoothing_hi, smoothing_lo,
         REDUCTION=reduction, HAS_WEIGHT=w is not None, HAS_POS_WEIGHT=pw is not None, NDIM=_layout.ndim(sizes),
         NEED_GRAD_LOGITS=need_grad_logits, NEED_GRAD_LABELS=need_grad_labels,
         INT64=n >= _layout.INT32_LIMIT, CT=tl.float64 if ct == torch.float64 else tl.float32,

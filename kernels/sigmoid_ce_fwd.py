@@ -27,7 +27,7 @@ from ._math import (
 def _fwd_block(
     start, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, loss_ptr, grad_logits_ptr, grad_labels_ptr,
     n_elements, d1, d2, d3, stride_w_0, stride_w_1, stride_w_2, stride_w_3,
-    stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, smoothing_hi, smoothing_lo, one_minus_s, grad_scale,
+    stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, s, one_minus_s, grad_scale,
     acc_loss, acc_weight, acc_nonzero,
     REDUCTION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr, COUNT_WEIGHTS: tl.constexpr,
     NDIM: tl.constexpr, WRITE_GRAD_LOGITS: tl.constexpr, WRITE_GRAD_LABELS: tl.constexpr,
@@ -38,7 +38,7 @@ def _fwd_block(
     offs, mask, x, z, w, p = load_block(
         start, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, n_elements, d1, d2, d3,
         stride_w_0, stride_w_1, stride_w_2, stride_w_3, stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
-        smoothing_hi, smoothing_lo, HAS_WEIGHT, HAS_POS_WEIGHT, NDIM, MASKED, CT, BLOCK)
+        s, HAS_WEIGHT, HAS_POS_WEIGHT, NDIM, MASKED, CT, BLOCK)
     # Loss and gradients (stable forms in _math.loss_and_grads).
     loss, d_logits, d_labels = weighted_loss_and_grads(x, z, w, p, HAS_WEIGHT, HAS_POS_WEIGHT)
     if COUNT_WEIGHTS:
@@ -63,12 +63,11 @@ def _fwd_block(
 @tuned("sigmoid_ce_fwd")
 @triton.jit(do_not_specialize=["n_elements"])
 def _sigmoid_ce_fwd_kernel(
-    logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr,
+    logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, smoothing_ptr,
     loss_ptr, denom_ptr, grad_logits_ptr, grad_labels_ptr, partials_ptr, ticket_ptr,
     n_elements, numel_class, d1, d2, d3,
     stride_w_0, stride_w_1, stride_w_2, stride_w_3,
     stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
-    smoothing_hi, smoothing_lo,
     REDUCTION: tl.constexpr, HAS_WEIGHT: tl.constexpr, SCALAR_WEIGHT: tl.constexpr,
     HAS_POS_WEIGHT: tl.constexpr, NDIM: tl.constexpr,
     WRITE_GRAD_LOGITS: tl.constexpr, WRITE_GRAD_LABELS: tl.constexpr,
@@ -80,19 +79,21 @@ def _sigmoid_ce_fwd_kernel(
       dtype, or uint8). weight_ptr, pos_weight_ptr: broadcast coefficients read
       through strides stride_w_*, stride_pw_* over the collapsed logits shape
       (d0, d1, d2, d3), NDIM of them used (kernels/_layout.py).
+    smoothing_ptr: [] the label smoothing, in CT.
     loss_ptr: [n_elements] for REDUCTION == NONE, else [] (the reduced loss).
     denom_ptr: [] the denominator, in CT. grad_logits_ptr, grad_labels_ptr:
       [n_elements] final gradients for an incoming gradient of 1, written when
       WRITE_GRAD_* (only with a denominator known before the sum ends).
     partials_ptr: [3, MAX_PROGRAMS] per-program sums (loss, weight, nonzero
       weights); ticket_ptr: [1] int32 arrival counter, 0 on entry and on exit.
-    numel_class: the autotune key only. smoothing_hi + smoothing_lo: label smoothing.
+    numel_class: the autotune key only.
     REDUCTION: an op reduction code; SCALAR_WEIGHT: the weight has one element.
     """
     first, step, n_full, owns_tail = grid_stride(n_elements, INT64, BLOCK)
     COUNT_WEIGHTS: tl.constexpr = HAS_WEIGHT and not SCALAR_WEIGHT and (
         REDUCTION == MEAN_BY_WEIGHTS or REDUCTION == MEAN_BY_NONZERO)
-    one_minus_s = 1.0 - smoothing(smoothing_hi, smoothing_lo, CT)
+    s = smoothing(smoothing_ptr, CT)
+    one_minus_s = 1.0 - s
 
     # The denominator, where no pass over a weight tensor is needed to know it.
     n_float = n_elements.to(CT)
@@ -115,14 +116,14 @@ def _sigmoid_ce_fwd_kernel(
         acc_loss, acc_weight, acc_nonzero = _fwd_block(
             start, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, loss_ptr, grad_logits_ptr, grad_labels_ptr,
             n_elements, d1, d2, d3, stride_w_0, stride_w_1, stride_w_2, stride_w_3,
-            stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, smoothing_hi, smoothing_lo, one_minus_s, grad_scale,
+            stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, s, one_minus_s, grad_scale,
             acc_loss, acc_weight, acc_nonzero, REDUCTION, HAS_WEIGHT, HAS_POS_WEIGHT, COUNT_WEIGHTS, NDIM,
             WRITE_GRAD_LOGITS, WRITE_GRAD_LABELS, False, CT, BLOCK)
     if owns_tail:
         acc_loss, acc_weight, acc_nonzero = _fwd_block(
             n_full, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, loss_ptr, grad_logits_ptr, grad_labels_ptr,
             n_elements, d1, d2, d3, stride_w_0, stride_w_1, stride_w_2, stride_w_3,
-            stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, smoothing_hi, smoothing_lo, one_minus_s, grad_scale,
+            stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, s, one_minus_s, grad_scale,
             acc_loss, acc_weight, acc_nonzero, REDUCTION, HAS_WEIGHT, HAS_POS_WEIGHT, COUNT_WEIGHTS, NDIM,
             WRITE_GRAD_LOGITS, WRITE_GRAD_LABELS, True, CT, BLOCK)
 
@@ -161,7 +162,7 @@ def sigmoid_ce_fwd(
     labels: torch.Tensor,
     weight: torch.Tensor | None,
     pos_weight: torch.Tensor | None,
-    label_smoothing: float,
+    label_smoothing: torch.Tensor,
     reduction: int,
     out_dtype: torch.dtype,
     grad_logits_in_fwd: bool,
@@ -185,15 +186,13 @@ def sigmoid_ce_fwd(
     ticket, partials = _layout.workspace(device)
     if ct == torch.float32:
         partials = partials.view(torch.float32)
-    smoothing_hi, smoothing_lo = _layout.split_float(label_smoothing)
 
     _sigmoid_ce_fwd_kernel[_layout.persistent_grid(n, device)](
-        x, z, x if w is None else w, x if pw is None else pw,
+        x, z, x if w is None else w, x if pw is None else pw, label_smoothing,
         loss, denom, grad_logits if grad_logits_in_fwd else loss, grad_labels if grad_labels_in_fwd else loss,
         partials, ticket,
         n, numel_class("sigmoid_ce_fwd", n), sizes[1], sizes[2], sizes[3],
         *stride_w, *stride_pw,
-        smoothing_hi, smoothing_lo,
         REDUCTION=reduction, HAS_WEIGHT=w is not None, SCALAR_WEIGHT=w is not None and w.numel() == 1,
         HAS_POS_WEIGHT=pw is not None, NDIM=_layout.ndim(sizes),
         WRITE_GRAD_LOGITS=grad_logits_in_fwd, WRITE_GRAD_LABELS=grad_labels_in_fwd,

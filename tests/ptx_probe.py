@@ -78,7 +78,7 @@ def fwd_variant(logits, labels, reduction, grads, has_weight, ct, int64=False, t
         "logits_ptr": f"*{logits}", "labels_ptr": f"*{labels}", "weight_ptr": "*fp32", "pos_weight_ptr": "*fp32",
         "loss_ptr": f"*{logits}", "denom_ptr": f"*{ct}", "grad_logits_ptr": f"*{logits}",
         "grad_labels_ptr": f"*{labels}", "partials_ptr": f"*{ct}", "ticket_ptr": "*i32",
-        "smoothing_hi": "fp32", "smoothing_lo": "fp32",
+        "smoothing_ptr": f"*{ct}",
     }
     constexprs = dict(
         REDUCTION=reduction, HAS_WEIGHT=has_weight, SCALAR_WEIGHT=False, HAS_POS_WEIGHT=has_weight, NDIM=2,
@@ -92,7 +92,7 @@ def bwd_variant(logits, labels, ct):
     types = {
         "grad_ptr": f"*{logits}", "logits_ptr": f"*{logits}", "labels_ptr": f"*{labels}", "weight_ptr": "*fp32",
         "pos_weight_ptr": "*fp32", "denom_ptr": f"*{ct}", "grad_logits_ptr": f"*{logits}",
-        "grad_labels_ptr": f"*{labels}", "smoothing_hi": "fp32", "smoothing_lo": "fp32",
+        "grad_labels_ptr": f"*{labels}", "smoothing_ptr": f"*{ct}",
     }
     constexprs = dict(REDUCTION=3, HAS_WEIGHT=True, HAS_POS_WEIGHT=True, NDIM=2, NEED_GRAD_LOGITS=True,
                       NEED_GRAD_LABELS=False, INT64=False, CT=tl.float64 if ct == "fp64" else tl.float32, BLOCK=BLOCK)

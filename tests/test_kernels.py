@@ -168,11 +168,6 @@ def test_collapse_materializes_nothing_at_rank_four(monkeypatch):
     assert calls == []
 
 
-def test_split_float_keeps_float64_precision():
-    hi, lo = _layout.split_float(0.1)
-    assert abs((hi + lo) - 0.1) < 1e-15 and hi == float(torch.tensor(0.1, dtype=torch.float32))
-
-
 @pytest.mark.skipif(HAS_GPU, reason="the interpreter-only path")
 def test_interpreter_runs_a_fixed_config():
     # The autotuner cannot time under the interpreter: a heuristics wrapper

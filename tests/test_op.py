@@ -6,7 +6,7 @@ import torch
 
 import fused_sigxent as fs
 from conftest import assert_close, oracle_elementwise, oracle_reduce
-from fused_sigxent import _op
+from fused_sigxent import _autograd, _op
 from fused_sigxent import _reduction as R
 
 OPS = torch.ops.fused_sigxent
@@ -25,7 +25,7 @@ def test_opcheck_forward(backend, reduction):
     x, z, w, p = _inputs()
     static = R.denominator_is_static(reduction, w.numel())
     for in_fwd in ([False, True] if static and reduction != R.NONE else [False]):
-        args = (x, z, w, p, 0.1, reduction, torch.float32, in_fwd, in_fwd)
+        args = (x, z, w, p, torch.tensor(0.1), reduction, torch.float32, in_fwd, in_fwd)
         # The AOT-dispatch checks return every output of the op, so the
         # gradient the forward wrote is both a graph output and scaled in
         # place by the backward, which AOTAutograd cannot partition. Real use
@@ -39,7 +39,7 @@ def test_opcheck_backward_and_scale(backend):
     x, z, w, p = [t.detach() for t in _inputs()]
     for reduction in R.CODES:
         grad = torch.randn(x.shape) if reduction == R.NONE else torch.tensor(0.7)
-        args = (grad, x, z, w, p, torch.tensor(4.0), 0.2, reduction, True, True)
+        args = (grad, x, z, w, p, torch.tensor(4.0), torch.tensor(0.2), reduction, True, True)
         torch.library.opcheck(OPS.sigmoid_ce_bwd, args)
     torch.library.opcheck(OPS.sigmoid_ce_scale_, (torch.tensor(2.0), torch.randn(3, 5), torch.randn(3, 5)))
     torch.library.opcheck(OPS.sigmoid_ce_scale_, (torch.tensor(1.0), torch.randn(3, 5), torch.empty(0)))
@@ -66,13 +66,13 @@ def test_learned_weight_and_pos_weight_gradients(backend, reduction):
 @pytest.mark.parametrize("reduction", [R.SUM, R.TORCH_MEAN, R.MEAN_BY_WEIGHTS, R.NONE])
 def test_gradient_in_forward_plan(reduction):
     x, z, w, _ = _inputs()
-    planned = _op.plan_grads_in_forward(x, z, None, reduction)
+    planned = _autograd.plan_grads_in_forward(x, z, None, reduction)
     assert planned == ((False, False) if reduction == R.NONE else (True, True))
     # A full weight makes MEAN's denominator data-dependent: recompute instead.
-    assert _op.plan_grads_in_forward(x, z, w, R.MEAN_BY_WEIGHTS) == (False, False)
-    assert _op.plan_grads_in_forward(x, z.detach(), w, R.SUM) == (True, False)
+    assert _autograd.plan_grads_in_forward(x, z, w, R.MEAN_BY_WEIGHTS) == (False, False)
+    assert _autograd.plan_grads_in_forward(x, z.detach(), w, R.SUM) == (True, False)
     with torch.no_grad():
-        assert _op.plan_grads_in_forward(x, z, None, reduction) == (False, False)
+        assert _autograd.plan_grads_in_forward(x, z, None, reduction) == (False, False)
 
 
 def test_second_backward_through_a_retained_graph(backend):

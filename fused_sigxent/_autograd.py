@@ -1,0 +1,162 @@
+"""Derivatives of `fused_sigxent::sigmoid_ce_fwd`: reverse mode (first order
+fused; higher order through the reference formulas), forward mode, and vmap.
+
+One set of formulas serves two registrations: the op's own
+(`register_autograd`, for callers of the op) and `SigmoidCE`, the
+autograd.Function every front end applies, which adds what torch.library
+cannot register for a custom op (torch.func transforms, forward-mode AD and
+a batching rule).
+"""
+
+import torch
+from torch import Tensor
+
+from . import _reference
+from . import _reduction as R
+
+
+def setup_context(ctx, inputs, output):
+    logits, labels, weight, pos_weight, smoothing, reduction, out_dtype, grad_logits_in_fwd, grad_labels_in_fwd = inputs
+    _, denom, grad_logits, grad_labels = output
+    ctx.mark_non_differentiable(denom, grad_logits, grad_labels)
+    ctx.save_for_backward(logits, labels, weight, pos_weight, smoothing, denom)
+    ctx.save_for_forward(logits, labels, weight, pos_weight, smoothing)
+    ctx.reduction, ctx.out_dtype = reduction, out_dtype
+    # The gradients the forward wrote serve one backward, which scales them in
+    # place and hands them to autograd. They are kept out of
+    # save_for_backward on purpose: once handed out, a hook or an optimizer may
+    # change them in place, and no later backward reads them (it recomputes).
+    ctx.grads_from_fwd = (grad_logits, grad_labels) if grad_logits_in_fwd or grad_labels_in_fwd else None
+
+
+def backward(ctx, grad, _grad_denom, _grad_grad_logits, _grad_grad_labels):
+    logits, labels, weight, pos_weight, smoothing, denom = ctx.saved_tensors
+    need_logits, need_labels, need_weight, need_pos_weight = ctx.needs_input_grad[:4]
+    grads_from_fwd, ctx.grads_from_fwd = ctx.grads_from_fwd, None
+    if torch.is_grad_enabled():
+        # create_graph=True, or a torch.func transform: the gradient must
+        # itself be differentiable, so it is built from plain PyTorch ops
+        # (the reference formulas), with the denominator recomputed from the
+        # weight so that its dependence on the weight is seen too.
+        grads = _differentiable_grads(grad, logits, labels, weight, pos_weight, smoothing, ctx.reduction,
+                                      ctx.needs_input_grad[:4])
+    else:
+        grads = _fused_grads(grad, logits, labels, weight, pos_weight, smoothing, denom, ctx.reduction,
+                             ctx.needs_input_grad[:4], grads_from_fwd)
+    return (*grads, None, None, None, None, None)
+
+
+def _fused_grads(grad, logits, labels, weight, pos_weight, smoothing, denom, reduction, needs, grads_from_fwd):
+    """First-order gradients: the forward's, scaled in place (one launch that
+    returns at once when `grad` is 1), or one recompute launch; weight and
+    pos_weight gradients on the slower reference path."""
+    need_logits, need_labels, need_weight, need_pos_weight = needs
+    grad_logits = grad_labels = None
+    if grads_from_fwd is not None and (need_logits or need_labels):
+        grad_logits, grad_labels = grads_from_fwd
+        torch.ops.fused_sigxent.sigmoid_ce_scale_(grad, grad_logits, grad_labels)
+    elif need_logits or need_labels:
+        grad_logits, grad_labels = torch.ops.fused_sigxent.sigmoid_ce_bwd(
+            grad, logits, labels, weight, pos_weight, denom, smoothing, reduction, need_logits, need_labels,
+        )
+    grad_weight = grad_pos_weight = None
+    if need_weight or need_pos_weight:
+        grad_weight, grad_pos_weight = _reference.sigmoid_ce_param_grads(
+            grad, logits, labels, weight, pos_weight, denom, smoothing, reduction, need_weight, need_pos_weight,
+        )
+    return (grad_logits if need_logits else None, grad_labels if need_labels else None, grad_weight, grad_pos_weight)
+
+
+def _differentiable_grads(grad, logits, labels, weight, pos_weight, smoothing, reduction, needs):
+    need_logits, need_labels, need_weight, need_pos_weight = needs
+    denom = _reference.denominator(reduction, weight, logits, _reference.compute_dtype(logits.dtype))
+    grad_logits, grad_labels = _reference.sigmoid_ce_bwd(
+        grad, logits, labels, weight, pos_weight, denom, smoothing, reduction, need_logits, need_labels,
+    )
+    grad_weight, grad_pos_weight = _reference.sigmoid_ce_param_grads(
+        grad, logits, labels, weight, pos_weight, denom, smoothing, reduction, need_weight, need_pos_weight,
+    )
+    return (grad_logits if need_logits else None, grad_labels if need_labels else None, grad_weight, grad_pos_weight)
+
+
+def jvp(ctx, t_logits, t_labels, t_weight, t_pos_weight, *_):
+    logits, labels, weight, pos_weight, smoothing = ctx.saved_tensors
+    t_loss = _reference.sigmoid_ce_jvp(
+        logits, labels, weight, pos_weight, smoothing, ctx.reduction, ctx.out_dtype,
+        (t_logits, t_labels, t_weight, t_pos_weight),
+    )
+    return t_loss, None, None, None
+
+
+class SigmoidCE(torch.autograd.Function):
+    """The op with the derivatives above, in the form torch.func accepts."""
+
+    @staticmethod
+    def forward(logits, labels, weight, pos_weight, smoothing, reduction, out_dtype,
+                grad_logits_in_fwd, grad_labels_in_fwd):
+        return torch.ops.fused_sigxent.sigmoid_ce_fwd(
+            logits, labels, weight, pos_weight, smoothing, reduction, out_dtype,
+            grad_logits_in_fwd, grad_labels_in_fwd,
+        )
+
+    setup_context = staticmethod(setup_context)
+    backward = staticmethod(backward)
+    jvp = staticmethod(jvp)
+
+    @staticmethod
+    def vmap(info, in_dims, logits, labels, weight, pos_weight, smoothing, reduction, out_dtype,
+             grad_logits_in_fwd, grad_labels_in_fwd):
+        """One op call for the whole batch: the elementwise loss of every
+        sample at once, then one reduction per sample."""
+        x_dim, z_dim, w_dim, p_dim, s_dim = in_dims[:5]
+        if s_dim is not None:
+            raise ValueError("vmap over label_smoothing is not supported: it is one number per call")
+        size = info.batch_size
+        x = logits.movedim(x_dim, 0) if x_dim is not None else logits.expand(size, *logits.shape)
+        z = labels.movedim(z_dim, 0) if z_dim is not None else labels.expand(size, *labels.shape)
+
+        def coefficient(t, dim):
+            # Batched: (B, *shape) aligned under (B, *sample shape); unbatched:
+            # it already broadcasts to the batched logits by NumPy rules.
+            if t is None or dim is None:
+                return t
+            t = t.movedim(dim, 0)
+            return t.reshape(size, *(1,) * (x.dim() - t.dim()), *t.shape[1:])
+
+        w, p = coefficient(weight, w_dim), coefficient(pos_weight, p_dim)
+        ct = _reference.compute_dtype(x.dtype)
+        loss, _, _, _ = SigmoidCE.apply(x, z, w, p, smoothing, R.NONE, out_dtype if reduction == R.NONE else ct,
+                                        False, False)
+        empty_logits, empty_labels = logits.new_empty(0), labels.new_empty(0)
+        if reduction == R.NONE:
+            denom = torch.ones(size, dtype=ct, device=x.device)
+            return (loss, denom, empty_logits, empty_labels), (0, 0, None, None)
+        w_batched = None if w is None else w.expand(size, *w.shape[-(x.dim() - 1):]) if w_dim is None else w
+        denom = _reference.denominator(reduction, w_batched, x, ct, batch_dims=1)
+        total = _reference.divide(loss.reshape(size, -1).sum(-1), denom, reduction)
+        return (total.to(out_dtype), denom, empty_logits, empty_labels), (0, 0, None, None)
+
+
+def plan_grads_in_forward(logits: Tensor, labels: Tensor, weight: Tensor | None, reduction: int) -> tuple[bool, bool]:
+    """Whether the forward writes the final logits/labels gradients.
+
+    Bytes per element, with e_x, e_z the logits and labels sizes, for a
+    training step (forward + backward) of a reduced loss:
+      - gradient in the forward: read x, z, write dx once (e_x + e_z + e_x);
+        the backward reads one scalar and returns when it is 1, else reads
+        and writes dx again (+ 2 e_x).
+      - recompute in the backward: the forward reads x, z; the backward reads
+        them again and writes dx (2 e_x + 2 e_z + e_x).
+    So the forward writes the gradient whenever one will be needed and its
+    scale is known before the reduction ends (`denominator_is_static`). For
+    NONE the incoming gradient is a full tensor, so there is nothing to save.
+    Under a torch.func transform the backward is built from differentiable
+    ops instead, so nothing is written ahead.
+    """
+    if reduction == R.NONE or not torch.is_grad_enabled():
+        return False, False
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(logits):
+        return False, False
+    if not R.denominator_is_static(reduction, None if weight is None else weight.numel()):
+        return False, False
+    return logits.requires_grad, labels.requires_grad
