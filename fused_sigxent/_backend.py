@@ -1,5 +1,6 @@
 """Which implementation runs: FUSED_SIGXENT_BACKEND, read at every call."""
 
+import contextlib
 import os
 
 import torch
@@ -39,3 +40,10 @@ def use_kernels(device: torch.device) -> bool:
         return device.type == "cuda"
     check(device)
     return True
+
+
+def on_device(device: torch.device):
+    """The context a launch runs in: Triton launches on the *current* CUDA
+    device and stream, so a cuda:1 tensor while cuda:0 is current would be
+    read from the wrong device (or race). A no-op for CPU tensors."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

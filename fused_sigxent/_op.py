@@ -30,10 +30,11 @@ def sigmoid_ce_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss, denominator, grad_logits, grad_labels): see `_reference.sigmoid_ce_fwd`."""
     impl = _kernels()[0].sigmoid_ce_fwd if _backend.use_kernels(logits.device) else _reference.sigmoid_ce_fwd
-    return impl(
-        logits, labels, weight, pos_weight, label_smoothing, reduction, out_dtype,
-        grad_logits_in_fwd, grad_labels_in_fwd,
-    )
+    with _backend.on_device(logits.device):
+        return impl(
+            logits, labels, weight, pos_weight, label_smoothing, reduction, out_dtype,
+            grad_logits_in_fwd, grad_labels_in_fwd,
+        )
 
 
 @sigmoid_ce_fwd.register_fake
@@ -64,10 +65,11 @@ def sigmoid_ce_bwd(
 ) -> tuple[Tensor, Tensor]:
     """(grad_logits, grad_labels) recomputed from the inputs: see `_reference.sigmoid_ce_bwd`."""
     impl = _kernels()[1].sigmoid_ce_bwd if _backend.use_kernels(logits.device) else _reference.sigmoid_ce_bwd
-    return impl(
-        grad, logits, labels, weight, pos_weight, denom, label_smoothing, reduction,
-        need_grad_logits, need_grad_labels,
-    )
+    with _backend.on_device(logits.device):
+        return impl(
+            grad, logits, labels, weight, pos_weight, denom, label_smoothing, reduction,
+            need_grad_logits, need_grad_labels,
+        )
 
 
 @sigmoid_ce_bwd.register_fake
@@ -83,7 +85,8 @@ def _(grad, logits, labels, weight, pos_weight, denom, label_smoothing, reductio
 def sigmoid_ce_scale_(grad: Tensor, grad_logits: Tensor, grad_labels: Tensor) -> None:
     """Multiplies, in place, gradients the forward wrote by the incoming gradient."""
     impl = _kernels()[2].sigmoid_ce_scale_ if _backend.use_kernels(grad_logits.device) else _reference.sigmoid_ce_scale_
-    impl(grad, grad_logits, grad_labels)
+    with _backend.on_device(grad_logits.device):
+        impl(grad, grad_logits, grad_labels)
 
 
 @sigmoid_ce_scale_.register_fake

@@ -93,8 +93,12 @@ def number_as_tensor(value, x: Tensor, dtype: torch.dtype = torch.float32) -> Te
     dtype, device) so a call with pos_weight=3.0 launches no fill kernel of
     its own. A fill, not a host-to-device copy: safe in a CUDA graph capture.
     Under torch.compile the fill is traced instead (Inductor folds it, Dynamo
-    does not trace through caches, and a float traced as a symbol stays one)."""
-    if torch.compiler.is_compiling():
+    does not trace through caches, and a float traced as a symbol stays one).
+    Inside a CUDA graph capture it is made anew: a tensor made there is filled
+    only when the graph replays and lives in the graph's pool, so it must
+    never be cached for eager calls."""
+    capturing = x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if torch.compiler.is_compiling() or capturing:
         return torch.full((), value, dtype=dtype, device=x.device)
     return _constant(float(value), dtype, x.device)
 

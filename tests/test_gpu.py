@@ -176,3 +176,24 @@ def test_torch_compile_with_cuda_graphs():
         loss.backward()
         torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(model.weight.grad, expected_grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_second_device_while_the_first_is_current():
+    # Triton launches on the current device: the op must switch to the
+    # tensors' device (cuda:1 here, with cuda:0 current) for every launch.
+    torch.cuda.set_device(0)
+    x = torch.randn(1000, 37, device="cuda:1", requires_grad=True)
+    z = torch.rand(1000, 37, device="cuda:1")
+    w = torch.rand(37, device="cuda:1")
+    for reduction in ["mean", "none"]:
+        loss = fs.binary_cross_entropy_with_logits(x, z, w, reduction=reduction, pos_weight=w)
+        loss.sum().backward(torch.tensor(1.5, device="cuda:1")) if reduction == "none" else loss.backward(
+            torch.tensor(1.5, device="cuda:1"))
+        ref_x = x.detach().double().requires_grad_()
+        ref = torch.nn.functional.binary_cross_entropy_with_logits(
+            ref_x, z.double(), w.double(), reduction=reduction, pos_weight=w.double())
+        (ref.sum() if reduction == "none" else ref).backward(torch.tensor(1.5, device="cuda:1", dtype=torch.float64))
+        torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=1e-5, atol=1e-7)
+        x.grad = None

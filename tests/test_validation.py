@@ -65,3 +65,20 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         fs.binary_cross_entropy_with_logits(X, Z)
+
+
+def test_number_constants_are_never_cached_from_a_capture(monkeypatch):
+    # A tensor made inside a CUDA graph capture is filled only at replay and
+    # lives in the graph's pool: cached, it would feed later eager calls garbage.
+    import types
+
+    from fused_sigxent import _validate
+
+    made = []
+    monkeypatch.setattr(torch, "full", lambda *a, **k: made.append(k["device"]) or object())
+    x = types.SimpleNamespace(device=torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert _validate.number_as_tensor(0.37, x) is not _validate.number_as_tensor(0.37, x)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert _validate.number_as_tensor(0.37, x) is _validate.number_as_tensor(0.37, x)
+    assert len(made) == 3

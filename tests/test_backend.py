@@ -1,0 +1,31 @@
+"""The backend switch and the device every launch runs on (`fused_sigxent/_backend.py`)."""
+
+import pytest
+import torch
+
+import fused_sigxent as fs
+from fused_sigxent import _backend
+
+
+def test_launches_run_on_the_tensors_device():
+    # Triton launches on the current device: a cuda:1 tensor must make
+    # cuda:1 current for the launch (checked on two GPUs in test_gpu.py).
+    guard = _backend.on_device(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert not isinstance(_backend.on_device(torch.device("cpu")), torch.cuda.device)
+
+
+def test_every_op_enters_the_device_guard(backend, monkeypatch):
+    entered = []
+    on_device = _backend.on_device
+    monkeypatch.setattr(_backend, "on_device", lambda device: entered.append(device.type) or on_device(device))
+    x, z = torch.randn(3, 4, requires_grad=True), torch.rand(3, 4)
+    fs.binary_cross_entropy_with_logits(x, z).backward(torch.tensor(2.0))  # fwd, then scale
+    fs.binary_cross_entropy_with_logits(x, z, reduction="none").sum().backward()  # fwd, then bwd
+    assert entered == ["cpu"] * 4
+
+
+def test_unknown_backend_is_an_error(monkeypatch):
+    monkeypatch.setenv("FUSED_SIGXENT_BACKEND", "cudnn")
+    with pytest.raises(ValueError, match="cudnn"):
+        fs.binary_cross_entropy_with_logits(torch.randn(2), torch.rand(2))
