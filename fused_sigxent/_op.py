@@ -1,6 +1,8 @@
 """Every torch.library registration of fused_sigxent, and the one entry that
 all front ends call (`sigmoid_ce`)."""
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -112,10 +114,11 @@ def sigmoid_ce(
     so a schedule of values neither specializes kernels nor recompiles."""
     _validate.not_scripted()
     smoothing = _validate.number_as_tensor(label_smoothing, logits, _reference.compute_dtype(logits.dtype))
-    if _validate.is_dtensor(logits, labels, weight, pos_weight):
-        # DTensor runs the reference's plain ops shard by shard, and autograd
-        # differentiates them: the values and gradients of the unsharded loss.
-        with _validate.implicit_replication():
+    dtensor = _validate.is_dtensor(logits, labels, weight, pos_weight)
+    if dtensor or _compiled_transform():
+        # The reference's plain ops, which autograd, DTensor (shard by shard)
+        # and torch.func differentiate and batch themselves.
+        with _validate.implicit_replication() if dtensor else contextlib.nullcontext():
             loss, _, _, _ = _reference.sigmoid_ce_fwd(
                 logits, labels, weight, pos_weight, smoothing, reduction, out_dtype, False, False)
         return loss
@@ -130,3 +133,10 @@ def sigmoid_ce(
         grad_logits_in_fwd, grad_labels_in_fwd,
     )
     return loss
+
+
+def _compiled_transform() -> bool:
+    """A torch.func transform inside a torch.compile'd function. There the op
+    is called directly (Dynamo cannot trace `SigmoidCE`), and a custom op
+    without a forward-mode formula would give a zero tangent without a word."""
+    return torch.compiler.is_compiling() and torch._C._functorch.get_dynamic_layer_stack_depth() > 0
