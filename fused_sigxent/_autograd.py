@@ -131,8 +131,9 @@ class SigmoidCE(torch.autograd.Function):
         if reduction == R.NONE:
             denom = torch.ones(size, dtype=ct, device=x.device)
             return (loss, denom, empty_logits, empty_labels), (0, 0, None, None)
-        w_batched = None if w is None else w.expand(size, *w.shape[-(x.dim() - 1):]) if w_dim is None else w
-        denom = _reference.denominator(reduction, w_batched, x, ct, batch_dims=1)
+        if w is not None and w_dim is None:
+            w = w.expand(size, *w.shape)  # the same weight for every sample, as a view
+        denom = _reference.denominator(reduction, w, x, ct, batch_dims=1)
         total = _reference.divide(loss.reshape(size, -1).sum(-1), denom, reduction)
         return (total.to(out_dtype), denom, empty_logits, empty_labels), (0, 0, None, None)
 
