@@ -9,23 +9,54 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-# --system-site-packages: a machine that already has a torch the package accepts
-# (>= 2.6: a GPU image with its CUDA build) keeps it; any other gets the pinned
-# CPU build, installed before the package so its loose range is already met and
-# never pulls a CUDA build.
+# The venv sees every package $(PYTHON) sees: a .pth file lists $(PYTHON)'s
+# sys.path (its venv or conda env, and the system site-packages that one
+# sees). `venv --system-site-packages` is not enough: from inside a venv it
+# exposes the base interpreter's packages, not the venv's, so a GPU box's
+# CUDA torch would be missed and a CPU torch installed beside it. Packages
+# installed here shadow the parent's and never change it. Only plain path
+# entries are copied, so an editable install of this project in the parent
+# (an import hook, not a path) does not shadow this checkout.
+#
+# Torch: a torch >= 2.6 that is there (a GPU image's CUDA build) is used as
+# it is; otherwise the pinned CPU build is installed first, so the package's
+# loose range is already met and never pulls a CUDA build.
+#
+# Offline where the dependencies are present: --no-build-isolation builds
+# with the setuptools that is there (>= 70.1 builds editable wheels without
+# `wheel`), and pip finds every requirement satisfied.
+#
+# Triton 3.6's interpreter breaks with numpy >= 2.4 (fixed in 3.7): with an
+# older triton, numpy < 2.4 is installed here (shadowing, never replacing, the
+# parent's). Where that cannot be installed (no network), `make test` skips
+# the interpreted phase and says so, and runs the GPU phase only.
 HAS_TORCH := import sys, torch; sys.exit(tuple(map(int, torch.__version__.split(".")[:2])) < (2, 6))
+HAS_SETUPTOOLS := import sys, setuptools; sys.exit(tuple(map(int, setuptools.__version__.split(".")[:2])) < (70, 1))
+PARENT_PATH := import os, sys, sysconfig; std = {sysconfig.get_path(k) for k in ("stdlib", "platstdlib")}; print("\n".join(p for p in sys.path if p and os.path.isdir(p) and p not in std and not p.endswith("lib-dynload")))
+CAN_INTERPRET := import sys, numpy, triton; v = lambda m: tuple(map(int, m.__version__.split(".")[:2])); sys.exit(v(triton) < (3, 7) and v(numpy) >= (2, 4))
+HAS_CUDA := import sys, torch; sys.exit(not torch.cuda.is_available())
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv --system-site-packages $(VENV)
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv --without-pip $(VENV)
+	$(PYTHON) -c '$(PARENT_PATH)' > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/_parent_env.pth"
+	$(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip --default-pip
 	$(PY) -c '$(HAS_TORCH)' 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e ".[test,perf]"
+	$(PY) -c '$(HAS_SETUPTOOLS)' 2>/dev/null || $(PY) -m pip install "setuptools>=70.1"
+	$(PY) -m pip install --no-build-isolation -e ".[test,perf]"
+	$(PY) -c '$(CAN_INTERPRET)' || $(PY) -m pip install "numpy<2.4" || echo "numpy<2.4 not installable here: make test skips the interpreted phase"
 	touch $(STAMP)
 
 # The suite interprets the kernels on CPU tensors; where a GPU is present the
 # gpu-marked tests then run again with compiled kernels (TRITON_INTERPRET=0).
 test: install
-	$(PY) -m pytest -q
-	@if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then $(MAKE) test-gpu; fi
+	@if $(PY) -c '$(CAN_INTERPRET)'; then \
+		$(PY) -m pytest -q; \
+	elif $(PY) -c '$(HAS_CUDA)'; then \
+		echo "SKIPPED the interpreted phase: triton < 3.7 with numpy >= 2.4 (numpy < 2.4 could not be installed)"; \
+	else \
+		echo "triton < 3.7 needs numpy < 2.4 to interpret the kernels, and there is no GPU: nothing can test them"; exit 1; \
+	fi
+	@if $(PY) -c '$(HAS_CUDA)'; then $(MAKE) test-gpu; fi
 
 test-gpu: install
 	TRITON_INTERPRET=0 $(PY) -m pytest -q -m gpu

@@ -1,11 +1,16 @@
-"""The only reader of configs/: autotune candidates per kernel, as data."""
+"""The only reader of configs/: launch candidates per kernel, as data, and
+the decorators that tune or fix a kernel's config from them."""
 
+import bisect
+import functools
 import json
 from importlib import resources
 
 import triton
 
 from fused_sigxent._backend import interpreting
+
+from . import _tuner
 
 # Used when a kernel's JSON file is missing (a source tree without configs/).
 FALLBACK = {
@@ -14,10 +19,17 @@ FALLBACK = {
     "interpreter": {"BLOCK": 1024},
     "candidates": [{"BLOCK": 2048, "num_warps": 8, "num_stages": 1}],
 }
+# Compile options of every candidate. FP fusion (a*b + c as one FMA, one
+# rounding) is what the kernels' error bounds and instruction budgets assume;
+# Triton 3.9 warns that its default turns off in 3.10, so it is asked for by
+# name. A launch option in Triton 3.6 and 3.9 alike (CUDAOptions.enable_fp_fusion).
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
 
 
+@functools.lru_cache(maxsize=None)
 def load(kernel: str) -> dict:
-    """configs/<kernel>.json, or `FALLBACK`."""
+    """configs/<kernel>.json, or `FALLBACK`; read and parsed once per process
+    (callers must not modify it)."""
     try:
         text = resources.files("fused_sigxent.configs").joinpath(f"{kernel}.json").read_text()
     except (FileNotFoundError, ModuleNotFoundError):
@@ -25,11 +37,16 @@ def load(kernel: str) -> dict:
     return json.loads(text)
 
 
+@functools.lru_cache(maxsize=None)
+def _bounds(kernel: str) -> tuple[int, ...]:
+    return tuple(sorted(load(kernel)["numel_class_bounds"]))
+
+
 def numel_class(kernel: str, numel: int) -> int:
-    """The size bucket that keys the autotune cache: how many of the file's
+    """The size bucket that keys the config cache: how many of the file's
     bounds `numel` reaches. A bucket, not numel itself, so a new batch size
     does not trigger a new tuning run."""
-    return sum(numel >= bound for bound in load(kernel)["numel_class_bounds"])
+    return bisect.bisect_right(_bounds(kernel), numel)
 
 
 def candidates(kernel: str, size_class: int, elem_bytes: int) -> list[dict]:
@@ -43,27 +60,39 @@ def candidates(kernel: str, size_class: int, elem_bytes: int) -> list[dict]:
     return keep or load(kernel)["candidates"]
 
 
-def tuned(kernel: str):
-    """Decorator: `triton.autotune` over the file's candidates for the launch's
-    numel class and element size (the autotuner adds the pointer dtypes to its
-    cache key itself). The interpreter cannot time anything, so there it fixes
-    the meta-parameters to the file's "interpreter" entry."""
+# Keys of a candidate that choose where it applies, not how it launches.
+SELECTORS = ("numel_class", "elem_bytes")
+
+
+def launch_options(candidate: dict) -> dict:
+    """The keyword arguments a launch takes for one candidate: its
+    meta-parameters (BLOCK, ...), num_warps, num_stages (1 unless given)."""
+    options = {k: v for k, v in candidate.items() if k not in SELECTORS}
+    return {**options, "num_stages": candidate.get("num_stages", 1), **COMPILE_OPTIONS}
+
+
+def _decorator(kernel: str, timed: bool):
     spec = load(kernel)
     if interpreting():
+        # The interpreter can time nothing and has no occupancy: the file's
+        # "interpreter" entry fixes the meta-parameters.
         return triton.heuristics({name: (lambda args, v=v: v) for name, v in spec["interpreter"].items()})
-    configs = {}
-    for c in spec["candidates"]:
-        key = (c["BLOCK"], c["num_warps"], c.get("num_stages", 1))
-        configs[key] = triton.Config({"BLOCK": key[0]}, num_warps=key[1], num_stages=key[2])
 
-    def prune(configs_in, named_args, **kwargs):
-        arg = spec.get("dtype_arg")
-        elem_bytes = named_args[arg].element_size() if arg else 0
-        wanted = candidates(kernel, named_args["numel_class"], elem_bytes)
-        keys = {(c["BLOCK"], c["num_warps"], c.get("num_stages", 1)) for c in wanted}
-        return [config for key, config in configs.items() if key in keys]
+    def options(size_class: int, elem_bytes: int) -> list[dict]:
+        return [launch_options(c) for c in candidates(kernel, size_class, elem_bytes)]
 
-    return triton.autotune(
-        list(configs.values()), key=["numel_class"], prune_configs_by={"early_config_prune": prune},
-        restore_value=spec.get("restore_value", []),
-    )
+    return lambda fn: _tuner.Tuned(fn, options, timed=timed, dtype_arg=spec.get("dtype_arg"))
+
+
+def tuned(kernel: str):
+    """Decorator: the file's candidates for the launch's numel class and
+    element size, compiled, pruned by spills and occupancy, and timed on the
+    first launch of each variant (kernels/_tuner.py)."""
+    return _decorator(kernel, timed=True)
+
+
+def fixed(kernel: str):
+    """Decorator for a kernel that must not be timed (it writes its inputs in
+    place) and needs no tuning: the file's first candidate for the numel
+    class, compiled once per variant for its occupancy."""
+    return _decorator(kernel, timed=False)

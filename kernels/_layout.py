@@ -1,16 +1,18 @@
 """Host-side layout for the kernels: contiguous logits/labels, broadcast
-coefficients collapsed to at most four strided dimensions, index width, and
-the per-stream workspace of the one-launch reduction."""
+coefficients collapsed to at most four strided dimensions, index width, the
+persistent grid, and the per-stream workspace of the one-launch reduction."""
 
 import functools
 
 import torch
 from torch import Tensor
 
+from . import _occupancy
+
 MAX_DIMS = 4
 # Offsets stay int32 (cheaper divisions for broadcast indexing) while every
 # index a program forms, up to numel plus one grid stride, fits in int32.
-# A grid stride is at most max_programs * BLOCK < 2**25 (configs/ keeps BLOCK <= 16384).
+# A grid stride is at most 2**25 (PersistentGrid.resolve caps the programs).
 INT32_LIMIT = 2**31 - 2**25
 
 
@@ -20,6 +22,14 @@ def contiguous(t: Tensor) -> Tensor:
     labels are read as bytes."""
     t = t.contiguous()
     return t.view(torch.uint8) if t.dtype == torch.bool else t
+
+
+def _broadcast_strides(c: Tensor | None, shape: torch.Size) -> list[int]:
+    """c.expand(shape).stride() where it matters (dimensions of `shape` other
+    than 1), without the cost of dispatching an op on every call."""
+    if c is None:
+        return [0] * len(shape)
+    return [0] * (len(shape) - c.dim()) + [st if size != 1 else 0 for size, st in zip(c.shape, c.stride())]
 
 
 def collapse(shape: torch.Size, coefficients: list[Tensor | None]) -> tuple[list[int], list[Tensor | None], list[list[int]]]:
@@ -34,7 +44,10 @@ def collapse(shape: torch.Size, coefficients: list[Tensor | None]) -> tuple[list
     5 or more; those coefficients are made contiguous at full size (the one
     case where a broadcast coefficient is materialized).
     """
-    strides = [list(c.expand(shape).stride()) if c is not None else [0] * len(shape) for c in coefficients]
+    if shape.numel() == 0 or all(c is None for c in coefficients):
+        # Nothing to read through strides: one flat dimension.
+        return [1] * (MAX_DIMS - 1) + [shape.numel()], coefficients, [[0] * MAX_DIMS for _ in coefficients]
+    strides = [_broadcast_strides(c, shape) for c in coefficients]
     merged: list[tuple[int, list[int]]] = []
     for i, size in enumerate(shape):
         if size == 1:
@@ -60,34 +73,70 @@ def ndim(sizes: list[int]) -> int:
     return 1
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+# Programs per SM where the compiled kernel's occupancy is not known (a grid
+# evaluated outside kernels/_tuner.py): the occupancy of 256-thread programs.
+FALLBACK_PROGRAMS_PER_SM = 8
+# The interpreter runs programs one after another: a few exercise the
+# grid-stride loop and the cross-program reduction.
+INTERPRETER_PROGRAMS = 4
+# The fewest warps of any candidate in configs/ (tests/test_configs.py checks
+# it): it bounds programs per SM, so the partial sums have room for any grid.
+MIN_WARPS = 4
 
 
-def max_programs(device: torch.device) -> int:
-    """Programs of a persistent grid: enough to fill the GPU (8 per SM, the
-    occupancy of 256-thread programs); under the interpreter, a few."""
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def max_programs(device: torch.device, per_sm: int | None = None) -> int:
+    """Programs of a persistent grid: `per_sm` resident programs (the compiled
+    kernel's occupancy) on every SM, `FALLBACK_PROGRAMS_PER_SM` where that is
+    unknown; under the interpreter, a few."""
     if device.type != "cuda":
-        return 4
-    return 8 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        return INTERPRETER_PROGRAMS
+    return (per_sm or FALLBACK_PROGRAMS_PER_SM) * _occupancy.sm(_index(device)).count
 
 
-def persistent_grid(numel: int, device: torch.device):
+class PersistentGrid:
     """The launch grid for `numel` elements: one program per BLOCK, at most
-    `max_programs`, and at least one (an empty reduction still writes its loss)."""
-    limit = max_programs(device)
+    `max_programs`, and at least one (an empty reduction still writes its
+    loss). kernels/_tuner.py resolves it with the chosen config's occupancy;
+    called as a plain Triton grid, it uses the fallback occupancy."""
 
-    def grid(meta):
-        return (max(1, min(-(-numel // meta["BLOCK"]), limit)),)
+    __slots__ = ("numel", "device")
 
-    return grid
+    def __init__(self, numel: int, device: torch.device):
+        self.numel, self.device = numel, device
+
+    def resolve(self, block: int, per_sm: int | None = None) -> tuple[int]:
+        # Never more programs than partial-sum slots (each program writes its
+        # own), and a grid stride within the int32 headroom above INT32_LIMIT.
+        limit = min(max_programs(self.device, per_sm), partial_slots(self.device), (2**31 - INT32_LIMIT) // block)
+        return (max(1, min(-(-self.numel // block), limit)),)
+
+    def __call__(self, meta) -> tuple[int]:
+        return self.resolve(meta["BLOCK"])
+
+
+def persistent_grid(numel: int, device: torch.device) -> PersistentGrid:
+    return PersistentGrid(numel, device)
+
+
+@functools.lru_cache(maxsize=None)
+def _partial_slots(device: torch.device) -> int:
+    if device.type != "cuda":
+        bound = INTERPRETER_PROGRAMS
+    else:
+        sm = _occupancy.sm(_index(device))
+        bound = sm.count * min(sm.max_threads // (32 * MIN_WARPS), _occupancy.MAX_BLOCKS_PER_SM)
+    return 1 << (bound - 1).bit_length()
 
 
 def partial_slots(device: torch.device) -> int:
-    """Partial sums kept per quantity: max_programs rounded up to a power of
-    two, so the last program reads them all with one tl.arange."""
-    return 1 << (max_programs(device) - 1).bit_length()
+    """Partial sums kept per quantity: the most programs any candidate's grid
+    can have on `device`, rounded up to a power of two, so the last program
+    reads them all with one tl.arange."""
+    return _partial_slots(device)
 
 
 _WORKSPACES: dict[tuple, tuple[Tensor, Tensor]] = {}
@@ -108,17 +157,25 @@ def workspace(device: torch.device) -> tuple[Tensor, Tensor]:
     One per stream: launches on one stream run in order, so they can share
     it; launches on two streams may overlap, so they cannot. A CUDA graph
     capture uses one per device, allocated with the device's first eager
-    workspace: memory allocated during a capture belongs to the graph's pool,
-    which torch.compile's CUDA graphs reuse for other tensors once they think
-    it dead. (So two graphs replayed at once on two streams would share it.)
+    workspace and never during a capture: memory allocated while capturing
+    belongs to the graph's pool, which torch.compile's CUDA graphs reuse for
+    other tensors once they think it dead (and a zeroed ticket allocated there
+    would not be zeroed at replay). So two graphs replayed at once on two
+    streams would share it.
     """
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if capturing:
+    if device.type != "cuda":
+        key = (device.type, device.index, 0)
+    elif torch.cuda.is_current_stream_capturing():
         key = (device.type, device.index, "graph")
+        if key not in _WORKSPACES:
+            raise RuntimeError(
+                f"fused_sigxent: no reduction workspace for {device} yet, and none can be allocated during a "
+                "CUDA graph capture: run the loss once eagerly on this device before capturing")
+        return _WORKSPACES[key]
     else:
-        key = (device.type, device.index, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+        key = (device.type, device.index, torch.cuda.current_stream(device).cuda_stream)
     if key not in _WORKSPACES:
         _WORKSPACES[key] = _new_workspace(device)
-        if device.type == "cuda" and not capturing:
+        if device.type == "cuda":
             _WORKSPACES.setdefault((device.type, device.index, "graph"), _new_workspace(device))
     return _WORKSPACES[key]

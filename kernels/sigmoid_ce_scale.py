@@ -8,7 +8,7 @@ import triton.language as tl
 from fused_sigxent._reference import compute_dtype
 
 from . import _layout
-from ._configs import numel_class, tuned
+from ._configs import fixed, numel_class
 from ._math import block_mask, grid_stride
 
 
@@ -27,7 +27,7 @@ def _scale_block(start, g, grad_logits_ptr, grad_labels_ptr, n_elements,
         tl.store(grad_labels_ptr + offs, d.to(grad_labels_ptr.dtype.element_ty), mask=mask)
 
 
-@tuned("sigmoid_ce_scale")
+@fixed("sigmoid_ce_scale")
 @triton.jit(do_not_specialize=["n_elements"])
 def _sigmoid_ce_scale_kernel(
     grad_ptr, grad_logits_ptr, grad_labels_ptr,
@@ -38,7 +38,7 @@ def _sigmoid_ce_scale_kernel(
     """Persistent grid. grad_ptr: [] the incoming gradient (read on the device:
     no host sync decides the skip). grad_logits_ptr, grad_labels_ptr:
     [n_elements] gradients for an incoming gradient of 1, scaled in place
-    where HAS_GRAD_*. numel_class: the autotune key only."""
+    where HAS_GRAD_*. numel_class: picks the fixed config (configs/)."""
     g = tl.load(grad_ptr).to(CT)
     # The common case (loss.backward() on the loss itself): nothing to do.
     if g != 1.0:

@@ -163,6 +163,7 @@ def _list(kind):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a few cases, for a smoke test")
+    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: the GPU where there is one)")
     parser.add_argument("--out", default=None, help="CSV path (default perf/results/<device>-<date>.csv)")
     parser.add_argument("--numel", type=_list(int), help="comma-separated element counts")
     parser.add_argument("--classes", type=_list(int), help="comma-separated class counts C")
@@ -173,7 +174,7 @@ def main(argv=None):
     parser.add_argument("--part", default="1/1", help="K/N: run every N-th case from the K-th (1-based), "
                         "so N commands of bounded length cover the sweep")
     args = parser.parse_args(argv)
-    dev = _bench.device()
+    dev = _bench.device(args.device)
     env = _bench.environment(dev)
     if dev.type == "cuda":
         print(f"GPU sweep on {env['device']}")

@@ -60,8 +60,9 @@ def run(model, inputs, labels, loss_fn, dev, reps):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: the GPU where there is one)")
     args = parser.parse_args(argv)
-    dev = _bench.device()
+    dev = _bench.device(args.device)
     env = _bench.environment(dev)
     print(("GPU" if dev.type == "cuda" else "CPU run (no GPU):") + f" training steps on {env['device']}")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32

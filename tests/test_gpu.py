@@ -197,3 +197,60 @@ def test_a_second_device_while_the_first_is_current():
         torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=1e-5, atol=1e-7)
         x.grad = None
+
+
+def test_nothing_is_allocated_or_tuned_inside_a_capture(monkeypatch):
+    # A capture may not allocate the reduction's workspace (graph-pool memory
+    # that torch.compile reuses) or tune a kernel (compiles and timing runs):
+    # either asks for an eager call first, which then makes capture work.
+    from fused_sigxent.kernels import _layout
+    from fused_sigxent.kernels.sigmoid_ce_fwd import _sigmoid_ce_fwd_kernel
+
+    x, z = torch.randn(64, 33, device="cuda"), torch.rand(64, 33, device="cuda")
+    for forget in ["workspace", "config"]:
+        with torch.no_grad():
+            fs.binary_cross_entropy_with_logits(x, z)
+        torch.cuda.synchronize()
+        if forget == "workspace":
+            monkeypatch.setattr(_layout, "_WORKSPACES", {})
+        else:
+            monkeypatch.setattr(_sigmoid_ce_fwd_kernel, "cache", {})
+        graph = torch.cuda.CUDAGraph()
+        with pytest.raises(RuntimeError, match="once eagerly"), torch.no_grad(), torch.cuda.graph(graph):
+            fs.binary_cross_entropy_with_logits(x, z)
+        with torch.no_grad():
+            fs.binary_cross_entropy_with_logits(x, z)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph):
+            loss = fs.binary_cross_entropy_with_logits(x, z)
+        graph.replay()
+        torch.testing.assert_close(loss, torch.nn.functional.binary_cross_entropy_with_logits(x, z))
+
+
+def test_grid_follows_the_compiled_kernels_occupancy():
+    from fused_sigxent.kernels import _layout, _occupancy
+    from fused_sigxent.kernels.sigmoid_ce_fwd import _sigmoid_ce_fwd_kernel
+
+    x = torch.randn(1 << 24, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    z = (torch.rand(1 << 24, device="cuda") > 0.5).to(torch.uint8)
+    _step(x, z, None)
+    sm = _occupancy.sm(torch.cuda.current_device())
+    for choice in _sigmoid_ce_fwd_kernel.cache.values():
+        # Every kept config fits at least one program per SM and no grid
+        # outgrows the partial sums' slots.
+        assert choice.per_sm >= 1 and choice.spills == 0
+        assert choice.per_sm * sm.count <= _layout.partial_slots(x.device)
+
+
+def test_in_place_scale_is_never_timed(monkeypatch):
+    # The scale kernel writes its inputs: timed like a tuned kernel, it would
+    # scale the gradient once per timing run. Its config is fixed instead.
+    from fused_sigxent.kernels.sigmoid_ce_scale import _sigmoid_ce_scale_kernel
+
+    monkeypatch.setattr(_sigmoid_ce_scale_kernel, "cache", {})
+    x = torch.randn(3000, 7, device="cuda", requires_grad=True)
+    z = torch.rand(3000, 7, device="cuda")
+    fs.binary_cross_entropy_with_logits(x, z).backward(torch.tensor(3.0, device="cuda"))
+    expected = 3.0 * (torch.sigmoid(x.detach()) - z) / x.numel()
+    torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-9)

@@ -1,0 +1,237 @@
+"""`python -m perf.host_overhead`: host time per loss call (fwd, fwd+bwd) of
+fused_sigxent's CUDA path with nothing run on a device, against PyTorch
+eager's whole call, on tiny CPU tensors; one tidy CSV row per measurement."""
+
+import argparse
+import contextlib
+import cProfile
+import datetime
+import json
+import os
+import pstats
+import time
+import types
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from . import _bench
+
+# Tiny on purpose: PyTorch eager's time is then its host path (dispatch,
+# autograd, allocation), not arithmetic, and ours does no arithmetic at all.
+SHAPE = (8, 16)
+CASES = {
+    "plain": dict(weight=False, pos_weight=False, label_smoothing=0.0),
+    "pos_weight": dict(weight=False, pos_weight=True, label_smoothing=0.0),
+    "both+smoothing": dict(weight=True, pos_weight=True, label_smoothing=0.1),
+}
+DTYPES = [torch.bfloat16, torch.float32]
+COLUMNS = ["op", "provider", "mode", "dtype", "n_rows", "n_cols", "metric", "unit", "p50", "p20", "p80",
+           "device_name", "timestamp", "package_version", "config"]
+
+
+class _NotRun:
+    """What a stubbed compile returns: the figures the tuner reads from a
+    compiled kernel (a small kernel with no shared memory)."""
+
+    n_regs, n_spills = 32, 0
+
+    def __init__(self, num_warps):
+        self.metadata = types.SimpleNamespace(num_warps=num_warps, shared=0)
+
+    def _init_handles(self):
+        pass
+
+
+def _stub_run(self, *args, grid, warmup, **kwargs):
+    """JITFunction.run without Triton's binder or a launch: a compile returns
+    `_NotRun`; a launch only evaluates its grid, as Triton would."""
+    if warmup:
+        return _NotRun(kwargs.get("num_warps", 4))
+    if callable(grid):
+        grid(dict(zip(self.arg_names, args), **kwargs))
+    return None
+
+
+class _StandInDriver:
+    """Triton's driver interface for an sm_90 GPU that is not there: kernels
+    compile for it (Triton ships ptxas), load as nothing, launch as no-ops."""
+
+    class utils:
+        @staticmethod
+        def load_binary(name, kernel, shared, device):
+            return None, None, 32, 0, 1024  # module, function, registers, spills, max threads
+
+        @staticmethod
+        def get_device_properties(device):
+            return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}
+
+        @staticmethod
+        def unload_module(module):
+            pass
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def launcher_cls(self, src, metadata):
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def stubbed_launches(launch: str):
+    """The Python path of a CUDA call (op, autograd, launcher, layout, config
+    choice and grid) on CPU tensors, nothing run on a device. launch="triton":
+    Triton's own launch path (argument binding, specialization, kernel cache)
+    against `_StandInDriver`, the kernels compiled for sm_90 on first use;
+    launch="stub": JITFunction.run replaced by a no-op, our code alone. The
+    tuner's timing is a no-op either way. Needs TRITON_INTERPRET unset, so the
+    kernels are decorated as for a GPU."""
+    import triton
+    from triton.runtime.driver import driver
+
+    from fused_sigxent import _backend
+    from fused_sigxent.kernels import _tuner
+
+    saved = (triton.runtime.jit.JITFunction.run, _backend.use_kernels, _tuner.time_ms)
+    # The driver in use before (None on a machine with no GPU, where Triton
+    # finds none: reset_active() would raise there).
+    saved_driver = driver._active
+    if launch == "stub":
+        triton.runtime.jit.JITFunction.run = _stub_run
+    else:
+        driver.set_active(_StandInDriver())
+    _backend.use_kernels = lambda device: True
+    _tuner.time_ms = lambda call: 1.0
+    try:
+        yield
+    finally:
+        triton.runtime.jit.JITFunction.run, _backend.use_kernels, _tuner.time_ms = saved
+        driver._active = saved_driver
+
+
+def make_case(feature, dtype):
+    f = CASES[feature]
+    x = torch.randn(SHAPE, dtype=dtype, requires_grad=True)
+    z = (torch.rand(SHAPE) > 0.5).to(dtype)
+    w = torch.rand(SHAPE[1], dtype=dtype) if f["weight"] else None
+    p = (torch.rand(SHAPE[1]) * 3).to(dtype) if f["pos_weight"] else None
+    return x, z, w, p, f["label_smoothing"]
+
+
+def calls(x, z, w, p, s):
+    """{provider: loss function}: ours (the same front end a user calls) and
+    PyTorch eager (smoothing as its own op, since PyTorch has none)."""
+    import fused_sigxent as fs
+
+    def ours():
+        return fs.binary_cross_entropy_with_logits(x, z, w, pos_weight=p, label_smoothing=s)
+
+    def eager():
+        target = z * (1 - s) + 0.5 * s if s else z
+        return F.binary_cross_entropy_with_logits(x, target, w, pos_weight=p)
+
+    return {"fused_sigxent": ours, "torch_eager": eager}
+
+
+def step(loss_fn, x, mode):
+    def run():
+        x.grad = None
+        loss = loss_fn()
+        if mode == "fwd+bwd":
+            loss.backward()
+    return run
+
+
+def per_call_us(fn, repeat: int, rounds: int) -> tuple[float, float, float]:
+    """(median, p20, p80) over `rounds` of the mean time of `repeat` calls, in µs."""
+    fn()
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        samples.append((time.perf_counter() - start) / repeat * 1e6)
+    q = torch.tensor(samples, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+    return tuple(q.tolist())
+
+
+SORT = "tottime"
+
+
+def profile(fn, repeat: int, top: int):
+    """cProfile of `repeat` calls: the functions that take the most time."""
+    fn()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(repeat):
+        fn()
+    prof.disable()
+    pstats.Stats(prof).sort_stats(SORT).print_stats(top)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="one case (pos_weight, bfloat16), for a smoke test")
+    parser.add_argument("--repeat", type=int, default=200, help="calls per timing round")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--out", default=None, help="CSV path (default perf/results/host_overhead-cpu-<date>.csv)")
+    parser.add_argument("--launch", choices=["triton", "stub"], default="triton",
+                        help="triton: Triton's launch path against a stand-in sm_90 driver (compiles on first use); "
+                        "stub: Triton's launch replaced by a no-op")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of our fwd+bwd (pos_weight, bf16)")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("run without TRITON_INTERPRET: the kernels must be decorated as for a GPU")
+    torch.manual_seed(0)
+    # One thread: a tiny call has nothing to split, and idle intra-op threads
+    # spinning against other processes (2 shared cores here) add milliseconds.
+    torch.set_num_threads(1)
+    env = _bench.environment(torch.device("cpu"))
+    print(f"host time per call, {SHAPE[0]}x{SHAPE[1]} CPU tensors, {env['device']}; fused_sigxent's launches: "
+          + ("Triton's launch path, stand-in sm_90 driver" if args.launch == "triton" else "stubbed"))
+    rows = []
+    with stubbed_launches(args.launch):
+        if args.profile:
+            x, z, w, p, s = make_case("pos_weight", torch.bfloat16)
+            profile(step(calls(x, z, w, p, s)["fused_sigxent"], x, "fwd+bwd"), args.repeat, 30)
+        for feature in ["pos_weight"] if args.quick else CASES:
+            for dtype in DTYPES[:1] if args.quick else DTYPES:
+                x, z, w, p, s = make_case(feature, dtype)
+                for provider, fn in calls(x, z, w, p, s).items():
+                    for mode in ["fwd", "fwd+bwd"]:
+                        p50, p20, p80 = per_call_us(step(fn, x, mode), args.repeat, args.rounds)
+                        rows.append(dict(
+                            op=f"bce_with_logits/{feature}", provider=provider, mode=mode,
+                            dtype=str(dtype).replace("torch.", ""), n_rows=SHAPE[0], n_cols=SHAPE[1],
+                            metric="host_time", unit="us", p50=p50, p20=p20, p80=p80, device_name=env["device"],
+                            timestamp=datetime.datetime.now().isoformat(timespec="seconds"),
+                            package_version=f"torch {env['torch_version']}, triton {env['triton_version']}",
+                            config=json.dumps({"commit": env["commit"], "launch": args.launch})))
+                        print(f"{feature:15s} {rows[-1]['dtype']:9s} {mode:8s} {provider:14s} "
+                              f"{p50:8.1f} us  (p20 {p20:.1f}, p80 {p80:.1f})", flush=True)
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    ratio = frame.pivot_table(index=["op", "dtype", "mode"], columns="provider", values="p50")
+    ratio = (ratio["fused_sigxent"] / ratio["torch_eager"]).groupby("mode").median()
+    for mode, r in ratio.items():
+        print(f"median ours / eager host time, {mode}: {r:.2f}")
+    out = args.out or _bench.results_csv("host_overhead-", torch.device("cpu"))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    frame.to_csv(out, index=False)
+    print(f"wrote {len(frame)} rows to {out}")
+    return frame
+
+
+if __name__ == "__main__":
+    main()
