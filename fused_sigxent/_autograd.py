@@ -8,6 +8,8 @@ cannot register for a custom op (torch.func transforms, forward-mode AD and
 a batching rule).
 """
 
+import inspect
+
 import torch
 from torch import Tensor
 
@@ -136,6 +138,13 @@ class SigmoidCE(torch.autograd.Function):
         denom = _reference.denominator(reduction, w, x, ct, batch_dims=1)
         total = _reference.divide(loss.reshape(size, -1).sum(-1), denom, reduction)
         return (total.to(out_dtype), denom, empty_logits, empty_labels), (0, 0, None, None)
+
+
+# Function.apply binds its arguments to forward's signature on every call
+# (for setup_context); inspect.signature reads a precomputed __signature__
+# instead of parsing the function again (~35 us of a ~160 us forward, 2-core CPU,
+# python -m perf.host_overhead --launch stub).
+SigmoidCE.forward.__signature__ = inspect.signature(SigmoidCE.forward)
 
 
 def plan_grads_in_forward(logits: Tensor, labels: Tensor, weight: Tensor | None, reduction: int) -> tuple[bool, bool]:

@@ -72,10 +72,9 @@ def coefficient(name: str, value, x: Tensor, x_name: str) -> Tensor:
     t = tensor(name, value)
     if t.is_complex():
         raise TypeError(f"{name} must be a real tensor; got {t.dtype}")
-    try:
-        ok = torch.broadcast_shapes(t.shape, x.shape) == x.shape
-    except RuntimeError:
-        ok = False
+    # NumPy's rule, one way: every trailing dimension of t is 1 or x's own.
+    # (torch.broadcast_shapes says the same at several times the host cost.)
+    ok = t.dim() <= x.dim() and all(a == 1 or a == b for a, b in zip(reversed(t.shape), reversed(x.shape)))
     if not ok:
         raise ValueError(
             f"{name} of shape {tuple(t.shape)} does not broadcast to {x_name} of shape {tuple(x.shape)}"
