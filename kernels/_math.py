@@ -1,9 +1,13 @@
-"""Device functions shared by the sigmoid cross entropy kernels: loads through
-broadcast strides, and the stable loss and gradient formulas of
-`fused_sigxent/_reference.py`, term for term."""
+"""Device functions shared by the sigmoid cross entropy kernels: the block
+layout, loads through broadcast strides (with no per-element integer
+division for a (rows, classes) broadcast), and the stable loss and gradient
+formulas of `fused_sigxent/_reference.py`, term for term."""
 
+import torch
 import triton
 import triton.language as tl
+
+from fused_sigxent._backend import interpreting
 
 # The op's reduction codes (fused_sigxent/_reduction.py); constexpr copies for the kernels.
 NONE = tl.constexpr(0)
@@ -13,6 +17,70 @@ MEAN_BY_NUMEL = tl.constexpr(3)
 MEAN_BY_NONZERO = tl.constexpr(4)
 TORCH_MEAN = tl.constexpr(5)
 
+# How a coefficient (weight, pos_weight) is read: the kernels' W_LAYOUT and
+# PW_LAYOUT, chosen by `coefficient_layout` from the collapsed strides.
+COEF_NONE = tl.constexpr(0)  # absent: 1.0
+COEF_SCALAR = tl.constexpr(1)  # one element, loaded once per program
+COEF_FLAT = tl.constexpr(2)  # offsets from the flat index (integer divisions where NDIM > 2)
+COEF_CLASSES = tl.constexpr(3)  # (rows, classes), contiguous along classes: CHUNK-wide vector loads
+# (where CHUNK divides the classes; else one load per element of a per-class vector)
+COEF_ROWS = tl.constexpr(4)  # (rows, classes), constant along classes: one load per chunk
+COEF_STRIDED = tl.constexpr(5)  # (rows, classes), any strides or rows straddled: one load per element
+# Consecutive elements a thread takes as one chunk when coefficients are
+# stepped over (rows, classes): 8 is one 16-byte access of bf16 logits, two of
+# fp32. The per-chunk layouts need a multiple of CHUNK classes (no chunk
+# straddles two rows).
+CHUNK = tl.constexpr(8)
+
+LOG2E = tl.constexpr(1.4426950408889634)
+# log1p(e) for e in [0, 1] as 2 atanh(t), t = e / (2 + e) in [0, 1/3]:
+# 2 atanh(t) = t * P(t^2), P of degree 4 fitted (Lawson's minimax) to
+# 2 atanh(sqrt(s)) / sqrt(s) on s in [0, 1/9]: relative error 8e-9 in exact
+# arithmetic, 2.4e-7 (2 ulp) evaluated in float32 with a correctly rounded
+# reciprocal; tests/test_math.py checks it with rcp.approx's ulp too.
+LOG1P_P0 = tl.constexpr(2.0)
+LOG1P_P1 = tl.constexpr(0.66666314)
+LOG1P_P2 = tl.constexpr(0.4002491)
+LOG1P_P3 = tl.constexpr(0.27960604)
+LOG1P_P4 = tl.constexpr(0.28178334)
+
+
+def coefficient_layout(coefficient, strides: list[int], sizes: list[int], ndim: int) -> int:
+    """Host side: the COEF_* code for a coefficient (None, or a tensor with its
+    strides over the collapsed sizes d0..d3, NDIM of them used)."""
+    if coefficient is None:
+        return COEF_NONE.value
+    if coefficient.numel() == 1:
+        return COEF_SCALAR.value
+    stepped, wraps = classes_stepped(sizes, ndim)
+    aligned = wraps == 0
+    if not stepped:
+        return COEF_FLAT.value
+    s_rows, s_classes = strides[2], strides[3]
+    if s_classes == 1 and (s_rows % CHUNK.value == 0 if aligned else s_rows == 0):
+        return COEF_CLASSES.value
+    if aligned and s_classes == 0:
+        return COEF_ROWS.value
+    return COEF_STRIDED.value
+
+
+def classes_stepped(sizes: list[int], ndim: int) -> tuple[bool, int]:
+    """Host side: the kernels' (STEP_CLASSES, CHUNK_WRAPS). Indices are
+    stepped per chunk over two collapsed dimensions (rows, d3 classes);
+    CHUNK_WRAPS is how many row ends a chunk can cross: 0 where CHUNK divides
+    d3, else 1 + (CHUNK - 2) // d3 (a chunk starting at class d3 - 1 ends at
+    class d3 - 1 + CHUNK - 1)."""
+    if ndim != 2:
+        return False, 0
+    d3 = sizes[3]
+    return True, 0 if d3 % CHUNK.value == 0 else 1 + (CHUNK.value - 2) // d3
+
+
+def fast_math(compute_dtype: torch.dtype) -> bool:
+    """Host side: the kernels' FAST_MATH: float32 math, compiled (the
+    interpreter cannot run inline PTX; float64 stays exact)."""
+    return compute_dtype == torch.float32 and not interpreting()
+
 
 @triton.jit
 def mul0(a, b):
@@ -21,11 +89,60 @@ def mul0(a, b):
 
 
 @triton.jit
+def ex2_approx(x):
+    """2**x by the SFU (PTX ex2.approx.ftz.f32): relative error <= 2**-22,
+    subnormal results flushed to 0; -inf gives 0, NaN gives NaN."""
+    return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def rcp_approx(x):
+    """1 / x by the SFU (PTX rcp.approx.ftz.f32): error <= 1 ulp."""
+    return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def exp_neg_abs(x, FAST_MATH: tl.constexpr):
+    """exp(-|x|), in (0, 1]: never overflows."""
+    if FAST_MATH:
+        e = ex2_approx(tl.abs(x) * -LOG2E)
+    else:
+        e = tl.exp(-tl.abs(x))
+    return e
+
+
+@triton.jit
+def reciprocal(u, FAST_MATH: tl.constexpr):
+    """1 / u for u in [1, 3]."""
+    if FAST_MATH:
+        r = rcp_approx(u)
+    else:
+        r = 1.0 / u
+    return r
+
+
+@triton.jit
 def log1p_small(e):
     """log(1 + e) for e in [0, 1], accurate where 1 + e rounds (Goldberg's trick:
     the rounding error of u = 1 + e cancels in log(u) / (u - 1))."""
     u = 1.0 + e
     return tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
+
+
+@triton.jit
+def log1p_unit(e, CT: tl.constexpr, FAST_MATH: tl.constexpr):
+    """log(1 + e) for e in [0, 1]. float64: libdevice's log (exact path).
+    float32: 2 atanh(e / (2 + e)) by a polynomial, no log at all; relative
+    error a few ulp, with FAST_MATH's reciprocal too (tests/test_math.py)."""
+    if CT == tl.float64:
+        res = log1p_small(e)
+    else:
+        t = e * reciprocal(2.0 + e, FAST_MATH)
+        s = t * t
+        res = t * (LOG1P_P0 + s * (LOG1P_P1 + s * (LOG1P_P2 + s * (LOG1P_P3 + s * LOG1P_P4))))
+    return res
 
 
 @triton.jit
@@ -51,9 +168,99 @@ def coefficient_offsets(offs, d1, d2, d3, s0, s1, s2, s3, NDIM: tl.constexpr):
 
 
 @triton.jit
-def load_coefficient(ptr, offs, mask, d1, d2, d3, s0, s1, s2, s3, NDIM: tl.constexpr, CT: tl.constexpr):
-    """A broadcast coefficient at `offs`, upcast to the compute dtype (0 where masked)."""
-    return tl.load(ptr + coefficient_offsets(offs, d1, d2, d3, s0, s1, s2, s3, NDIM), mask=mask, other=0).to(CT)
+def stepped_indices(start, step, d3, STEP_CLASSES: tl.constexpr, CHUNK_: tl.constexpr, BLOCK: tl.constexpr):
+    """(row, class) of the first element of each chunk of the block at
+    `start`, over two collapsed dimensions (rows, d3 classes), and the
+    (rows, classes) one grid stride `step` spans: divisions once per program,
+    which `step_rows_classes` then avoids. Zeros (unused) unless STEP_CLASSES."""
+    if STEP_CLASSES:
+        first = start + tl.arange(0, BLOCK // CHUNK_) * CHUNK_
+        row, col = first // d3, first % d3
+        d_row, d_col = step // d3, step % d3
+    else:
+        row = tl.zeros([BLOCK // CHUNK_], tl.int32)
+        col = tl.zeros([BLOCK // CHUNK_], tl.int32)
+        d_row, d_col = 0, 0
+    return row, col, d_row, d_col
+
+
+@triton.jit
+def step_rows_classes(row, col, d_row, d_col, d3):
+    """(row, class) of each chunk one grid stride on, d_row = step // d3 and
+    d_col = step % d3: a compare and two adds per chunk, no division."""
+    col = col + d_col
+    wrap = col >= d3
+    return row + d_row + wrap.to(row.dtype), tl.where(wrap, col - d3, col)
+
+
+@triton.jit
+def element_rows_classes(row, col, d3, CHUNK_WRAPS: tl.constexpr, CHUNK_: tl.constexpr):
+    """(row, class) of every element of each chunk, from the chunk's first:
+    class + j, carried past the row end at most CHUNK_WRAPS times (a compare
+    and two adds each, no division)."""
+    col_j = col[:, None] + tl.arange(0, CHUNK_)[None, :]
+    row_j = row[:, None] + tl.zeros_like(col_j)
+    for _ in tl.static_range(CHUNK_WRAPS):
+        wrap = col_j >= d3
+        col_j = tl.where(wrap, col_j - d3, col_j)
+        row_j = row_j + wrap.to(row_j.dtype)
+    return row_j, col_j
+
+
+@triton.jit
+def load_coefficient(ptr, scalar, offs, mask, row, col, d1, d2, d3, s0, s1, s2, s3,
+                     LAYOUT: tl.constexpr, NDIM: tl.constexpr, CHUNK_WRAPS: tl.constexpr, MASKED: tl.constexpr,
+                     CT: tl.constexpr, CHUNK_: tl.constexpr):
+    """A coefficient at the block's elements (flat offsets offs, [BLOCK // CHUNK_, CHUNK_];
+    only COEF_FLAT reads them, so the others cost nothing for them),
+    upcast to the compute dtype, 0 where masked; 1.0 when absent. row, col:
+    each chunk's (row, class) where LAYOUT steps them; scalar: the value of a
+    one-element coefficient."""
+    if LAYOUT == COEF_NONE:
+        res = tl.full(offs.shape, 1.0, CT)
+    elif LAYOUT == COEF_SCALAR:
+        res = tl.full(offs.shape, 1.0, CT) * scalar
+    elif LAYOUT == COEF_FLAT:
+        coef_offs = coefficient_offsets(offs, d1, d2, d3, s0, s1, s2, s3, NDIM)
+        res = tl.load(ptr + coef_offs, mask=mask, other=0).to(CT)
+    elif LAYOUT == COEF_CLASSES:
+        if CHUNK_WRAPS == 0:
+            # Classes contiguous, each chunk within one row and CHUNK-aligned
+            # (the host checked d3 and the row stride): vector loads.
+            base = tl.multiple_of(row * s2 + col, CHUNK_)
+            res = tl.load(ptr + base[:, None] + tl.arange(0, CHUNK_)[None, :], mask=mask, other=0).to(CT)
+        else:
+            # One vector over the classes (row stride 0): a chunk running
+            # past the last class goes on from the first.
+            _, col_j = element_rows_classes(row, col, d3, CHUNK_WRAPS, CHUNK_)
+            res = tl.load(ptr + col_j, mask=mask, other=0).to(CT)
+    elif LAYOUT == COEF_ROWS:
+        # Constant along classes: one value per chunk, broadcast. (Chunks of
+        # the tail block past the last row read the last row, then masked.)
+        if MASKED:
+            row = tl.minimum(row, d2 - 1)
+        base = row * s2
+        res = tl.load(ptr + base)[:, None].to(CT) * tl.full(offs.shape, 1.0, CT)
+    else:
+        if CHUNK_WRAPS == 0:
+            coef_offs = (row * s2 + col * s3)[:, None] + tl.arange(0, CHUNK_)[None, :] * s3
+        else:
+            row_j, col_j = element_rows_classes(row, col, d3, CHUNK_WRAPS, CHUNK_)
+            coef_offs = row_j * s2 + col_j * s3
+        res = tl.load(ptr + coef_offs, mask=mask, other=0).to(CT)
+    if MASKED:
+        res = tl.where(mask, res, 0.0)
+    return res
+
+
+@triton.jit
+def load_scalar(ptr, LAYOUT: tl.constexpr, CT: tl.constexpr):
+    """A one-element coefficient's value (1.0 for any other layout: unused)."""
+    if LAYOUT == COEF_SCALAR:
+        res = tl.load(ptr).to(CT)
+    else:
+        res = tl.full([], 1.0, CT)
+    return res
 
 
 @triton.jit
@@ -65,32 +272,39 @@ def smoothing(smoothing_ptr, CT: tl.constexpr):
 
 
 @triton.jit
-def loss_and_grads(x, z, p, HAS_POS_WEIGHT: tl.constexpr):
+def loss_and_grads(x, z, p, HAS_POS_WEIGHT: tl.constexpr, CT: tl.constexpr, FAST_MATH: tl.constexpr):
     """Elementwise loss l, dl/dx and dl/dz' (z' the smoothed label, p pos_weight).
 
     stable loss: l = (1 - z') relu(x) + p z' relu(-x) + q log1p(exp(-|x|)), q = 1 + (p - 1) z'
     (p = 1: max(x, 0) - x z' + log1p(exp(-|x|)))
     dl/dx  = (1 - z') sigmoid(x) - p z' sigmoid(-x)
     dl/dz' = -relu(x) + p relu(-x) + (p - 1) log1p(exp(-|x|))
+
+    Written with one select per term: relu(x) and relu(-x) are x and 0 or 0
+    and -x, so the relu terms are c x, c = 1 - z' (x >= 0) or -p z' (x < 0),
+    and a zero c masks x = +-inf (0 * inf would be NaN); with e = exp(-|x|)
+    and r = 1 / (1 + e), sigmoid(x) is r or e r, so
+    dl/dx = r ((1 - z') - p z' e) for x >= 0, r ((1 - z') e - p z') for x < 0.
     """
     # One exp serves both sigmoids and the log term: e = exp(-|x|) never overflows.
-    e = tl.exp(-tl.abs(x))
-    r = 1.0 / (1.0 + e)
+    e = exp_neg_abs(x, FAST_MATH)
+    r = reciprocal(1.0 + e, FAST_MATH)
+    log_term = log1p_unit(e, CT, FAST_MATH)
     pos = x >= 0
-    sig_x = tl.where(pos, r, e * r)
-    sig_neg_x = tl.where(pos, e * r, r)
-    log_term = log1p_small(e)
-    relu_x = tl.where(pos, x, 0.0)
-    relu_neg_x = tl.where(pos, 0.0, -x)
+    one_minus_z = 1.0 - z
     if HAS_POS_WEIGHT:
         pz = p * z
-        loss = mul0(1.0 - z, relu_x) + mul0(pz, relu_neg_x) + (1.0 + (p - 1.0) * z) * log_term
-        d_logits = (1.0 - z) * sig_x - pz * sig_neg_x
-        d_labels = mul0(p, relu_neg_x) - relu_x + (p - 1.0) * log_term
+        q_log = (1.0 + (p - 1.0) * z) * log_term
+        # dl/dz': -x or -p x (a zero p masks x = -inf), plus (p - 1) log1p(e).
+        k = tl.where(pos, 1.0, p)
+        d_labels = tl.where(k == 0, 0.0, -(k * x)) + (p - 1.0) * log_term
     else:
-        loss = mul0(1.0 - z, relu_x) + mul0(z, relu_neg_x) + log_term
-        d_logits = (1.0 - z) * sig_x - z * sig_neg_x
-        d_labels = relu_neg_x - relu_x
+        pz = z
+        q_log = log_term
+        d_labels = -x
+    c = tl.where(pos, one_minus_z, -pz)
+    loss = tl.where(c == 0, q_log, c * x + q_log)
+    d_logits = r * tl.where(pos, one_minus_z - pz * e, one_minus_z * e - pz)
     return loss, d_logits, d_labels
 
 
@@ -120,41 +334,54 @@ def block_mask(offs, n_elements, MASKED: tl.constexpr, BLOCK: tl.constexpr):
     if MASKED:
         mask = offs < n_elements
     else:
-        mask = tl.full([BLOCK], 1, tl.int1)
+        mask = tl.full(offs.shape, 1, tl.int1)
     return mask
 
 
 @triton.jit
-def load_block(
-    start, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, n_elements, d1, d2, d3,
-    stride_w_0, stride_w_1, stride_w_2, stride_w_3, stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
-    s,
-    HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr, NDIM: tl.constexpr,
-    MASKED: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """Offsets, mask and inputs of the block at `start`, upcast to the compute
-    dtype: x, the smoothed label z' = z (1 - s) + 0.5 s, the weight w and
-    pos_weight p (1.0 when absent; 0 where masked)."""
-    offs = start + tl.arange(0, BLOCK)
-    mask = block_mask(offs, n_elements, MASKED, BLOCK)
-    x = tl.load(logits_ptr + offs, mask=mask, other=0).to(CT)
-    z = tl.load(labels_ptr + offs, mask=mask, other=0).to(CT)
-    z = z * (1.0 - s) + 0.5 * s
-    w = 1.0
-    if HAS_WEIGHT:
-        w = load_coefficient(weight_ptr, offs, mask, d1, d2, d3, stride_w_0, stride_w_1, stride_w_2, stride_w_3,
-                             NDIM, CT)
-    p = 1.0
-    if HAS_POS_WEIGHT:
-        p = load_coefficient(pos_weight_ptr, offs, mask, d1, d2, d3,
-                             stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, NDIM, CT)
-    return offs, mask, x, z, w, p
+def block_lanes(CHUNK_: tl.constexpr, BLOCK: tl.constexpr):
+    """Offsets within a block, int32, as [BLOCK // CHUNK_, CHUNK_]: chunks of
+    CHUNK_ consecutive elements (one chunk of BLOCK where no coefficient is
+    stepped per chunk, the plain 1-D block). Pointers are formed as
+    ptr + start + lanes: one scalar (maybe int64) add per block, int32 lanes."""
+    return tl.arange(0, BLOCK // CHUNK_)[:, None] * CHUNK_ + tl.arange(0, CHUNK_)[None, :]
 
 
 @triton.jit
-def weighted_loss_and_grads(x, z, w, p, HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr):
+def load_block(
+    start, row, col, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, w_scalar, pw_scalar,
+    n_elements, d1, d2, d3,
+    stride_w_0, stride_w_1, stride_w_2, stride_w_3, stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
+    s,
+    W_LAYOUT: tl.constexpr, PW_LAYOUT: tl.constexpr, NDIM: tl.constexpr, CHUNK_WRAPS: tl.constexpr,
+    MASKED: tl.constexpr, CT: tl.constexpr, CHUNK_: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Lanes (block_lanes), mask and inputs of the block at `start`, upcast
+    to the compute dtype: x, the smoothed label z' = z (1 - s) + 0.5 s, the
+    weight w and pos_weight p (1.0 when absent; 0 where masked)."""
+    lanes = block_lanes(CHUNK_, BLOCK)
+    if MASKED:
+        # The tail: fewer than BLOCK elements remain, an int32 count.
+        mask = block_mask(lanes, (n_elements - start).to(tl.int32), MASKED, BLOCK)
+    else:
+        mask = block_mask(lanes, n_elements, MASKED, BLOCK)
+    x = tl.load(logits_ptr + start + lanes, mask=mask, other=0).to(CT)
+    z = tl.load(labels_ptr + start + lanes, mask=mask, other=0).to(CT)
+    z = z * (1.0 - s) + 0.5 * s
+    w = load_coefficient(weight_ptr, w_scalar, start + lanes, mask, row, col, d1, d2, d3,
+                         stride_w_0, stride_w_1, stride_w_2, stride_w_3, W_LAYOUT, NDIM, CHUNK_WRAPS, MASKED, CT,
+                         CHUNK_)
+    p = load_coefficient(pos_weight_ptr, pw_scalar, start + lanes, mask, row, col, d1, d2, d3,
+                         stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, PW_LAYOUT, NDIM, CHUNK_WRAPS, MASKED, CT,
+                         CHUNK_)
+    return lanes, mask, x, z, w, p
+
+
+@triton.jit
+def weighted_loss_and_grads(x, z, w, p, HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr,
+                            CT: tl.constexpr, FAST_MATH: tl.constexpr):
     """`loss_and_grads` times the weight; a zero weight masks all three."""
-    loss, d_logits, d_labels = loss_and_grads(x, z, p, HAS_POS_WEIGHT)
+    loss, d_logits, d_labels = loss_and_grads(x, z, p, HAS_POS_WEIGHT, CT, FAST_MATH)
     if HAS_WEIGHT:
         loss = mul0(w, loss)
         d_logits = mul0(w, d_logits)
@@ -163,11 +390,24 @@ def weighted_loss_and_grads(x, z, w, p, HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT
 
 
 @triton.jit
+def total_of(acc):
+    """The sum of a [rows, chunk] block of running sums, in a fixed order."""
+    return tl.sum(tl.sum(acc, axis=1), axis=0)
+
+
+@triton.jit
 def divide(numerator, denom, REDUCTION: tl.constexpr):
     """numerator / denom as the reduction divides: TF's "no NaN" (a zero
-    denominator gives 0), or plainly for PyTorch's mean."""
-    if REDUCTION == TORCH_MEAN:
-        res = numerator / denom
+    denominator gives 0), or plainly for PyTorch's mean. Correctly rounded
+    (as torch's sum / numel) and once per launch: float32 by div.rn, not the
+    approximate `/`, which the compiler would share with any other `/` by the
+    same denominator, keeping its scaling predicate live across the loop."""
+    if numerator.dtype == tl.float64:
+        quotient = numerator / denom
     else:
-        res = tl.where(denom == 0, 0.0, numerator / denom)
+        quotient = tl.math.div_rn(numerator, denom)
+    if REDUCTION == TORCH_MEAN:
+        res = quotient
+    else:
+        res = tl.where(denom == 0, 0.0, quotient)
     return res

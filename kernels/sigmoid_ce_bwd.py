@@ -10,34 +10,52 @@ from fused_sigxent import _reduction as R
 
 from . import _layout
 from ._configs import numel_class, tuned
-from ._math import NONE, divide, grid_stride, load_block, smoothing, weighted_loss_and_grads
+from ._math import (
+    CHUNK,
+    COEF_NONE,
+    NONE,
+    classes_stepped,
+    coefficient_layout,
+    divide,
+    fast_math,
+    grid_stride,
+    load_block,
+    load_scalar,
+    smoothing,
+    step_rows_classes,
+    stepped_indices,
+    weighted_loss_and_grads,
+)
 
 
 @triton.jit
 def _bwd_block(
-    start, grad_ptr, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, grad_logits_ptr, grad_labels_ptr,
-    n_elements, d1, d2, d3, stride_w_0, stride_w_1, stride_w_2, stride_w_3,
+    start, row, col, grad_ptr, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, w_scalar, pw_scalar,
+    grad_logits_ptr, grad_labels_ptr, n_elements, d1, d2, d3, stride_w_0, stride_w_1, stride_w_2, stride_w_3,
     stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, s, one_minus_s, scale,
-    REDUCTION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr, NDIM: tl.constexpr,
-    NEED_GRAD_LOGITS: tl.constexpr, NEED_GRAD_LABELS: tl.constexpr,
-    MASKED: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr,
+    REDUCTION: tl.constexpr, W_LAYOUT: tl.constexpr, PW_LAYOUT: tl.constexpr, NDIM: tl.constexpr,
+    CHUNK_WRAPS: tl.constexpr, NEED_GRAD_LOGITS: tl.constexpr, NEED_GRAD_LABELS: tl.constexpr,
+    MASKED: tl.constexpr, CT: tl.constexpr, FAST_MATH: tl.constexpr, CHUNK_: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Gradients of one block of BLOCK elements from `start`. MASKED only for
     the ragged tail; `scale` is the incoming gradient over the denominator
-    (unused for NONE, whose incoming gradient is read per element)."""
-    offs, mask, x, z, w, p = load_block(
-        start, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, n_elements, d1, d2, d3,
+    (unused for NONE, whose incoming gradient is read per element); row,
+    col: each CHUNK_-element chunk's (row, class) where STEP_CLASSES."""
+    lanes, mask, x, z, w, p = load_block(
+        start, row, col, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, w_scalar, pw_scalar,
+        n_elements, d1, d2, d3,
         stride_w_0, stride_w_1, stride_w_2, stride_w_3, stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
-        s, HAS_WEIGHT, HAS_POS_WEIGHT, NDIM, MASKED, CT, BLOCK)
-    _, d_logits, d_labels = weighted_loss_and_grads(x, z, w, p, HAS_WEIGHT, HAS_POS_WEIGHT)
+        s, W_LAYOUT, PW_LAYOUT, NDIM, CHUNK_WRAPS, MASKED, CT, CHUNK_, BLOCK)
+    _, d_logits, d_labels = weighted_loss_and_grads(
+        x, z, w, p, W_LAYOUT != COEF_NONE, PW_LAYOUT != COEF_NONE, CT, FAST_MATH)
     if REDUCTION == NONE:
-        scale = tl.load(grad_ptr + offs, mask=mask, other=0).to(CT)
+        scale = tl.load(grad_ptr + start + lanes, mask=mask, other=0).to(CT)
     # Chain rule: times the incoming gradient (over the denominator).
     if NEED_GRAD_LOGITS:
-        tl.store(grad_logits_ptr + offs, (d_logits * scale).to(grad_logits_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_logits_ptr + start + lanes, (d_logits * scale).to(grad_logits_ptr.dtype.element_ty), mask=mask)
     if NEED_GRAD_LABELS:
-        d_labels = d_labels * one_minus_s * scale
-        tl.store(grad_labels_ptr + offs, d_labels.to(grad_labels_ptr.dtype.element_ty), mask=mask)
+        d_labels = d_labels * (one_minus_s * scale)
+        tl.store(grad_labels_ptr + start + lanes, d_labels.to(grad_labels_ptr.dtype.element_ty), mask=mask)
 
 
 @tuned("sigmoid_ce_bwd")
@@ -48,39 +66,52 @@ def _sigmoid_ce_bwd_kernel(
     n_elements, numel_class, d1, d2, d3,
     stride_w_0, stride_w_1, stride_w_2, stride_w_3,
     stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
-    REDUCTION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr, NDIM: tl.constexpr,
+    REDUCTION: tl.constexpr, W_LAYOUT: tl.constexpr, PW_LAYOUT: tl.constexpr, NDIM: tl.constexpr,
+    STEP_CLASSES: tl.constexpr, CHUNK_WRAPS: tl.constexpr,
     NEED_GRAD_LOGITS: tl.constexpr, NEED_GRAD_LABELS: tl.constexpr,
-    INT64: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr,
+    INT64: tl.constexpr, CT: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Persistent grid; each program strides over blocks of BLOCK elements.
 
     grad_ptr: the incoming gradient, [] for a reduced loss, [n_elements]
       (contiguous) for REDUCTION == NONE. denom_ptr: [] the forward's denominator.
     logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, smoothing_ptr, d1..d3,
-      strides: as in _sigmoid_ce_fwd_kernel.
+      strides, W_LAYOUT, PW_LAYOUT, STEP_CLASSES, CHUNK_WRAPS, FAST_MATH: as in
+      _sigmoid_ce_fwd_kernel.
     grad_logits_ptr, grad_labels_ptr: [n_elements] outputs, written when NEED_GRAD_*.
     numel_class: the autotune key only.
     """
     first, step, n_full, owns_tail = grid_stride(n_elements, INT64, BLOCK)
+    CHUNK_: tl.constexpr = CHUNK if STEP_CLASSES else BLOCK
     s = smoothing(smoothing_ptr, CT)
     one_minus_s = 1.0 - s
+    w_scalar = load_scalar(weight_ptr, W_LAYOUT, CT)
+    pw_scalar = load_scalar(pos_weight_ptr, PW_LAYOUT, CT)
     if REDUCTION != NONE:
         scale = divide(tl.load(grad_ptr).to(CT), tl.load(denom_ptr).to(CT), REDUCTION)
     else:
         scale = 1.0  # unused: NONE reads its incoming gradient per element
-    # Whole blocks unmasked (16-byte vectors); the ragged tail block masked.
+    # The ragged tail block first, masked, by the program whose turn it would
+    # be, in quarter blocks (fewer predicates live at a time: no spills); then
+    # whole blocks unmasked, so loads and stores stay 16-byte vectors.
+    TAIL_BLOCK: tl.constexpr = BLOCK // 4
+    TAIL_CHUNK: tl.constexpr = CHUNK if STEP_CLASSES else TAIL_BLOCK
+    for t in range(tl.where(owns_tail, n_full, n_elements), n_elements, TAIL_BLOCK):
+        t_row, t_col, _, _ = stepped_indices(t, step, d3, STEP_CLASSES, TAIL_CHUNK, TAIL_BLOCK)
+        _bwd_block(t, t_row, t_col, grad_ptr, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr,
+                   w_scalar, pw_scalar, grad_logits_ptr, grad_labels_ptr, n_elements, d1, d2, d3,
+                   stride_w_0, stride_w_1, stride_w_2, stride_w_3, stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
+                   s, one_minus_s, scale, REDUCTION, W_LAYOUT, PW_LAYOUT, NDIM, CHUNK_WRAPS,
+                   NEED_GRAD_LOGITS, NEED_GRAD_LABELS, True, CT, FAST_MATH, TAIL_CHUNK, TAIL_BLOCK)
+    row, col, d_row, d_col = stepped_indices(first, step, d3, STEP_CLASSES, CHUNK_, BLOCK)
     for start in range(first, n_full, step):
-        _bwd_block(start, grad_ptr, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr,
-                   grad_logits_ptr, grad_labels_ptr, n_elements, d1, d2, d3,
+        _bwd_block(start, row, col, grad_ptr, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr,
+                   w_scalar, pw_scalar, grad_logits_ptr, grad_labels_ptr, n_elements, d1, d2, d3,
                    stride_w_0, stride_w_1, stride_w_2, stride_w_3, stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
-                   s, one_minus_s, scale, REDUCTION, HAS_WEIGHT, HAS_POS_WEIGHT, NDIM,
-                   NEED_GRAD_LOGITS, NEED_GRAD_LABELS, False, CT, BLOCK)
-    if owns_tail:
-        _bwd_block(n_full, grad_ptr, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr,
-                   grad_logits_ptr, grad_labels_ptr, n_elements, d1, d2, d3,
-                   stride_w_0, stride_w_1, stride_w_2, stride_w_3, stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
-                   s, one_minus_s, scale, REDUCTION, HAS_WEIGHT, HAS_POS_WEIGHT, NDIM,
-                   NEED_GRAD_LOGITS, NEED_GRAD_LABELS, True, CT, BLOCK)
+                   s, one_minus_s, scale, REDUCTION, W_LAYOUT, PW_LAYOUT, NDIM, CHUNK_WRAPS,
+                   NEED_GRAD_LOGITS, NEED_GRAD_LABELS, False, CT, FAST_MATH, CHUNK_, BLOCK)
+        if STEP_CLASSES:
+            row, col = step_rows_classes(row, col, d_row, d_col, d3)
 
 
 def sigmoid_ce_bwd(
@@ -105,6 +136,8 @@ def sigmoid_ce_bwd(
     n = x.numel()
     ct = compute_dtype(logits.dtype)
     sizes, (w, pw), (stride_w, stride_pw) = _layout.collapse(x.shape, [weight, pos_weight])
+    nd = _layout.ndim(sizes)
+    step_classes, chunk_wraps = classes_stepped(sizes, nd)
     grad_logits = torch.empty(x.shape if need_grad_logits else (0,), dtype=logits.dtype, device=device)
     grad_labels = torch.empty(x.shape if need_grad_labels else (0,), dtype=labels.dtype, device=device)
     if n == 0 or not (need_grad_logits or need_grad_labels):
@@ -115,8 +148,11 @@ def sigmoid_ce_bwd(
         grad_logits if need_grad_logits else x, grad_labels if need_grad_labels else x,
         n, numel_class("sigmoid_ce_bwd", n), sizes[1], sizes[2], sizes[3],
         *stride_w, *stride_pw,
-        REDUCTION=reduction, HAS_WEIGHT=w is not None, HAS_POS_WEIGHT=pw is not None, NDIM=_layout.ndim(sizes),
+        REDUCTION=reduction, W_LAYOUT=coefficient_layout(w, stride_w, sizes, nd),
+        PW_LAYOUT=coefficient_layout(pw, stride_pw, sizes, nd), NDIM=nd,
+        STEP_CLASSES=step_classes, CHUNK_WRAPS=chunk_wraps,
         NEED_GRAD_LOGITS=need_grad_logits, NEED_GRAD_LABELS=need_grad_labels,
         INT64=n >= _layout.INT32_LIMIT, CT=tl.float64 if ct == torch.float64 else tl.float32,
+        FAST_MATH=fast_math(ct),
     )
     return grad_logits, grad_labels

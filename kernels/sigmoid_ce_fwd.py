@@ -11,52 +11,67 @@ from fused_sigxent import _reduction as R
 from . import _layout
 from ._configs import numel_class, tuned
 from ._math import (
+    CHUNK,
+    COEF_NONE,
+    COEF_SCALAR,
     MEAN_BY_NONZERO,
     MEAN_BY_WEIGHTS,
     NONE,
     SUM,
+    classes_stepped,
+    coefficient_layout,
     divide,
+    fast_math,
     grid_stride,
     load_block,
+    load_scalar,
     smoothing,
+    step_rows_classes,
+    stepped_indices,
+    total_of,
     weighted_loss_and_grads,
 )
 
 
 @triton.jit
 def _fwd_block(
-    start, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, loss_ptr, grad_logits_ptr, grad_labels_ptr,
+    start, row, col, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, w_scalar, pw_scalar,
+    loss_ptr, grad_logits_ptr, grad_labels_ptr,
     n_elements, d1, d2, d3, stride_w_0, stride_w_1, stride_w_2, stride_w_3,
     stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, s, one_minus_s, grad_scale,
     acc_loss, acc_weight, acc_nonzero,
-    REDUCTION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr, COUNT_WEIGHTS: tl.constexpr,
-    NDIM: tl.constexpr, WRITE_GRAD_LOGITS: tl.constexpr, WRITE_GRAD_LABELS: tl.constexpr,
-    MASKED: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr,
+    REDUCTION: tl.constexpr, W_LAYOUT: tl.constexpr, PW_LAYOUT: tl.constexpr, COUNT_WEIGHTS: tl.constexpr,
+    NDIM: tl.constexpr, CHUNK_WRAPS: tl.constexpr, WRITE_GRAD_LOGITS: tl.constexpr, WRITE_GRAD_LABELS: tl.constexpr,
+    MASKED: tl.constexpr, CT: tl.constexpr, FAST_MATH: tl.constexpr, CHUNK_: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One block of BLOCK elements from `start`: stores what the forward writes
-    and returns the running sums. MASKED only for the ragged tail block."""
-    offs, mask, x, z, w, p = load_block(
-        start, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, n_elements, d1, d2, d3,
+    and returns the running sums. MASKED only for the ragged tail block; row,
+    col: each CHUNK_-element chunk's (row, class) where STEP_CLASSES."""
+    lanes, mask, x, z, w, p = load_block(
+        start, row, col, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, w_scalar, pw_scalar,
+        n_elements, d1, d2, d3,
         stride_w_0, stride_w_1, stride_w_2, stride_w_3, stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
-        s, HAS_WEIGHT, HAS_POS_WEIGHT, NDIM, MASKED, CT, BLOCK)
+        s, W_LAYOUT, PW_LAYOUT, NDIM, CHUNK_WRAPS, MASKED, CT, CHUNK_, BLOCK)
     # Loss and gradients (stable forms in _math.loss_and_grads).
-    loss, d_logits, d_labels = weighted_loss_and_grads(x, z, w, p, HAS_WEIGHT, HAS_POS_WEIGHT)
+    loss, d_logits, d_labels = weighted_loss_and_grads(
+        x, z, w, p, W_LAYOUT != COEF_NONE, PW_LAYOUT != COEF_NONE, CT, FAST_MATH)
     if COUNT_WEIGHTS:
         # Masked weights load as 0: they add nothing to either sum.
         acc_weight += w
         acc_nonzero += (w != 0).to(CT)
     # Elementwise loss out, or into this program's running sum.
     if REDUCTION == NONE:
-        tl.store(loss_ptr + offs, loss.to(loss_ptr.dtype.element_ty), mask=mask)
+        tl.store(loss_ptr + start + lanes, loss.to(loss_ptr.dtype.element_ty), mask=mask)
     else:
         if MASKED:
             loss = tl.where(mask, loss, 0.0)
         acc_loss += loss
     if WRITE_GRAD_LOGITS:
-        tl.store(grad_logits_ptr + offs, (d_logits * grad_scale).to(grad_logits_ptr.dtype.element_ty), mask=mask)
+        d_logits = d_logits * grad_scale
+        tl.store(grad_logits_ptr + start + lanes, d_logits.to(grad_logits_ptr.dtype.element_ty), mask=mask)
     if WRITE_GRAD_LABELS:
-        d_labels = d_labels * one_minus_s * grad_scale
-        tl.store(grad_labels_ptr + offs, d_labels.to(grad_labels_ptr.dtype.element_ty), mask=mask)
+        d_labels = d_labels * (one_minus_s * grad_scale)
+        tl.store(grad_labels_ptr + start + lanes, d_labels.to(grad_labels_ptr.dtype.element_ty), mask=mask)
     return acc_loss, acc_weight, acc_nonzero
 
 
@@ -68,17 +83,19 @@ def _sigmoid_ce_fwd_kernel(
     n_elements, numel_class, d1, d2, d3,
     stride_w_0, stride_w_1, stride_w_2, stride_w_3,
     stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
-    REDUCTION: tl.constexpr, HAS_WEIGHT: tl.constexpr, SCALAR_WEIGHT: tl.constexpr,
-    HAS_POS_WEIGHT: tl.constexpr, NDIM: tl.constexpr,
+    REDUCTION: tl.constexpr, W_LAYOUT: tl.constexpr, PW_LAYOUT: tl.constexpr, NDIM: tl.constexpr,
+    STEP_CLASSES: tl.constexpr, CHUNK_WRAPS: tl.constexpr,
     WRITE_GRAD_LOGITS: tl.constexpr, WRITE_GRAD_LABELS: tl.constexpr,
-    INT64: tl.constexpr, MAX_PROGRAMS: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr,
+    INT64: tl.constexpr, MAX_PROGRAMS: tl.constexpr, CT: tl.constexpr, FAST_MATH: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Persistent grid; each program strides over blocks of BLOCK elements.
 
     logits_ptr, labels_ptr: [n_elements] contiguous (labels of any floating
       dtype, or uint8). weight_ptr, pos_weight_ptr: broadcast coefficients read
       through strides stride_w_*, stride_pw_* over the collapsed logits shape
-      (d0, d1, d2, d3), NDIM of them used (kernels/_layout.py).
+      (d0, d1, d2, d3), NDIM of them used (kernels/_layout.py), as W_LAYOUT and
+      PW_LAYOUT say (_math.COEF_*; COEF_NONE: absent).
     smoothing_ptr: [] the label smoothing, in CT.
     loss_ptr: [n_elements] for REDUCTION == NONE, else [] (the reduced loss).
     denom_ptr: [] the denominator, in CT. grad_logits_ptr, grad_labels_ptr:
@@ -87,45 +104,69 @@ def _sigmoid_ce_fwd_kernel(
     partials_ptr: [3, MAX_PROGRAMS] per-program sums (loss, weight, nonzero
       weights); ticket_ptr: [1] int32 arrival counter, 0 on entry and on exit.
     numel_class: the autotune key only.
-    REDUCTION: an op reduction code; SCALAR_WEIGHT: the weight has one element.
+    REDUCTION: an op reduction code. STEP_CLASSES: each _math.CHUNK-element
+      chunk's (row, class) index over (d2, d3) is stepped along the grid
+      stride, no division per element; CHUNK_WRAPS: how many row ends a chunk
+      can cross (0: CHUNK divides d3). FAST_MATH: the SFU's approximate exp2
+      and reciprocal (float32, compiled: not under the interpreter).
     """
     first, step, n_full, owns_tail = grid_stride(n_elements, INT64, BLOCK)
+    HAS_WEIGHT: tl.constexpr = W_LAYOUT != COEF_NONE
+    SCALAR_WEIGHT: tl.constexpr = W_LAYOUT == COEF_SCALAR
     COUNT_WEIGHTS: tl.constexpr = HAS_WEIGHT and not SCALAR_WEIGHT and (
         REDUCTION == MEAN_BY_WEIGHTS or REDUCTION == MEAN_BY_NONZERO)
+    # Chunks of CHUNK consecutive elements where coefficients are stepped over
+    # (rows, classes); else the block is one chunk (a plain 1-D block).
+    CHUNK_: tl.constexpr = CHUNK if STEP_CLASSES else BLOCK
     s = smoothing(smoothing_ptr, CT)
     one_minus_s = 1.0 - s
+    w_scalar = load_scalar(weight_ptr, W_LAYOUT, CT)
+    pw_scalar = load_scalar(pos_weight_ptr, PW_LAYOUT, CT)
 
     # The denominator, where no pass over a weight tensor is needed to know it.
     n_float = n_elements.to(CT)
     if REDUCTION == SUM:
         static_denom = tl.full([], 1.0, CT)
-    elif HAS_WEIGHT and SCALAR_WEIGHT and REDUCTION == MEAN_BY_WEIGHTS:
-        static_denom = tl.load(weight_ptr).to(CT) * n_float
-    elif HAS_WEIGHT and SCALAR_WEIGHT and REDUCTION == MEAN_BY_NONZERO:
-        static_denom = tl.where(tl.load(weight_ptr) != 0, n_float, 0.0)
+    elif SCALAR_WEIGHT and REDUCTION == MEAN_BY_WEIGHTS:
+        static_denom = w_scalar * n_float
+    elif SCALAR_WEIGHT and REDUCTION == MEAN_BY_NONZERO:
+        static_denom = tl.where(w_scalar != 0, n_float, 0.0)
     else:
         static_denom = n_float
     grad_scale = divide(tl.full([], 1.0, CT), static_denom, REDUCTION)
 
-    acc_loss = tl.zeros([BLOCK], CT)
-    acc_weight = tl.zeros([BLOCK], CT)
-    acc_nonzero = tl.zeros([BLOCK], CT)
-    # Whole blocks unmasked, so loads and stores stay 16-byte vectors; the
-    # ragged tail block, masked, by the program whose turn it is.
+    # The ragged tail block first, masked, by the program whose turn it would
+    # be, in quarter blocks (a masked access holds a predicate per element:
+    # fewer at a time, no spills), with running sums of its own. Then whole
+    # blocks unmasked, so loads and stores stay 16-byte vectors.
+    TAIL_BLOCK: tl.constexpr = BLOCK // 4
+    TAIL_CHUNK: tl.constexpr = CHUNK if STEP_CLASSES else TAIL_BLOCK
+    tail_loss = tl.zeros([TAIL_BLOCK // TAIL_CHUNK, TAIL_CHUNK], CT)
+    tail_weight = tl.zeros([TAIL_BLOCK // TAIL_CHUNK, TAIL_CHUNK], CT)
+    tail_nonzero = tl.zeros([TAIL_BLOCK // TAIL_CHUNK, TAIL_CHUNK], CT)
+    for t in range(tl.where(owns_tail, n_full, n_elements), n_elements, TAIL_BLOCK):
+        t_row, t_col, _, _ = stepped_indices(t, step, d3, STEP_CLASSES, TAIL_CHUNK, TAIL_BLOCK)
+        tail_loss, tail_weight, tail_nonzero = _fwd_block(
+            t, t_row, t_col, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, w_scalar, pw_scalar,
+            loss_ptr, grad_logits_ptr, grad_labels_ptr,
+            n_elements, d1, d2, d3, stride_w_0, stride_w_1, stride_w_2, stride_w_3,
+            stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, s, one_minus_s, grad_scale,
+            tail_loss, tail_weight, tail_nonzero, REDUCTION, W_LAYOUT, PW_LAYOUT, COUNT_WEIGHTS, NDIM, CHUNK_WRAPS,
+            WRITE_GRAD_LOGITS, WRITE_GRAD_LABELS, True, CT, FAST_MATH, TAIL_CHUNK, TAIL_BLOCK)
+    acc_loss = tl.zeros([BLOCK // CHUNK_, CHUNK_], CT)
+    acc_weight = tl.zeros([BLOCK // CHUNK_, CHUNK_], CT)
+    acc_nonzero = tl.zeros([BLOCK // CHUNK_, CHUNK_], CT)
+    row, col, d_row, d_col = stepped_indices(first, step, d3, STEP_CLASSES, CHUNK_, BLOCK)
     for start in range(first, n_full, step):
         acc_loss, acc_weight, acc_nonzero = _fwd_block(
-            start, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, loss_ptr, grad_logits_ptr, grad_labels_ptr,
+            start, row, col, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, w_scalar, pw_scalar,
+            loss_ptr, grad_logits_ptr, grad_labels_ptr,
             n_elements, d1, d2, d3, stride_w_0, stride_w_1, stride_w_2, stride_w_3,
             stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, s, one_minus_s, grad_scale,
-            acc_loss, acc_weight, acc_nonzero, REDUCTION, HAS_WEIGHT, HAS_POS_WEIGHT, COUNT_WEIGHTS, NDIM,
-            WRITE_GRAD_LOGITS, WRITE_GRAD_LABELS, False, CT, BLOCK)
-    if owns_tail:
-        acc_loss, acc_weight, acc_nonzero = _fwd_block(
-            n_full, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, loss_ptr, grad_logits_ptr, grad_labels_ptr,
-            n_elements, d1, d2, d3, stride_w_0, stride_w_1, stride_w_2, stride_w_3,
-            stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, s, one_minus_s, grad_scale,
-            acc_loss, acc_weight, acc_nonzero, REDUCTION, HAS_WEIGHT, HAS_POS_WEIGHT, COUNT_WEIGHTS, NDIM,
-            WRITE_GRAD_LOGITS, WRITE_GRAD_LABELS, True, CT, BLOCK)
+            acc_loss, acc_weight, acc_nonzero, REDUCTION, W_LAYOUT, PW_LAYOUT, COUNT_WEIGHTS, NDIM, CHUNK_WRAPS,
+            WRITE_GRAD_LOGITS, WRITE_GRAD_LABELS, False, CT, FAST_MATH, CHUNK_, BLOCK)
+        if STEP_CLASSES:
+            row, col = step_rows_classes(row, col, d_row, d_col, d3)
 
     if REDUCTION == NONE:
         if tl.program_id(0) == 0:
@@ -135,10 +176,10 @@ def _sigmoid_ce_fwd_kernel(
         # to arrive sums them in program order and resets the ticket.
         pid = tl.program_id(0)
         n_programs = tl.num_programs(0)
-        tl.store(partials_ptr + pid, tl.sum(acc_loss, axis=0))
+        tl.store(partials_ptr + pid, total_of(tail_loss) + total_of(acc_loss))
         if COUNT_WEIGHTS:
-            tl.store(partials_ptr + MAX_PROGRAMS + pid, tl.sum(acc_weight, axis=0))
-            tl.store(partials_ptr + 2 * MAX_PROGRAMS + pid, tl.sum(acc_nonzero, axis=0))
+            tl.store(partials_ptr + MAX_PROGRAMS + pid, total_of(tail_weight) + total_of(acc_weight))
+            tl.store(partials_ptr + 2 * MAX_PROGRAMS + pid, total_of(tail_nonzero) + total_of(acc_nonzero))
         tl.debug_barrier()
         ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
         if ticket == n_programs - 1:
@@ -175,6 +216,8 @@ def sigmoid_ce_fwd(
     n = x.numel()
     ct = compute_dtype(logits.dtype)
     sizes, (w, pw), (stride_w, stride_pw) = _layout.collapse(x.shape, [weight, pos_weight])
+    nd = _layout.ndim(sizes)
+    step_classes, chunk_wraps = classes_stepped(sizes, nd)
     write_grads = grad_logits_in_fwd or grad_labels_in_fwd
     if write_grads and not R.denominator_is_static(reduction, None if weight is None else weight.numel()):
         raise ValueError("gradients in the forward need a denominator known before the reduction")
@@ -193,10 +236,11 @@ def sigmoid_ce_fwd(
         partials, ticket,
         n, numel_class("sigmoid_ce_fwd", n), sizes[1], sizes[2], sizes[3],
         *stride_w, *stride_pw,
-        REDUCTION=reduction, HAS_WEIGHT=w is not None, SCALAR_WEIGHT=w is not None and w.numel() == 1,
-        HAS_POS_WEIGHT=pw is not None, NDIM=_layout.ndim(sizes),
+        REDUCTION=reduction, W_LAYOUT=coefficient_layout(w, stride_w, sizes, nd),
+        PW_LAYOUT=coefficient_layout(pw, stride_pw, sizes, nd), NDIM=nd,
+        STEP_CLASSES=step_classes, CHUNK_WRAPS=chunk_wraps,
         WRITE_GRAD_LOGITS=grad_logits_in_fwd, WRITE_GRAD_LABELS=grad_labels_in_fwd,
         INT64=n >= _layout.INT32_LIMIT, MAX_PROGRAMS=_layout.partial_slots(device),
-        CT=tl.float64 if ct == torch.float64 else tl.float32,
+        CT=tl.float64 if ct == torch.float64 else tl.float32, FAST_MATH=fast_math(ct),
     )
     return loss, denom, grad_logits, grad_labels

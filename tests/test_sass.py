@@ -1,0 +1,60 @@
+"""Issue 10's budgets on the kernels' sm_90 SASS, with no GPU (perf/_sass.py,
+run by tests/ptx_probe.py): hot-loop instructions per element for every
+autotune candidate, no spills, and the SFU doing the transcendentals."""
+
+from ptx_probe import VARIANTS, Variant, rows, rows_of
+
+
+def test_every_candidate_meets_its_budget():
+    checked = 0
+    for r in rows():
+        if r["budget_sass_per_elem"] is not None:
+            checked += 1
+            assert r["sass_per_elem"] <= r["budget_sass_per_elem"], r
+    # the forward (2 dtypes, int64), backward (2), weighted forward (2 class counts)
+    assert checked >= 7 * 5
+
+
+def test_no_spills_or_local_memory():
+    for r in rows():
+        assert r["spill_bytes"] == 0 and r["stack_bytes"] == 0 and r["ptx_local"] == 0, r
+
+
+def test_hot_loop_is_the_unmasked_block_loop():
+    # Found in every build, and it moves whole 16-byte vectors: at least one
+    # per 8 bf16 logits or 4 float32 ones per thread and iteration.
+    for r in rows():
+        assert r["loop_sass"] > 0, r
+        elem_bytes = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}[r["logits"]]
+        assert r["loop_ldg128"] >= r["elems_per_thread"] * elem_bytes / 16, r
+
+
+def test_transcendentals_are_sfu_instructions():
+    # float32: one ex2 and two reciprocals per element in the forward (exp,
+    # sigmoid, log1p), two in a backward that needs no log; no libdevice log.
+    # (ptxas may recompute an ex2 rather than keep it live: a few more.)
+    for r in rows():
+        if r["logits"] == "fp64" or r["kernel"] == "scale":
+            continue
+        # (a forward with no gradient: exp and log1p's reciprocal only)
+        want = 3 if r["kernel"] == "fwd" and r["grads"] else 2
+        assert want <= r["mufu_per_elem"] < want + 0.5, r
+
+
+def test_per_class_weights_are_vector_loads():
+    # Classes a multiple of 8: the weight and pos_weight of a thread's 8
+    # elements are two 16-byte loads each, beside one of bf16 logits.
+    for r in rows_of(Variant("fwd", "bf16", "u8", "class", "class")):
+        assert r["loop_ldg128"] >= r["elems_per_thread"] / 8 * (1 + 2 + 2), r
+
+
+def test_float64_stays_float64():
+    for r in rows():
+        if r["logits"] == "fp64":
+            assert r["loop_f64"] > 0 and r["ptx_f64"] > 0, r
+        else:
+            assert r["ptx_f64"] == 0, r
+
+
+def test_every_probed_variant_compiled():
+    assert {r["variant"] for r in rows()} == {v.name for v in VARIANTS}
