@@ -21,6 +21,9 @@ def setup_context(ctx, inputs, output):
     logits, labels, weight, pos_weight, smoothing, reduction, out_dtype, grad_logits_in_fwd, grad_labels_in_fwd = inputs
     _, denom, grad_logits, grad_labels = output
     ctx.mark_non_differentiable(denom, grad_logits, grad_labels)
+    # Autograd would otherwise fill a zero "incoming gradient" for each of
+    # those outputs: a full-size tensor and a pass over it for grad_logits.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(logits, labels, weight, pos_weight, smoothing, denom)
     ctx.save_for_forward(logits, labels, weight, pos_weight, smoothing)
     ctx.reduction, ctx.out_dtype = reduction, out_dtype
@@ -35,6 +38,8 @@ def backward(ctx, grad, _grad_denom, _grad_grad_logits, _grad_grad_labels):
     logits, labels, weight, pos_weight, smoothing, denom = ctx.saved_tensors
     need_logits, need_labels, need_weight, need_pos_weight = ctx.needs_input_grad[:4]
     grads_from_fwd, ctx.grads_from_fwd = ctx.grads_from_fwd, None
+    if grad is None:  # no gradient reached the loss (grads are not materialized)
+        return (None,) * 9
     if torch.is_grad_enabled():
         # create_graph=True, or a torch.func transform: the gradient must
         # itself be differentiable, so it is built from plain PyTorch ops

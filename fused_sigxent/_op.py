@@ -2,20 +2,25 @@
 all front ends call (`sigmoid_ce`)."""
 
 import contextlib
+import importlib
 
 import torch
 from torch import Tensor
 
-from . import _autograd, _backend, _reference, _validate
+from . import _autograd, _backend, _cpu, _reference, _validate
 from . import _reduction as R
 
 
-def _kernels():
-    # Imported on first use: Triton reads TRITON_INTERPRET when a kernel is
-    # decorated, so importing late lets a process choose it before the first call.
-    from fused_sigxent.kernels import sigmoid_ce_bwd, sigmoid_ce_fwd, sigmoid_ce_scale
-
-    return sigmoid_ce_fwd, sigmoid_ce_bwd, sigmoid_ce_scale
+def _implementation(name: str, device: torch.device):
+    """The function that runs op `name` on `device`: a Triton launcher, the
+    CPU path (`auto` on CPU tensors), or the reference (the definition)."""
+    if _backend.use_kernels(device):
+        # Imported on first use: Triton reads TRITON_INTERPRET when a kernel is
+        # decorated, so importing late lets a process choose it before the first call.
+        return getattr(importlib.import_module(f"fused_sigxent.kernels.{name.rstrip('_')}"), name)
+    if device.type == "cpu" and _backend.backend() == "auto":
+        return getattr(_cpu, name)
+    return getattr(_reference, name)
 
 
 @torch.library.custom_op("fused_sigxent::sigmoid_ce_fwd", mutates_args=())
@@ -31,7 +36,7 @@ def sigmoid_ce_fwd(
     grad_labels_in_fwd: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss, denominator, grad_logits, grad_labels): see `_reference.sigmoid_ce_fwd`."""
-    impl = _kernels()[0].sigmoid_ce_fwd if _backend.use_kernels(logits.device) else _reference.sigmoid_ce_fwd
+    impl = _implementation("sigmoid_ce_fwd", logits.device)
     with _backend.on_device(logits.device):
         return impl(
             logits, labels, weight, pos_weight, label_smoothing, reduction, out_dtype,
@@ -66,7 +71,7 @@ def sigmoid_ce_bwd(
     need_grad_labels: bool,
 ) -> tuple[Tensor, Tensor]:
     """(grad_logits, grad_labels) recomputed from the inputs: see `_reference.sigmoid_ce_bwd`."""
-    impl = _kernels()[1].sigmoid_ce_bwd if _backend.use_kernels(logits.device) else _reference.sigmoid_ce_bwd
+    impl = _implementation("sigmoid_ce_bwd", logits.device)
     with _backend.on_device(logits.device):
         return impl(
             grad, logits, labels, weight, pos_weight, denom, label_smoothing, reduction,
@@ -86,7 +91,7 @@ def _(grad, logits, labels, weight, pos_weight, denom, label_smoothing, reductio
 @torch.library.custom_op("fused_sigxent::sigmoid_ce_scale_", mutates_args=("grad_logits", "grad_labels"))
 def sigmoid_ce_scale_(grad: Tensor, grad_logits: Tensor, grad_labels: Tensor) -> None:
     """Multiplies, in place, gradients the forward wrote by the incoming gradient."""
-    impl = _kernels()[2].sigmoid_ce_scale_ if _backend.use_kernels(grad_logits.device) else _reference.sigmoid_ce_scale_
+    impl = _implementation("sigmoid_ce_scale_", grad_logits.device)
     with _backend.on_device(grad_logits.device):
         impl(grad, grad_logits, grad_labels)
 
@@ -115,9 +120,10 @@ def sigmoid_ce(
     _validate.not_scripted()
     smoothing = _validate.number_as_tensor(label_smoothing, logits, _reference.compute_dtype(logits.dtype))
     dtensor = _validate.is_dtensor(logits, labels, weight, pos_weight)
-    if dtensor or _compiled_transform():
+    if dtensor or _compiled_transform() or _compiled_on_cpu(logits):
         # The reference's plain ops, which autograd, DTensor (shard by shard)
-        # and torch.func differentiate and batch themselves.
+        # and torch.func differentiate and batch themselves, and which
+        # Inductor fuses into its own CPU loops.
         with _validate.implicit_replication() if dtensor else contextlib.nullcontext():
             loss, _, _, _ = _reference.sigmoid_ce_fwd(
                 logits, labels, weight, pos_weight, smoothing, reduction, out_dtype, False, False)
@@ -140,3 +146,10 @@ def _compiled_transform() -> bool:
     is called directly (Dynamo cannot trace `SigmoidCE`), and a custom op
     without a forward-mode formula would give a zero tangent without a word."""
     return torch.compiler.is_compiling() and torch._C._functorch.get_dynamic_layer_stack_depth() > 0
+
+
+def _compiled_on_cpu(logits: Tensor) -> bool:
+    """A torch.compile'd graph on CPU tensors (backend `auto`): Inductor fuses
+    the reference's plain ops, forward and backward, into vectorized C++
+    loops; an opaque op would hide the math from it."""
+    return torch.compiler.is_compiling() and logits.device.type == "cpu" and _backend.backend() == "auto"
