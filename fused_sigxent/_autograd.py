@@ -40,17 +40,25 @@ def backward(ctx, grad, _grad_denom, _grad_grad_logits, _grad_grad_labels):
     grads_from_fwd, ctx.grads_from_fwd = ctx.grads_from_fwd, None
     if grad is None:  # no gradient reached the loss (grads are not materialized)
         return (None,) * 9
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or _is_batched(grad):
         # create_graph=True, or a torch.func transform: the gradient must
         # itself be differentiable, so it is built from plain PyTorch ops
         # (the reference formulas), with the denominator recomputed from the
-        # weight so that its dependence on the weight is seen too.
+        # weight so that its dependence on the weight is seen too. A batch of
+        # incoming gradients (jacobian(vectorize=True), is_grads_batched)
+        # needs ops with batching rules: the same plain ops.
         grads = _differentiable_grads(grad, logits, labels, weight, pos_weight, smoothing, ctx.reduction,
                                       ctx.needs_input_grad[:4])
     else:
         grads = _fused_grads(grad, logits, labels, weight, pos_weight, smoothing, denom, ctx.reduction,
                              ctx.needs_input_grad[:4], grads_from_fwd)
     return (*grads, None, None, None, None, None)
+
+
+def _is_batched(t: Tensor) -> bool:
+    """A batch of incoming gradients: legacy `Batched` (is_grads_batched,
+    jacobian(vectorize=True)) or functorch's vmap."""
+    return torch._C._functorch.is_legacy_batchedtensor(t) or torch._C._functorch.is_batchedtensor(t)
 
 
 def _fused_grads(grad, logits, labels, weight, pos_weight, smoothing, denom, reduction, needs, grads_from_fwd):

@@ -139,6 +139,22 @@ def test_jacobians_match_pytorch(backend, reduction):
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_batched_incoming_gradients(backend, reduction):
+    # torch.autograd.functional.jacobian(vectorize=True) runs one backward
+    # with a batch of incoming gradients (vmap over the backward).
+    x, z, w, p = _inputs((3, 4))
+    got, want = [torch.autograd.functional.jacobian(lambda x: f(x, z, w, p, reduction), x, vectorize=True)
+                 for f in (ours, theirs)]
+    assert_close(got, want)
+    x.requires_grad_()
+    loss = ours(x, z, w, p, reduction)
+    cotangents = torch.randn(5, *loss.shape, dtype=D)
+    (batched,) = torch.autograd.grad(loss, x, cotangents, is_grads_batched=True)
+    for k in range(5):
+        assert_close(batched[k], torch.autograd.grad(theirs(x, z, w, p, reduction), x, cotangents[k])[0])
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 def test_reverse_transforms_match_pytorch(backend, reduction):
     x, z, w, p = _inputs()
     args = (0, 1, 2, 3)
