@@ -70,9 +70,14 @@ def test_double_backward_matches_pytorch(backend, reduction):
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
-def test_gradgradcheck_every_input(backend, reduction):
+def test_gradcheck_and_gradgradcheck_in_every_mode(backend, reduction):
+    # Reverse, forward, batched (vmap over the backward and over jvp),
+    # forward-over-reverse and reverse-over-reverse, for every input.
     x, z, w, p = (t.requires_grad_() for t in _inputs((3, 4)))
-    assert torch.autograd.gradgradcheck(lambda *a: ours(*a, reduction), (x, z, w, p))
+    f = lambda *a: ours(*a, reduction)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, z, w, p), check_forward_ad=True, check_batched_grad=True,
+                                    check_batched_forward_grad=True)
+    assert torch.autograd.gradgradcheck(f, (x, z, w, p), check_fwd_over_rev=True, check_batched_grad=True)
 
 
 @pytest.mark.parametrize("reduction", list(TF_REDUCTIONS))
