@@ -171,3 +171,18 @@ def test_compiled_on_cpu_inductor_sees_the_math():
     expected = F.binary_cross_entropy_with_logits(x, smoothed, pos_weight=p)
     assert_close(loss, expected)
     assert_close(g, torch.autograd.grad(expected, x)[0])
+
+
+def test_opcheck_on_the_cpu_path():
+    # The registrations hold for the CPU path as for the other two
+    # (test_op.py runs the same checks through `reference` and `triton`).
+    ops = torch.ops.fused_sigxent
+    x, z = torch.randn(3, 5, requires_grad=True), torch.rand(3, 5, requires_grad=True)
+    w, p = torch.rand(1, 5, requires_grad=True), (torch.rand(5) + 0.5).requires_grad_()
+    s = torch.tensor(0.1)
+    for reduction in R.CODES:
+        torch.library.opcheck(ops.sigmoid_ce_fwd, (x, z, w, p, s, reduction, torch.float32, False, False))
+        grad = torch.randn(3, 5) if reduction == R.NONE else torch.tensor(0.7)
+        torch.library.opcheck(ops.sigmoid_ce_bwd, (grad, x.detach(), z.detach(), w.detach(), p.detach(),
+                                                   torch.tensor(4.0), s, reduction, True, True))
+    torch.library.opcheck(ops.sigmoid_ce_scale_, (torch.tensor(2.0), torch.randn(3, 5), torch.randn(3, 5)))
