@@ -1,6 +1,7 @@
 """Timing, environment and CSV helpers shared by the sweeps."""
 
 import datetime
+import math
 import os
 import subprocess
 import time
@@ -60,17 +61,67 @@ def results_csv(prefix: str, dev: torch.device, suffix: str = "") -> str:
     return os.path.join(RESULTS, f"{prefix}{name}-{datetime.date.today()}{suffix}.csv")
 
 
-def time_ms(fn, dev: torch.device, reps: int) -> tuple[float, float, float]:
-    """(median, p20, p80) in ms. On a GPU, a short estimate first: a call
-    under `GRAPH_BELOW_MS` is timed as CUDA graph replays
-    (do_bench_cudagraph), since between CUDA events do_bench would mostly
-    measure the host's launch gaps; longer calls with do_bench (L2 flushed
-    before every call). A graph replays calls back to back with no flush, so
-    a working set smaller than the L2 (the 1M-element cases) is read from it,
-    as a loss reads logits just written by the layer before it. `reps` counts
-    the calls timed on the CPU (perf_counter); on a GPU the durations below
-    are in ms, as do_bench's `warmup` and `rep` are."""
+# CPU timing (and any timing with a per-call `setup`): a sample is one
+# perf_counter interval around a loop of k calls, k chosen so the interval
+# lasts at least MIN_SAMPLE_MS (perf_counter's resolution and the loop's own
+# overhead are then under 0.1% of it), reported per call. Samples are taken
+# until SAMPLE_BUDGET_MS of calls, at least MIN_SAMPLES and at most `reps`,
+# so a 0.05 ms call gets `reps` samples and a 500 ms call MIN_SAMPLES.
+MIN_SAMPLE_MS = 2.0
+MIN_SAMPLES = 5
+SAMPLE_BUDGET_MS = 1000.0
+
+
+def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _loop_ms(fn, setup, k: int, dev: torch.device) -> float:
+    """Per-call ms of k calls timed as one interval; with `setup`, k states
+    are made first, untimed, and each call gets its own."""
+    states = [setup() for _ in range(k)] if setup is not None else None
+    _sync(dev)
+    start = time.perf_counter()
+    if states is None:
+        for _ in range(k):
+            fn()
+    else:
+        for state in states:
+            fn(state)
+    _sync(dev)
+    elapsed = (time.perf_counter() - start) * 1e3
+    del states
+    return elapsed / k
+
+
+def time_loop_ms(fn, dev: torch.device, reps: int, setup=None) -> tuple[float, float, float]:
+    """(median, p20, p80) per-call ms of `fn()`, or of `fn(setup())` with each
+    call's `setup()` made untimed (a backward needs a fresh graph per call).
+    Wall-clock time, host and device: what the caller waits for."""
+    _loop_ms(fn, setup, 1, dev)  # warm-up: first-call costs (compilation, caches)
+    estimate = _loop_ms(fn, setup, 1, dev)
+    k = max(1, math.ceil(MIN_SAMPLE_MS / max(estimate, 1e-4)))
+    if k > 1:  # one call is too noisy to size the loop from: refine
+        estimate = _loop_ms(fn, setup, k, dev)
+        k = max(1, math.ceil(MIN_SAMPLE_MS / max(estimate, 1e-4)))
+    samples = min(reps, max(MIN_SAMPLES, math.ceil(SAMPLE_BUDGET_MS / (k * estimate))))
+    times = [_loop_ms(fn, setup, k, dev) for _ in range(samples)]
+    q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)).tolist()
+    return q[0], q[1], q[2]
+
+
+def time_ms(fn, dev: torch.device, reps: int, setup=None) -> tuple[float, float, float]:
+    """(median, p20, p80) in ms per call. On a GPU without `setup`, a short
+    estimate first: a call under `GRAPH_BELOW_MS` is timed as CUDA graph
+    replays (do_bench_cudagraph), since between CUDA events do_bench would
+    mostly measure the host's launch gaps; longer calls with do_bench (L2
+    flushed before every call). A graph replays calls back to back with no
+    flush, so a working set smaller than the L2 (the 1M-element cases) is
+    read from it, as a loss reads logits just written by the layer before it.
+    On the CPU, or with `setup` (a backward: autograd cannot be replayed in a
+    graph), `time_loop_ms`; `reps` caps its samples."""
+    if dev.type == "cuda" and setup is None:
         import triton.testing
 
         estimate = triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
@@ -80,14 +131,7 @@ def time_ms(fn, dev: torch.device, reps: int) -> tuple[float, float, float]:
             except RuntimeError as err:
                 print(f"CUDA graph capture failed ({err}); timing with do_bench instead")
         return tuple(triton.testing.do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, quantiles=[0.5, 0.2, 0.8]))
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    q = torch.tensor(times).quantile(torch.tensor([0.5, 0.2, 0.8])).tolist()
-    return q[0], q[1], q[2]
+    return time_loop_ms(fn, dev, reps, setup)
 
 
 def copy_bandwidth_gbps(dev: torch.device) -> float:
@@ -97,16 +141,3 @@ def copy_bandwidth_gbps(dev: torch.device) -> float:
     dst = torch.empty_like(src)
     med, _, _ = time_ms(lambda: dst.copy_(src), dev, reps=20)
     return 2 * n / (med * 1e-3) / 1e9
-
-
-def peak_memory(fn, dev: torch.device) -> int | None:
-    """Peak bytes allocated above what was allocated before `fn` (CUDA's
-    allocator statistics; the CPU allocator keeps none)."""
-    if dev.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated(dev)
-    torch.cuda.reset_peak_memory_stats(dev)
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated(dev) - base

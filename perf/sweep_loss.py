@@ -4,6 +4,7 @@ passes, one CSV row per measurement (SPEC section 4), then the report."""
 import argparse
 import itertools
 import os
+import time
 
 import pandas as pd
 import torch
@@ -11,22 +12,30 @@ import torch.nn.functional as F
 
 import fused_sigxent as fs
 
-from . import _bench, report
+from . import _bench, _memory, report
 
-# Sizes: numel x classes C, shaped (numel // C, C). GPU: 1M..256M elements;
-# CPU (CI's machine): small enough to finish in a minute or two.
+# Sizes: numel x classes C, shaped (numel // C, C). GPU: 1M..256M elements.
+# CPU (a 2-core CI machine; the whole CPU sweep, memory included, in about 10
+# minutes): issue 11's shape (N/1024, 1024) with N = 64K (where per-call
+# overheads show), 1M and 16M; float32 logits with float32 labels, and bf16
+# logits with uint8 labels (a mixed-precision classifier's).
 GPU_NUMELS = [1 << 20, 1 << 24, 1 << 26, 1 << 28]
-CPU_NUMELS = [1 << 16, 1 << 20]
-CLASSES = [1, 128, 1000, 100000]
+CPU_NUMELS = [1 << 16, 1 << 20, 1 << 24]
+GPU_CLASSES = [1, 128, 1000, 100000]
+CPU_CLASSES = [1024]
 GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-CPU_DTYPES = [torch.bfloat16, torch.float32]
+CPU_DTYPES = [torch.float32, torch.bfloat16]
+# (logits dtype, labels): "same" = the logits' dtype. The GPU sweeps every
+# pair of GPU_DTYPES x labels; the CPU only these.
+CPU_DTYPE_LABELS = [(torch.float32, "same"), (torch.bfloat16, "uint8")]
 FEATURES = {
     "plain": dict(weight=False, pos_weight=False, label_smoothing=0.0),
     "weight": dict(weight=True, pos_weight=False, label_smoothing=0.0),
     "pos_weight": dict(weight=False, pos_weight=True, label_smoothing=0.0),
     "both+smoothing": dict(weight=True, pos_weight=True, label_smoothing=0.1),
 }
-REDUCTIONS = ["mean", "none"]
+GPU_REDUCTIONS = ["mean", "none"]
+CPU_REDUCTIONS = ["mean"]
 PASSES = ["fwd", "bwd", "fwd+bwd"]
 
 
@@ -43,14 +52,25 @@ def fused_loss(x, z, w, p, s, reduction):
     return fs.binary_cross_entropy_with_logits(x, z, w, reduction, p, label_smoothing=s)
 
 
-def implementations(dev):
-    """Fresh per case: torch_compile is compiled anew for each case (after a
-    dynamo reset), so no case runs past dynamo's recompile limit into eager."""
-    impls = {"fused_sigxent": fused_loss, "torch_eager": eager_loss}
-    if dev.type == "cuda":
+IMPLS = ["fused_sigxent", "torch_eager", "torch_compile", "fused_sigxent_compile"]
+
+
+def implementations(dev, names=None):
+    """{name: loss function}, fresh per case: the compiled ones are compiled
+    anew for each case (after a dynamo reset), so no case runs past dynamo's
+    recompile limit into eager, and each is compiled for its static shapes.
+    `fused_sigxent_compile` is torch.compile of a call to our loss, compared
+    with `torch_compile` (the same for PyTorch's)."""
+    unknown = set(names or []) - set(IMPLS)
+    if unknown:
+        raise ValueError(f"unknown implementation(s) {sorted(unknown)}: use {', '.join(IMPLS)}")
+    names = [name for name in IMPLS if name in (names or IMPLS)]
+    if any(name.endswith("_compile") for name in names):
         torch._dynamo.reset()
-        impls["torch_compile"] = torch.compile(eager_loss, dynamic=False)
-    return impls
+    impls = {"fused_sigxent": lambda: fused_loss, "torch_eager": lambda: eager_loss,
+             "torch_compile": lambda: torch.compile(eager_loss, dynamic=False),
+             "fused_sigxent_compile": lambda: torch.compile(fused_loss, dynamic=False)}
+    return {name: impls[name]() for name in names}
 
 
 def bytes_min(x, z, w, p, reduction, pass_):
@@ -71,23 +91,24 @@ def bytes_min(x, z, w, p, reduction, pass_):
     return inputs + loss_bytes + n * ex + (loss_bytes if reduction == "none" else 0)
 
 
-def make_inputs(numel, classes, dtype, label_dtype, feature, dev):
+def make_inputs(numel, classes, dtype, label_dtype, feature, dev, seed=0):
+    gen = torch.Generator().manual_seed(seed)  # the same case's inputs in a memory child as in the sweep
     shape = (numel // classes, classes)
-    x = torch.randn(shape, device=dev).to(dtype)
-    z = torch.rand(shape, device=dev)
-    z = (z > 0.5).to(label_dtype) if label_dtype == torch.uint8 else z.to(label_dtype)
+    x = torch.randn(shape, generator=gen).to(dev, dtype)
+    z = torch.rand(shape, generator=gen)
+    z = ((z > 0.5) if label_dtype == torch.uint8 else z).to(dev, label_dtype)
     f = FEATURES[feature]
-    w = torch.rand(classes, device=dev).to(dtype) if f["weight"] else None
-    p = (torch.rand(classes, device=dev) * 2).to(dtype) if f["pos_weight"] else None
+    w = torch.rand(classes, generator=gen).to(dev, dtype) if f["weight"] else None
+    p = (torch.rand(classes, generator=gen) * 2).to(dev, dtype) if f["pos_weight"] else None
     return x, z, w, p, f["label_smoothing"]
 
 
 TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 1e-4}
 
 
-def check(name, fn, x, z, w, p, s, reduction):
-    """Loss and logits gradient of `fn` against the reference path (float32
-    math) on the same inputs; a mismatch stops the sweep."""
+def reference(x, z, w, p, s, reduction):
+    """Loss and logits gradient of the reference path (float32 math), once
+    per case, for `check`."""
     old = os.environ.get("FUSED_SIGXENT_BACKEND")
     os.environ["FUSED_SIGXENT_BACKEND"] = "reference"
     try:
@@ -99,6 +120,13 @@ def check(name, fn, x, z, w, p, s, reduction):
             os.environ.pop("FUSED_SIGXENT_BACKEND")
         else:
             os.environ["FUSED_SIGXENT_BACKEND"] = old
+    return ref.detach(), ref_grad
+
+
+def check(name, fn, x, z, w, p, s, reduction, expected):
+    """Loss and logits gradient of `fn` against `expected` (`reference`'s);
+    a mismatch stops the sweep. The first call also compiles a compiled `fn`."""
+    ref, ref_grad = expected
     xi = x.detach().requires_grad_()
     out = fn(xi, z, w, p, s, reduction)
     (grad,) = torch.autograd.grad(out.float().sum(), xi)
@@ -111,47 +139,83 @@ def check(name, fn, x, z, w, p, s, reduction):
             raise RuntimeError(f"{name} {what} differs from the reference by {err:.3g} ({x.dtype}, {reduction})")
 
 
-def measure(fn, x, z, w, p, s, reduction, dev, reps):
-    """{pass: (median, p20, p80, peak)}. fwd and fwd+bwd are timed; bwd is
-    fwd+bwd minus fwd (the fused forward writes the gradient, so a backward
-    cannot be replayed on its own), its spread taken from fwd+bwd."""
+def passes(fn, x, z, w, p, s, reduction):
+    """The three passes of a training step's loss, as callables:
+      forward():      the loss, with its graph (logits require grad);
+      backward(loss): loss.backward(), with an all-ones incoming gradient for
+                      reduction="none";
+      graph():        a fresh leaf and the loss's graph on it, for timing a
+                      backward on its own (each timed backward needs a graph
+                      of its own, made untimed; its gradient lands in a
+                      leaf of its own, as after zero_grad(set_to_none=True));
+      step():         forward then backward, the leaf's gradient reset first;
+      reset():        drops the leaf's gradient."""
     xg = x.detach().requires_grad_()
-    grad_out = None
+    grad_out = torch.ones_like(x) if reduction == "none" else None
 
     def forward():
         return fn(xg, z, w, p, s, reduction)
 
+    def backward(loss):
+        loss.backward(grad_out)
+
+    def graph():
+        return fn(x.detach().requires_grad_(), z, w, p, s, reduction)
+
     def step():
         xg.grad = None
-        loss = forward()
-        loss.backward(grad_out if reduction == "none" else None)
+        backward(forward())
 
-    if reduction == "none":
-        grad_out = torch.ones(x.shape, device=dev, dtype=x.dtype)
-    fwd = _bench.time_ms(forward, dev, reps)
-    full = _bench.time_ms(step, dev, reps)
-    bwd_med = max(full[0] - fwd[0], 0.0)
+    def reset():
+        xg.grad = None
+
+    return forward, backward, graph, step, reset
+
+
+def measure(fn, x, z, w, p, s, reduction, dev, reps):
+    """{pass: (median, p20, p80)} in ms per call, each pass timed as the call
+    the user makes: fwd is the forward (building the graph); bwd is
+    `loss.backward()` itself, autograd engine included, on a fresh graph per
+    call built untimed (a fused forward may have written the gradient
+    already: the backward still costs its dispatch, the engine and the
+    scaling by the incoming gradient); fwd+bwd is both."""
+    forward, backward, graph, step, _ = passes(fn, x, z, w, p, s, reduction)
     return {
-        "fwd": (*fwd, _bench.peak_memory(forward, dev)),
-        "bwd": (bwd_med, max(full[1] - fwd[0], 0.0), max(full[2] - fwd[0], 0.0), None),
-        "fwd+bwd": (*full, _bench.peak_memory(step, dev)),
+        "fwd": _bench.time_ms(forward, dev, reps),
+        "bwd": _bench.time_ms(backward, dev, reps, setup=graph),
+        "fwd+bwd": _bench.time_ms(step, dev, reps),
     }
+
+
+def memory_child(impl, numel, classes, dtype, label_dtype, feature, reduction, device="cpu"):
+    """In a fresh process (perf._memory): the case's peak memory above its
+    inputs per pass, {pass: bytes}."""
+    dev = torch.device(device)
+    x, z, w, p, s = make_inputs(numel, classes, getattr(torch, dtype), getattr(torch, label_dtype), feature, dev)
+    fn = implementations(dev, [impl])[impl]
+    forward, backward, _, _, reset = passes(fn, x, z, w, p, s, reduction)
+    return _memory.pass_peaks(forward, backward, reset, dev)
 
 
 def cases(dev, args):
     """The sweep's cases, narrowed by --quick and the filter options (so a
     full GPU sweep can run as several shorter commands whose CSVs `report`
     combines)."""
-    numels = args.numel or (GPU_NUMELS if dev.type == "cuda" else CPU_NUMELS)
-    dtypes = [getattr(torch, d) for d in args.dtype] if args.dtype else (GPU_DTYPES if dev.type == "cuda" else CPU_DTYPES)
-    classes = args.classes or CLASSES
+    gpu = dev.type == "cuda"
+    numels = args.numel or (GPU_NUMELS if gpu else CPU_NUMELS)
+    classes = args.classes or (GPU_CLASSES if gpu else CPU_CLASSES)
     features = args.feature or list(FEATURES)
-    reductions = args.reduction or REDUCTIONS
-    labels = args.labels or ["same", "uint8"]
+    reductions = args.reduction or (GPU_REDUCTIONS if gpu else CPU_REDUCTIONS)
+    if args.dtype or args.labels or gpu:
+        dtypes = [getattr(torch, d) for d in args.dtype] if args.dtype else (GPU_DTYPES if gpu else CPU_DTYPES)
+        pairs = list(itertools.product(dtypes, args.labels or ["same", "uint8"]))
+    else:
+        pairs = CPU_DTYPE_LABELS
     if args.quick:
-        numels, dtypes, classes, features = numels[:1], dtypes[:1], [1000], ["plain", "both+smoothing"]
-    for numel, c, dtype, label, feature, reduction in itertools.product(
-            numels, classes, dtypes, labels, features, reductions):
+        numels, classes, pairs, features = numels[:1], classes[:1], pairs[:1], ["plain", "both+smoothing"]
+        reductions = reductions[:1]
+    for numel, c, (dtype, label), feature, reduction in itertools.product(
+            numels, classes, pairs, features, reductions):
         if c <= numel:
             yield numel, c, dtype, dtype if label == "same" else torch.uint8, feature, reduction
 
@@ -161,54 +225,85 @@ def _list(kind):
 
 
 def main(argv=None):
+    started = time.perf_counter()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a few cases, for a smoke test")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: the GPU where there is one)")
     parser.add_argument("--out", default=None, help="CSV path (default perf/results/<device>-<date>.csv)")
+    parser.add_argument("--impl", type=_list(str), help=f"comma-separated: {', '.join(IMPLS)}")
     parser.add_argument("--numel", type=_list(int), help="comma-separated element counts")
     parser.add_argument("--classes", type=_list(int), help="comma-separated class counts C")
     parser.add_argument("--dtype", type=_list(str), help="comma-separated logits dtypes (bfloat16,float16,float32)")
     parser.add_argument("--labels", type=_list(str), help="comma-separated: same, uint8")
     parser.add_argument("--feature", type=_list(str), help=f"comma-separated: {', '.join(FEATURES)}")
     parser.add_argument("--reduction", type=_list(str), help="comma-separated: mean, none")
+    parser.add_argument("--no-memory", action="store_true", help="leave peak_mem_bytes empty (on the CPU "
+                        "its child processes take about as long as the timing)")
     parser.add_argument("--part", default="1/1", help="K/N: run every N-th case from the K-th (1-based), "
                         "so N commands of bounded length cover the sweep")
     args = parser.parse_args(argv)
     dev = _bench.device(args.device)
     env = _bench.environment(dev)
+    impl_names = args.impl or IMPLS
     if dev.type == "cuda":
         print(f"GPU sweep on {env['device']}")
     else:
-        print(f"CPU run (no GPU): {env['device']}; sweeping the reference path and PyTorch eager, small sizes")
+        print(f"CPU-only run (no GPU): {env['device']}; fused_sigxent's CPU path against PyTorch eager, "
+              "and both under torch.compile")
     copy_bw = _bench.copy_bandwidth_gbps(dev)
     print(f"copy bandwidth: {copy_bw:.1f} GB/s")
-    reps = 10 if dev.type == "cpu" else 100
-    rows = []
+    # Samples per measurement, at most (CPU: fewer for long calls; see _bench).
+    reps = 15 if dev.type == "cpu" else 100
+    memory = not args.no_memory and (dev.type == "cuda" or _memory.rss_available())
+    rows, children = [], []
     k_part, n_parts = map(int, args.part.split("/"))
     all_cases = list(cases(dev, args))[k_part - 1::n_parts]
     for k, (numel, c, dtype, label_dtype, feature, reduction) in enumerate(all_cases):
         x, z, w, p, s = make_inputs(numel, c, dtype, label_dtype, feature, dev)
         case = f"{feature}/{reduction}/C={c}"
         print(f"[{k + 1}/{len(all_cases)}] {case} numel={numel} {dtype} labels={label_dtype}", flush=True)
-        for name, fn in implementations(dev).items():
-            check(name, fn, x, z, w, p, s, reduction)
-            for pass_, (med, p20, p80, peak) in measure(fn, x, z, w, p, s, reduction, dev, reps).items():
+        expected = reference(x, z, w, p, s, reduction)
+        for name, fn in implementations(dev, impl_names).items():
+            check(name, fn, x, z, w, p, s, reduction, expected)
+            timed = measure(fn, x, z, w, p, s, reduction, dev, reps)
+            peaks = {}
+            if memory and dev.type == "cuda":
+                forward, backward, _, _, reset = passes(fn, x, z, w, p, s, reduction)
+                peaks = _memory.pass_peaks(forward, backward, reset, dev)
+            elif memory:
+                children.append((len(rows), dict(
+                    impl=name, numel=numel, classes=c, dtype=str(dtype).replace("torch.", ""),
+                    label_dtype=str(label_dtype).replace("torch.", ""), feature=feature, reduction=reduction)))
+            print(f"    {name:22}" + "  ".join(f"{pass_} {med:.3f} ms" for pass_, (med, _, _) in timed.items()),
+                  flush=True)
+            for pass_, (med, p20, p80) in timed.items():
                 nbytes = bytes_min(x, z, w, p, reduction, pass_)
-                gbps = nbytes / (med * 1e-3) / 1e9 if med > 0 else float("nan")
+                gbps = nbytes / (med * 1e-3) / 1e9
                 rows.append(dict(
                     env, impl=name, case=case, dtype=str(dtype).replace("torch.", ""),
                     label_dtype=str(label_dtype).replace("torch.", ""), weight=w is not None,
                     pos_weight=p is not None, label_smoothing=s, reduction=reduction, numel=numel,
                     shape="x".join(map(str, x.shape)), **{"pass": pass_}, median_ms=med, p20_ms=p20, p80_ms=p80,
-                    bytes_min=nbytes, gbps=gbps, pct_copy_bw=100 * gbps / copy_bw, peak_mem_bytes=peak,
+                    bytes_min=nbytes, gbps=gbps, pct_copy_bw=100 * gbps / copy_bw, peak_mem_bytes=peaks.get(pass_),
                 ))
+        del x, z, w, p, expected
+    print(f"timing done in {time.perf_counter() - started:.0f} s", flush=True)
+    if children:
+        # Peak memory on the CPU: one fresh process per implementation x case
+        # (perf/_memory.py), run after the timing so they cannot disturb it.
+        print(f"peak memory: {len(children)} child processes", flush=True)
+        for (first, _), peaks in zip(children, _memory.run_children("sweep_loss", [spec for _, spec in children])):
+            for row in rows[first:first + len(PASSES)]:
+                row["peak_mem_bytes"] = peaks.get(row["pass"])
     frame = pd.DataFrame(rows, columns=_bench.COLUMNS)
+    frame["peak_mem_bytes"] = frame["peak_mem_bytes"].astype("Int64")
     out = args.out or _bench.results_csv("", dev, "-quick" if args.quick else "")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     frame.to_csv(out, index=False)
     print(f"wrote {len(frame)} rows to {out}")
     for path in report.build(out):
         print(f"wrote {path}")
+    print(f"sweep took {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":
