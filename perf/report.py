@@ -132,10 +132,12 @@ def plots(frame: pd.DataFrame, stem: str) -> list[str]:
     eager = frame[frame["impl"] == EAGER].set_index(CASE + ["pass"])["median_ms"]
     speed = frame.join(eager.rename("eager_ms"), on=CASE + ["pass"])
     speed["speed-up"] = speed["eager_ms"] / speed["median_ms"]
-    memory = frame.assign(peak_mib=frame["peak_mem_bytes"].astype(float) / 2**20)
+    # Log scale: a peak of 0 (a backward whose forward saved the gradient)
+    # would vanish, so peaks are drawn at MEM_FLOOR_BYTES at least.
+    memory = frame.assign(peak_mib=frame["peak_mem_bytes"].astype(float).clip(lower=MEM_FLOOR_BYTES) / 2**20)
     figures = [("speedup", speed, "speed-up", "speed-up over torch_eager", True),
                ("gbps", frame, "gbps", "GB/s (bytes_min / median)", False),
-               ("memory", memory, "peak_mib", "peak MiB above the inputs", True)]
+               ("memory", memory, "peak_mib", f"peak MiB above the inputs (≥ {MEM_FLOOR_BYTES >> 10} KiB)", True)]
     paths = []
     for suffix, data, column, label, logy in figures:
         if data[column].notna().sum() == 0:
@@ -194,7 +196,9 @@ def page(frame: pd.DataFrame, csv_names: list[str], pngs: list[str]) -> str:
         "",
         "Each cell is median / worst over the cases (worst: lowest speed-up, highest ratio). "
         "Speed-up = `torch_eager` ms / `fused_sigxent` ms; memory = `fused_sigxent` peak / `torch_eager` peak; "
-        "compiled = `fused_sigxent_compile` / `torch_compile`.",
+        "compiled = `fused_sigxent_compile` / `torch_compile`. A `bwd` peak is above the graph the forward left, "
+        "so where a forward already wrote the gradient its backward's peak is near 0 and the ratio extreme: "
+        "compare memory on `fwd+bwd`.",
         "",
         headline(cases).to_markdown(index=False),
         "",
