@@ -120,10 +120,12 @@ def sigmoid_ce(
     _validate.not_scripted()
     smoothing = _validate.number_as_tensor(label_smoothing, logits, _reference.compute_dtype(logits.dtype))
     dtensor = _validate.is_dtensor(logits, labels, weight, pos_weight)
-    if dtensor or _compiled_transform() or _compiled_on_cpu(logits):
+    if _compiled_on_cpu(logits) and not dtensor:
+        # Plain ops that Inductor fuses, forward and backward, into its own CPU loops.
+        return _cpu.traced_loss(logits, labels, weight, pos_weight, smoothing, reduction, out_dtype)
+    if dtensor or _compiled_transform():
         # The reference's plain ops, which autograd, DTensor (shard by shard)
-        # and torch.func differentiate and batch themselves, and which
-        # Inductor fuses into its own CPU loops.
+        # and torch.func differentiate and batch themselves.
         with _validate.implicit_replication() if dtensor else contextlib.nullcontext():
             loss, _, _, _ = _reference.sigmoid_ce_fwd(
                 logits, labels, weight, pos_weight, smoothing, reduction, out_dtype, False, False)
