@@ -13,7 +13,7 @@ import inspect
 import torch
 from torch import Tensor
 
-from . import _reference
+from . import _dispatch, _reference
 from . import _reduction as R
 
 
@@ -69,10 +69,10 @@ def _fused_grads(grad, logits, labels, weight, pos_weight, smoothing, denom, red
     grad_logits = grad_labels = None
     if grads_from_fwd is not None and (need_logits or need_labels):
         grad_logits, grad_labels = grads_from_fwd
-        torch.ops.fused_sigxent.sigmoid_ce_scale_(grad, grad_logits, grad_labels)
+        _dispatch.call("sigmoid_ce_scale_", grad_logits.device, grad, grad_logits, grad_labels)
     elif need_logits or need_labels:
-        grad_logits, grad_labels = torch.ops.fused_sigxent.sigmoid_ce_bwd(
-            grad, logits, labels, weight, pos_weight, denom, smoothing, reduction, need_logits, need_labels,
+        grad_logits, grad_labels = _dispatch.call(
+            "sigmoid_ce_bwd", logits.device, grad, logits, labels, weight, pos_weight, denom, smoothing, reduction, need_logits, need_labels,
         )
     grad_weight = grad_pos_weight = None
     if need_weight or need_pos_weight:
@@ -109,8 +109,8 @@ class SigmoidCE(torch.autograd.Function):
     @staticmethod
     def forward(logits, labels, weight, pos_weight, smoothing, reduction, out_dtype,
                 grad_logits_in_fwd, grad_labels_in_fwd):
-        return torch.ops.fused_sigxent.sigmoid_ce_fwd(
-            logits, labels, weight, pos_weight, smoothing, reduction, out_dtype,
+        return _dispatch.call(
+            "sigmoid_ce_fwd", logits.device, logits, labels, weight, pos_weight, smoothing, reduction, out_dtype,
             grad_logits_in_fwd, grad_labels_in_fwd,
         )
 
@@ -158,6 +158,20 @@ class SigmoidCE(torch.autograd.Function):
 # instead of parsing the function again (~35 us of a ~160 us forward, 2-core CPU,
 # python -m perf.host_overhead --launch stub).
 SigmoidCE.forward.__signature__ = inspect.signature(SigmoidCE.forward)
+# What Function.apply calls once it has bound the arguments and found no
+# functorch transform to serve.
+_apply_unbound = super(torch.autograd.Function, SigmoidCE).apply
+
+
+def apply(logits, labels, weight, pos_weight, smoothing, reduction, out_dtype, grad_logits_in_fwd, grad_labels_in_fwd):
+    """`SigmoidCE.apply`, every argument given. In plain eager code (see
+    `_dispatch.plain_eager`) Function.apply's Python prelude (binding the
+    arguments to forward's signature, unwrapping dead functorch wrappers)
+    has nothing to do, and its C++ core is called directly."""
+    args = (logits, labels, weight, pos_weight, smoothing, reduction, out_dtype, grad_logits_in_fwd, grad_labels_in_fwd)
+    if _dispatch.plain_eager(logits.device, args):
+        return _apply_unbound(*args)
+    return SigmoidCE.apply(*args)
 
 
 def plan_grads_in_forward(logits: Tensor, labels: Tensor, weight: Tensor | None, reduction: int) -> tuple[bool, bool]:

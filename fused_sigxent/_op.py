@@ -2,25 +2,12 @@
 all front ends call (`sigmoid_ce`)."""
 
 import contextlib
-import importlib
 
 import torch
 from torch import Tensor
 
-from . import _autograd, _backend, _cpu, _reference, _validate
+from . import _autograd, _backend, _cpu, _dispatch, _reference, _validate
 from . import _reduction as R
-
-
-def _implementation(name: str, device: torch.device):
-    """The function that runs op `name` on `device`: a Triton launcher, the
-    CPU path (`auto` on CPU tensors), or the reference (the definition)."""
-    if _backend.use_kernels(device):
-        # Imported on first use: Triton reads TRITON_INTERPRET when a kernel is
-        # decorated, so importing late lets a process choose it before the first call.
-        return getattr(importlib.import_module(f"fused_sigxent.kernels.{name.rstrip('_')}"), name)
-    if device.type == "cpu" and _backend.backend() == "auto":
-        return getattr(_cpu, name)
-    return getattr(_reference, name)
 
 
 @torch.library.custom_op("fused_sigxent::sigmoid_ce_fwd", mutates_args=())
@@ -36,12 +23,10 @@ def sigmoid_ce_fwd(
     grad_labels_in_fwd: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss, denominator, grad_logits, grad_labels): see `_reference.sigmoid_ce_fwd`."""
-    impl = _implementation("sigmoid_ce_fwd", logits.device)
-    with _backend.on_device(logits.device):
-        return impl(
-            logits, labels, weight, pos_weight, label_smoothing, reduction, out_dtype,
-            grad_logits_in_fwd, grad_labels_in_fwd,
-        )
+    return _dispatch.run(
+        "sigmoid_ce_fwd", logits.device, logits, labels, weight, pos_weight, label_smoothing, reduction,
+        out_dtype, grad_logits_in_fwd, grad_labels_in_fwd,
+    )
 
 
 @sigmoid_ce_fwd.register_fake
@@ -71,12 +56,10 @@ def sigmoid_ce_bwd(
     need_grad_labels: bool,
 ) -> tuple[Tensor, Tensor]:
     """(grad_logits, grad_labels) recomputed from the inputs: see `_reference.sigmoid_ce_bwd`."""
-    impl = _implementation("sigmoid_ce_bwd", logits.device)
-    with _backend.on_device(logits.device):
-        return impl(
-            grad, logits, labels, weight, pos_weight, denom, label_smoothing, reduction,
-            need_grad_logits, need_grad_labels,
-        )
+    return _dispatch.run(
+        "sigmoid_ce_bwd", logits.device, grad, logits, labels, weight, pos_weight, denom, label_smoothing,
+        reduction, need_grad_logits, need_grad_labels,
+    )
 
 
 @sigmoid_ce_bwd.register_fake
@@ -91,9 +74,7 @@ def _(grad, logits, labels, weight, pos_weight, denom, label_smoothing, reductio
 @torch.library.custom_op("fused_sigxent::sigmoid_ce_scale_", mutates_args=("grad_logits", "grad_labels"))
 def sigmoid_ce_scale_(grad: Tensor, grad_logits: Tensor, grad_labels: Tensor) -> None:
     """Multiplies, in place, gradients the forward wrote by the incoming gradient."""
-    impl = _implementation("sigmoid_ce_scale_", grad_logits.device)
-    with _backend.on_device(grad_logits.device):
-        impl(grad, grad_logits, grad_labels)
+    _dispatch.run("sigmoid_ce_scale_", grad_logits.device, grad, grad_logits, grad_labels)
 
 
 @sigmoid_ce_scale_.register_fake
@@ -135,7 +116,7 @@ def sigmoid_ce(
     # trace an autograd.Function that defines jvp, so a compiled graph calls
     # the op, which AOTAutograd differentiates through register_autograd;
     # eager code applies the Function, which torch.func and forward AD need.
-    apply = torch.ops.fused_sigxent.sigmoid_ce_fwd if torch.compiler.is_compiling() else _autograd.SigmoidCE.apply
+    apply = torch.ops.fused_sigxent.sigmoid_ce_fwd if torch.compiler.is_compiling() else _autograd.apply
     loss, _, _, _ = apply(
         logits, labels, weight, pos_weight, smoothing, reduction, out_dtype,
         grad_logits_in_fwd, grad_labels_in_fwd,

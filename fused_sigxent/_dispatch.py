@@ -1,0 +1,62 @@
+"""How a call reaches an op's implementation: through the dispatcher, or, in
+plain eager code, straight to the function the dispatcher would run."""
+
+import importlib
+
+import torch
+from torch import Tensor
+from torch.nn import Parameter
+
+from . import _backend, _cpu, _reference
+
+# Tensors the dispatcher treats as plain (no subclass behaviour to serve).
+_PLAIN_TYPES = (Tensor, Parameter)
+_DEVICES = ("cpu", "cuda")
+
+
+def implementation(name: str, device: torch.device):
+    """The function that runs op `name` on `device`: a Triton launcher, the
+    CPU path (`auto` on CPU tensors), or the reference (the definition)."""
+    if _backend.use_kernels(device):
+        # Imported on first use: Triton reads TRITON_INTERPRET when a kernel is
+        # decorated, so importing late lets a process choose it before the first call.
+        return getattr(importlib.import_module(f"fused_sigxent.kernels.{name.rstrip('_')}"), name)
+    if device.type == "cpu" and _backend.backend() == "auto":
+        return getattr(_cpu, name)
+    return getattr(_reference, name)
+
+
+def run(name: str, device: torch.device, *args):
+    """Op `name`'s implementation on `args`, as the registered op runs it."""
+    impl = implementation(name, device)
+    with _backend.on_device(device):
+        return impl(*args)
+
+
+def call(name: str, device: torch.device, *args):
+    """Op `name` on `args`, from eager code (an autograd.Function's forward
+    or backward). Where nothing could observe or transform the call (no
+    dispatch or function mode, functorch transform, tensor subclass, profiler
+    or unusual device) the dispatcher's layers would only add time (the
+    custom-op and dynamo-disable wrappers: ~40 us a call, several times
+    PyTorch eager's whole loss), so the implementation runs directly.
+    Everywhere else the registered op runs, so that a mode, a transform or a
+    profile sees `fused_sigxent::<name>`."""
+    if plain_eager(device, args):
+        return run(name, device, *args)
+    return getattr(torch.ops.fused_sigxent, name)(*args)
+
+
+def plain_eager(device: torch.device, args) -> bool:
+    """Whether a call on `args` can skip the dispatcher (see `call`)."""
+    if (device.type not in _DEVICES
+            or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled()
+            or torch._C._are_functorch_transforms_active()
+            or torch.autograd._profiler_enabled()
+            or torch.compiler.is_compiling()):
+        return False
+    for a in args:
+        if isinstance(a, Tensor) and (type(a) not in _PLAIN_TYPES or torch._C._functorch.is_functorch_wrapped_tensor(a)):
+            return False
+    return True

@@ -1,0 +1,72 @@
+"""Which route a call takes (`fused_sigxent/_dispatch.py`): plain eager code
+calls the implementation directly; anything that could observe or transform
+the call sees the registered op."""
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fused_sigxent as fs
+from fused_sigxent import _dispatch
+
+from conftest import assert_close
+
+
+class _OpNames(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _inputs():
+    return torch.randn(5, 7, requires_grad=True), torch.rand(5, 7)
+
+
+def test_plain_eager_tensors_skip_the_dispatcher():
+    x, z = _inputs()
+    assert _dispatch.plain_eager(x.device, (x, z, None, torch.nn.Parameter(torch.rand(7)), 2, torch.float32))
+
+
+def test_anything_that_observes_the_call_sees_the_op():
+    x, z = _inputs()
+    args = (x, z)
+    with _OpNames():
+        assert not _dispatch.plain_eager(x.device, args)
+    with torch.device("cpu"):  # a torch function mode
+        assert not _dispatch.plain_eager(x.device, args)
+    with torch.autograd.profiler.profile():
+        assert not _dispatch.plain_eager(x.device, args)
+    assert not _dispatch.plain_eager(torch.device("meta"), args)
+    assert not torch.func.grad(lambda t: torch.tensor(float(_dispatch.plain_eager(t.device, (t,)))) * t.sum())(x[0, 0].detach())
+
+
+def test_a_dispatch_mode_records_both_ops(backend):
+    x, z = _inputs()
+    mode = _OpNames()
+    with mode:
+        fs.binary_cross_entropy_with_logits(x, z, reduction="none").sum().backward()
+    assert "fused_sigxent.sigmoid_ce_fwd.default" in mode.names
+    assert "fused_sigxent.sigmoid_ce_bwd.default" in mode.names
+
+
+def test_the_profiler_names_the_ops(backend):
+    x, z = _inputs()
+    with torch.autograd.profiler.profile() as prof:
+        fs.binary_cross_entropy_with_logits(x, z).backward(torch.tensor(3.0))
+    names = {e.name for e in prof.function_events}
+    assert {"fused_sigxent::sigmoid_ce_fwd", "fused_sigxent::sigmoid_ce_scale_"} <= names
+
+
+def test_both_routes_give_the_same_loss_and_gradient(backend):
+    x, z = _inputs()
+    w = torch.rand(7)
+    fs.binary_cross_entropy_with_logits(x, z, w, label_smoothing=0.1).backward(torch.tensor(0.5))
+    direct, x.grad = x.grad, None
+    with _OpNames():
+        loss = fs.binary_cross_entropy_with_logits(x, z, w, label_smoothing=0.1)
+        loss.backward(torch.tensor(0.5))
+    assert_close(x.grad, direct)
+    assert_close(loss.detach(), fs.binary_cross_entropy_with_logits(x.detach(), z, w, label_smoothing=0.1))
