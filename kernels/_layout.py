@@ -24,12 +24,13 @@ def contiguous(t: Tensor) -> Tensor:
     return t.view(torch.uint8) if t.dtype == torch.bool else t
 
 
-def _broadcast_strides(c: Tensor | None, shape: torch.Size) -> list[int]:
-    """c.expand(shape).stride() where it matters (dimensions of `shape` other
-    than 1), without the cost of dispatching an op on every call."""
-    if c is None:
+def _broadcast_strides(layout: tuple | None, shape: torch.Size) -> list[int]:
+    """A coefficient's c.expand(shape).stride() where it matters (dimensions
+    of `shape` other than 1), from its (shape, strides)."""
+    if layout is None:
         return [0] * len(shape)
-    return [0] * (len(shape) - c.dim()) + [st if size != 1 else 0 for size, st in zip(c.shape, c.stride())]
+    c_shape, c_stride = layout
+    return [0] * (len(shape) - len(c_shape)) + [st if size != 1 else 0 for size, st in zip(c_shape, c_stride)]
 
 
 def collapse(shape: torch.Size, coefficients: list[Tensor | None]) -> tuple[list[int], list[Tensor | None], list[list[int]]]:
@@ -47,7 +48,20 @@ def collapse(shape: torch.Size, coefficients: list[Tensor | None]) -> tuple[list
     if shape.numel() == 0 or all(c is None for c in coefficients):
         # Nothing to read through strides: one flat dimension.
         return [1] * (MAX_DIMS - 1) + [shape.numel()], coefficients, [[0] * MAX_DIMS for _ in coefficients]
-    strides = [_broadcast_strides(c, shape) for c in coefficients]
+    geometry = _collapsed(shape, tuple(None if c is None else (c.shape, c.stride()) for c in coefficients))
+    if geometry is None:
+        return collapse(shape, [c.expand(shape).contiguous() if c is not None else None for c in coefficients])
+    sizes, strides = geometry
+    return list(sizes), coefficients, [list(st) for st in strides]
+
+
+# A training loop calls with the same shapes every step: the merge is
+# worked out once per geometry (its loops cost more host time than a launch).
+@functools.lru_cache(maxsize=256)
+def _collapsed(shape: torch.Size, layouts: tuple) -> tuple[tuple, tuple] | None:
+    """(sizes, per-coefficient strides) of `collapse` for coefficients of the
+    given (shape, strides) or None; None where more than MAX_DIMS remain."""
+    strides = [_broadcast_strides(layout, shape) for layout in layouts]
     merged: list[tuple[int, list[int]]] = []
     for i, size in enumerate(shape):
         if size == 1:
@@ -58,11 +72,10 @@ def collapse(shape: torch.Size, coefficients: list[Tensor | None]) -> tuple[list
         else:
             merged.append((size, st))
     if len(merged) > MAX_DIMS:
-        return collapse(shape, [c.expand(shape).contiguous() if c is not None else None for c in coefficients])
+        return None
     pad = MAX_DIMS - len(merged)
-    sizes = [1] * pad + [size for size, _ in merged]
-    per_coefficient = [[0] * pad + [st[k] for _, st in merged] for k in range(len(coefficients))]
-    return sizes, coefficients, per_coefficient
+    sizes = (1,) * pad + tuple(size for size, _ in merged)
+    return sizes, tuple((0,) * pad + tuple(st[k] for _, st in merged) for k in range(len(layouts)))
 
 
 def ndim(sizes: list[int]) -> int:

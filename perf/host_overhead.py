@@ -61,7 +61,10 @@ class _StandInDriver:
     class utils:
         @staticmethod
         def load_binary(name, kernel, shared, device):
-            return None, None, 32, 0, 1024  # module, function, registers, spills, max threads
+            # module, function, registers, spills, max threads. A module that
+            # is not None: Triton reloads a kernel whose module is None on
+            # every launch, which a real driver never makes it do.
+            return object(), None, 32, 0, 1024
 
         @staticmethod
         def get_device_properties(device):
