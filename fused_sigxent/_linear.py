@@ -45,22 +45,27 @@ DIVIDE_BY_NUMEL = 1  # "mean": B * C, NaN loss when empty (as PyTorch's mean)
 DIVIDE_BY_ROWS = 2  # SigLIP: B (open_clip divides the pairwise sum by the batch)
 REDUCTIONS = {"sum": DIVIDE_BY_ONE, "mean": DIVIDE_BY_NUMEL}
 
-# Logits elements per chunk when chunk_size is None. CPU: 16M (a 64 MiB float32
-# chunk, its 64 MiB gradient, 16 MiB of labels): on this 2-core machine
-# (perf/linear_loss.py, B=8192, H=256, C=32768 float32) 4M-32M elements per
-# chunk ran within a few percent of each other, and smaller chunks shrink the
-# matmuls' row count until weight reads dominate (C=262144 leaves 64 rows).
-# CUDA: 128M (256 MiB of bf16 logits), so a chunk's GEMMs keep M >= 800 rows
-# at C = 152k; a target, not yet measured on a GPU.
-CHUNK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 27}
+# Logits elements per chunk when chunk_size is None, and the fewest rows.
+# CPU: 8M elements (a 32 MiB float32 chunk, 32 MiB of its gradient, 8 MiB of
+# labels). Timed on this 2-core machine (B=2048, H=256, C=32768 float32,
+# fwd+bwd, best of 4 interleaved rounds): 128..512 rows per chunk (4M..16M
+# elements) all ran within 1% of PyTorch eager (1.28 s), 64 rows 14% and 32
+# rows 35% slower: with few rows, each chunk's three GEMMs re-read the whole
+# weight. Hence at least 64 rows, even where C is so large that 8M elements
+# would be fewer rows (C = 262144: 64 rows, 144 MiB of chunk buffers).
+# CUDA: 128M elements (256 MiB of bf16 logits), so the GEMMs keep M >= 800
+# rows at C = 152k; a target, not yet measured on a GPU.
+CHUNK_ELEMENTS = {"cpu": 1 << 23, "cuda": 1 << 27}
+MIN_CHUNK_ROWS = 64
 
 
 def chunk_rows(rows: int, classes: int, device: torch.device, chunk_size: int = 0) -> int:
-    """Rows per chunk: `chunk_size` if given, else CHUNK_ELEMENTS // C, at least 1, at most `rows`."""
+    """Rows per chunk: `chunk_size` if given, else CHUNK_ELEMENTS // C (at
+    least MIN_CHUNK_ROWS), never more than `rows` nor fewer than 1."""
     if chunk_size > 0:
         return max(1, min(chunk_size, rows))
     budget = CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cuda"])
-    return max(1, min(budget // max(classes, 1), rows))
+    return max(1, min(max(budget // max(classes, 1), MIN_CHUNK_ROWS), rows))
 
 
 def _check_class_indices(positives: Tensor, classes: int) -> None:
@@ -143,6 +148,7 @@ def linear_sigmoid_ce(
     acc_bias = torch.zeros(bias.shape, dtype=ct, device=input.device) if need_grad_bias else None
     acc_scale = torch.zeros((), dtype=ct, device=input.device) if need_grad_scale else None
     acc_pos_weight = torch.zeros(n_cols, dtype=ct, device=input.device) if need_grad_pos_weight else None
+    logits_buffer = torch.empty((rows, n_cols), dtype=input.dtype, device=input.device)
     labels_buffer = None
     if target is None:
         # One byte per chunk element, reused by every chunk (each clears its own positives).
@@ -154,8 +160,13 @@ def linear_sigmoid_ce(
         end = min(start + rows, n_rows)
         x = input[start:end]
         xs = x if t is None else x * t
-        # The chunk's logits: one matmul, the bias added by it.
-        logits = torch.mm(xs, weight.T) if addend is None else torch.addmm(addend, xs, weight.T)
+        # The chunk's logits: one matmul (the bias added by it), into a buffer
+        # every chunk reuses (a fresh allocation would fault its pages in again).
+        logits = logits_buffer[: end - start]
+        if addend is None:
+            torch.mm(xs, weight.T, out=logits)
+        else:
+            torch.addmm(addend, xs, weight.T, out=logits)
         if target is not None:
             labels = target[start:end]
         else:
@@ -168,7 +179,6 @@ def linear_sigmoid_ce(
         if need_grad_pos_weight:
             z = _reference.smoothed_labels(labels, label_smoothing, ct)
             acc_pos_weight += _reference.grad_wrt_pos_weight(logits.to(ct), z).sum(0)
-        del logits
         if target is None:
             labels.scatter_(1, columns, False)  # the buffer is all zeros again for the next chunk
         if need_grad_input or need_grad_scale:
