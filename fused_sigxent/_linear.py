@@ -104,8 +104,7 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
-@torch.library.custom_op("fused_sigxent::linear_sigmoid_ce", mutates_args=())
-def linear_sigmoid_ce(
+def run_chunks(
     input: Tensor,
     weight: Tensor,
     bias: Tensor | None,
@@ -209,6 +208,30 @@ def linear_sigmoid_ce(
         acc_pos_weight.mul_(inv).sum_to_size(pos_weight.shape).to(pos_weight.dtype)
         if need_grad_pos_weight else _empty(input if pos_weight is None else pos_weight),
     )
+
+
+@torch.library.custom_op("fused_sigxent::linear_sigmoid_ce", mutates_args=())
+def linear_sigmoid_ce(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    scale: Tensor | None,
+    target: Tensor | None,
+    positives: Tensor | None,
+    pos_weight: Tensor | None,
+    label_smoothing: Tensor,
+    reduction: int,
+    chunk_size: int,
+    need_grad_input: bool,
+    need_grad_weight: bool,
+    need_grad_bias: bool,
+    need_grad_scale: bool,
+    need_grad_pos_weight: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The engine as an op: see `run_chunks`."""
+    return run_chunks(
+        input, weight, bias, scale, target, positives, pos_weight, label_smoothing, reduction, chunk_size,
+        need_grad_input, need_grad_weight, need_grad_bias, need_grad_scale, need_grad_pos_weight)
 
 
 @linear_sigmoid_ce.register_fake

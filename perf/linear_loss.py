@@ -1,0 +1,256 @@
+"""`python -m perf.linear_loss`: fused linear + sigmoid CE and SigLIP (issue 13)
+against the unfused eager composition and its torch.compile: time and peak
+memory per pass, one CSV row per measurement, and a markdown summary."""
+
+import argparse
+import os
+import time
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+import fused_sigxent as fs
+
+from . import _bench, _memory
+
+# Issue 13's sizes (each a training head whose logits are 1-2 GiB in float32):
+#   dense:  B=8192, H=256, C=32768 float32, 1% positives as float32 labels (logits 1 GiB);
+#   sparse: B=2048, H=128, C=262144, K=5 int64 positives per row (dense logits 2 GiB,
+#           dense float32 labels 2 GiB; the unfused composition must build those labels);
+#   siglip: N=16384, D=256 float32 (N x N logits 1 GiB).
+# --quick: the same shapes 1/16 to 1/64 the size, for a smoke test.
+CASES = {
+    "dense": dict(kind="dense", B=8192, H=256, C=32768, K=0),
+    "sparse": dict(kind="sparse", B=2048, H=128, C=262144, K=5),
+    "siglip": dict(kind="siglip", B=16384, H=256, C=16384, K=0),
+}
+QUICK_CASES = {
+    "dense": dict(kind="dense", B=512, H=64, C=4096, K=0),
+    "sparse": dict(kind="sparse", B=256, H=32, C=16384, K=5),
+    "siglip": dict(kind="siglip", B=2048, H=64, C=2048, K=0),
+}
+IMPLS = ["fused_sigxent", "torch_eager", "torch_compile"]
+PASSES = ["fwd", "fwd+bwd"]
+# Issue 13's goals, checked in the summary.
+GOAL_DENSE_MEMORY_RATIO = 1 / 8  # ours / eager, fwd+bwd peak
+GOAL_SPARSE_MEMORY_BYTES = 512 << 20  # ours, fwd+bwd peak above inputs
+GOAL_SIGLIP_MEMORY_RATIO = 1 / 8
+GOAL_SPEED_RATIO = 1.1  # ours / eager, fwd+bwd time
+COLUMNS = ["device", "threads", "torch_version", "triton_version", "commit", "impl", "case", "dtype", "B", "H", "C", "K",
+           "chunk_size", "pass", "median_ms", "p20_ms", "p80_ms", "min_ms", "rounds", "input_bytes",
+           "peak_mem_bytes"]
+
+
+def make_inputs(spec, seed=0):
+    """(features, weight-like, target, extras) of a case, from a fixed seed
+    (a memory child builds the same). Leaves require grad as a training step's do."""
+    g = torch.Generator().manual_seed(seed)
+    B, H, C, K = spec["B"], spec["H"], spec["C"], spec["K"]
+    x = torch.randn(B, H, generator=g).requires_grad_()
+    if spec["kind"] == "siglip":
+        x = F.normalize(x.detach(), dim=-1).requires_grad_()
+        y = F.normalize(torch.randn(B, H, generator=g), dim=-1).requires_grad_()
+        # open_clip's initial values: logit_scale = exp(log 10), logit_bias = -10.
+        return dict(x=x, y=y, t=torch.tensor(10.0, requires_grad=True), b=torch.tensor(-10.0, requires_grad=True))
+    w = (torch.randn(C, H, generator=g) / H ** 0.5).requires_grad_()
+    bias = torch.zeros(C, requires_grad=True)
+    if spec["kind"] == "dense":
+        target = (torch.rand(B, C, generator=g) < 0.01).float()
+    else:
+        target = torch.randint(0, C, (B, K), generator=g)
+        target[:, -1] = -1  # padding, as a ragged batch has
+    return dict(x=x, w=w, bias=bias, target=target)
+
+
+def eager_step(kind):
+    """The unfused composition, as a user writes it: the logits, then PyTorch's loss.
+    Sparse targets are made dense first (scatter into (B, C) float32 labels);
+    SigLIP is open_clip's SigLipLoss._loss (labels 2 I - 1, -logsigmoid, / N)."""
+    if kind == "siglip":
+        def loss(x, y, t, b):
+            logits = t * x @ y.T + b
+            labels = 2 * torch.eye(x.shape[0], dtype=x.dtype, device=x.device) - 1
+            return -F.logsigmoid(labels * logits).sum() / x.shape[0]
+        return loss
+    if kind == "sparse":
+        def loss(x, w, bias, target):
+            dense = torch.zeros(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+            dense.scatter_(1, target.clamp_min(0), (target >= 0).to(x.dtype))
+            return F.binary_cross_entropy_with_logits(F.linear(x, w, bias), dense)
+        return loss
+
+    def loss(x, w, bias, target):
+        return F.binary_cross_entropy_with_logits(F.linear(x, w, bias), target)
+    return loss
+
+
+def fused_step(kind):
+    if kind == "siglip":
+        return lambda x, y, t, b: fs.siglip_loss(x, y, t, b)
+    return lambda x, w, bias, target: fs.linear_sigmoid_cross_entropy(x, w, target, bias)
+
+
+def implementation(name, kind):
+    if name == "fused_sigxent":
+        return fused_step(kind)
+    if name == "torch_eager":
+        return eager_step(kind)
+    torch._dynamo.reset()
+    return torch.compile(eager_step(kind), dynamic=False)
+
+
+def step_fns(fn, inputs):
+    """forward() -> loss with its graph; backward(loss); reset() drops the gradients."""
+    leaves = [t for t in inputs.values() if t.requires_grad]
+
+    def forward():
+        return fn(**inputs)
+
+    def backward(loss):
+        loss.backward()
+
+    def reset():
+        for t in leaves:
+            t.grad = None
+
+    return forward, backward, reset
+
+
+def input_bytes(inputs) -> int:
+    return sum(t.numel() * t.element_size() for t in inputs.values())
+
+
+def memory_child(impl, case, quick=False, threads=None):
+    """In a fresh process (perf._memory): {pass: peak bytes above the inputs}."""
+    if threads:
+        torch.set_num_threads(threads)
+    spec = (QUICK_CASES if quick else CASES)[case]
+    inputs = make_inputs(spec)
+    forward, backward, reset = step_fns(implementation(impl, spec["kind"]), inputs)
+    return _memory.pass_peaks(forward, backward, reset, torch.device("cpu"))
+
+
+def time_rounds(fns: dict, rounds: int) -> dict:
+    """{(impl, pass): [seconds per round]}: after one warm-up step each, the
+    implementations take turns, one call each per round, so a load that
+    comes and goes on a shared machine falls on all of them alike."""
+    out = {}
+    for name, (forward, backward, reset) in fns.items():
+        backward(forward())  # warm-up: compilation, first-call caches, thread pools
+        reset()
+    for _ in range(rounds):
+        for name, (forward, backward, reset) in fns.items():
+            start = time.perf_counter()
+            loss = forward()
+            mid = time.perf_counter()
+            backward(loss)
+            end = time.perf_counter()
+            reset()
+            del loss
+            out.setdefault((name, "fwd"), []).append(mid - start)
+            out.setdefault((name, "fwd+bwd"), []).append(end - start)
+    return out
+
+
+def summarize(frame: pd.DataFrame) -> str:
+    """The markdown page: per case, each implementation's fwd+bwd time and
+    peaks, the ratios to eager, and issue 13's goals checked."""
+    lines = [f"# fused linear + sigmoid CE and SigLIP on {frame['device'].iloc[0]}", "",
+             f"torch {frame['torch_version'].iloc[0]}, {frame['threads'].iloc[0]} torch thread(s), "
+             f"commit {frame['commit'].iloc[0]}. "
+             "Times: median (min) of rounds in which the implementations took turns "
+             "(perf/linear_loss.py); peaks: resident memory above the inputs, a fresh process per "
+             "implementation x case (perf/_memory.py).", "",
+             "| case | pass | impl | median s | min s | peak MiB | time / eager | peak / eager |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    goals = []
+    for case, part in frame.groupby("case", sort=False):
+        for pass_ in PASSES:
+            rows = part[part["pass"] == pass_].set_index("impl")
+            eager = rows.loc["torch_eager"] if "torch_eager" in rows.index else None
+            for impl, row in rows.iterrows():
+                peak = row["peak_mem_bytes"]
+                t_ratio = row["median_ms"] / eager["median_ms"] if eager is not None else float("nan")
+                m_ratio = peak / eager["peak_mem_bytes"] if eager is not None and pd.notna(peak) else float("nan")
+                lines.append(f"| {case} | {pass_} | {impl} | {row['median_ms'] / 1e3:.2f} | {row['min_ms'] / 1e3:.2f} | "
+                             f"{peak / 2**20 if pd.notna(peak) else float('nan'):.0f} | {t_ratio:.2f} | {m_ratio:.3f} |")
+        step = part[part["pass"] == "fwd+bwd"].set_index("impl")
+        if {"fused_sigxent", "torch_eager"} <= set(step.index):
+            ours, eager = step.loc["fused_sigxent"], step.loc["torch_eager"]
+            speed = ours["median_ms"] / eager["median_ms"]
+            speed_min = ours["min_ms"] / eager["min_ms"]
+            goals.append(f"- {case}: fwd+bwd time ours / eager = {speed:.2f} (median), {speed_min:.2f} (min); "
+                         f"goal <= {GOAL_SPEED_RATIO}: {'met' if min(speed, speed_min) <= GOAL_SPEED_RATIO else 'NOT met'}")
+            peak, eager_peak = ours["peak_mem_bytes"], eager["peak_mem_bytes"]
+            if pd.notna(peak) and pd.notna(eager_peak):
+                if case == "sparse":
+                    goals.append(f"- sparse: ours {peak / 2**20:.0f} MiB above inputs (eager {eager_peak / 2**20:.0f} MiB); "
+                                 f"goal <= 512 MiB: {'met' if peak <= GOAL_SPARSE_MEMORY_BYTES else 'NOT met'}")
+                else:
+                    goal = GOAL_DENSE_MEMORY_RATIO if case == "dense" else GOAL_SIGLIP_MEMORY_RATIO
+                    goals.append(f"- {case}: peak ours / eager = {peak / eager_peak:.3f} ({peak / 2**20:.0f} vs "
+                                 f"{eager_peak / 2**20:.0f} MiB); goal <= 1/8: {'met' if peak / eager_peak <= goal else 'NOT met'}")
+    return "\n".join(lines + ["", "## Goals (issue 13)", ""] + goals) + "\n"
+
+
+def main(argv=None):
+    started = time.perf_counter()
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="the same shapes, small, for a smoke test")
+    parser.add_argument("--case", default=None, help=f"comma-separated: {', '.join(CASES)}")
+    parser.add_argument("--impl", default=None, help=f"comma-separated: {', '.join(IMPLS)}")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per case (default 3)")
+    parser.add_argument("--no-memory", action="store_true", help="leave peak_mem_bytes empty")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own, "
+                        "the cores); memory children use the same")
+    parser.add_argument("--out", default=None, help="CSV path (default perf/results/linear-<device>-<date>.csv)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = torch.device("cpu")  # the GPU sweep of these cases is a target (README); see the summary
+    env = _bench.environment(dev)
+    print(f"CPU-only run (no GPU): {env['device']}, {torch.get_num_threads()} torch threads; fused linear + sigmoid CE / SigLIP against the unfused "
+          "eager composition and its torch.compile", flush=True)
+    table = QUICK_CASES if args.quick else CASES
+    cases = args.case.split(",") if args.case else list(table)
+    impls = args.impl.split(",") if args.impl else IMPLS
+    memory = not args.no_memory and _memory.rss_available()
+    rows = []
+    for case in cases:
+        spec = table[case]
+        inputs = make_inputs(spec)
+        fns = {name: step_fns(implementation(name, spec["kind"]), inputs) for name in impls}
+        print(f"{case}: {spec}", flush=True)
+        timed = time_rounds(fns, args.rounds)
+        peaks = {}
+        if memory:
+            specs = [dict(impl=name, case=case, quick=args.quick, threads=torch.get_num_threads()) for name in impls]
+            # One child at a time: eager's peaks here are several GiB each.
+            peaks = dict(zip(impls, _memory.run_children("linear_loss", specs, workers=1)))
+        chunk = fs._linear.chunk_rows(spec["B"], spec["C"], dev)
+        for (name, pass_), seconds in timed.items():
+            ms = torch.tensor(seconds, dtype=torch.float64) * 1e3
+            q = ms.quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)).tolist()
+            rows.append(dict(env, threads=torch.get_num_threads(), impl=name, case=case, dtype="float32", B=spec["B"], H=spec["H"], C=spec["C"],
+                             K=spec["K"], chunk_size=chunk if name == "fused_sigxent" else None,
+                             **{"pass": pass_}, median_ms=q[0], p20_ms=q[1], p80_ms=q[2], min_ms=ms.min().item(),
+                             rounds=len(seconds), input_bytes=input_bytes(inputs),
+                             peak_mem_bytes=peaks.get(name, {}).get(pass_)))
+            print(f"    {name:15} {pass_:8} median {q[0]:9.1f} ms  min {ms.min().item():9.1f} ms  "
+                  f"peak {rows[-1]['peak_mem_bytes']}", flush=True)
+        del inputs, fns
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    frame["peak_mem_bytes"] = frame["peak_mem_bytes"].astype("Int64")
+    out = args.out or _bench.results_csv("linear-", dev, "-quick" if args.quick else "")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    frame.to_csv(out, index=False)
+    summary = os.path.splitext(out)[0] + ".md"
+    with open(summary, "w") as f:
+        f.write(summarize(frame))
+    print(f"wrote {out} and {summary}")
+    print(f"sweep took {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
