@@ -18,15 +18,18 @@ from . import _reduction as R
 
 
 def setup_context(ctx, inputs, output):
-    logits, labels, weight, pos_weight, smoothing, reduction, out_dtype, grad_logits_in_fwd, grad_labels_in_fwd = inputs
+    (logits, labels, weight, pos_weight, smoothing, reduction, out_dtype, grad_logits_in_fwd, grad_labels_in_fwd,
+     *focal) = inputs
+    # (gamma, alpha, hard_labels) of the focal loss; absent (the defaults) when called with nine.
+    gamma, alpha, hard_labels = (*focal, *(None, None, False)[len(focal):])
     _, denom, grad_logits, grad_labels = output
     ctx.mark_non_differentiable(denom, grad_logits, grad_labels)
     # Autograd would otherwise fill a zero "incoming gradient" for each of
     # those outputs: a full-size tensor and a pass over it for grad_logits.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(logits, labels, weight, pos_weight, smoothing, denom)
-    ctx.save_for_forward(logits, labels, weight, pos_weight, smoothing)
-    ctx.reduction, ctx.out_dtype = reduction, out_dtype
+    ctx.save_for_backward(logits, labels, weight, pos_weight, smoothing, denom, gamma, alpha)
+    ctx.save_for_forward(logits, labels, weight, pos_weight, smoothing, gamma, alpha)
+    ctx.reduction, ctx.out_dtype, ctx.hard_labels = reduction, out_dtype, hard_labels
     # The gradients the forward wrote serve one backward, which scales them in
     # place and hands them to autograd. They are kept out of
     # save_for_backward on purpose: once handed out, a hook or an optimizer may
@@ -35,11 +38,13 @@ def setup_context(ctx, inputs, output):
 
 
 def backward(ctx, grad, _grad_denom, _grad_grad_logits, _grad_grad_labels):
-    logits, labels, weight, pos_weight, smoothing, denom = ctx.saved_tensors
-    need_logits, need_labels, need_weight, need_pos_weight = ctx.needs_input_grad[:4]
+    logits, labels, weight, pos_weight, smoothing, denom, gamma, alpha = ctx.saved_tensors
+    # One None for each input past the four differentiable ones (the op's
+    # 12, or SigmoidCE.apply's 9 to 12).
+    rest = (None,) * (len(ctx.needs_input_grad) - 4)
     grads_from_fwd, ctx.grads_from_fwd = ctx.grads_from_fwd, None
     if grad is None:  # no gradient reached the loss (grads are not materialized)
-        return (None,) * 9
+        return (None,) * 4 + rest
     if torch.is_grad_enabled() or _is_batched(grad):
         # create_graph=True, or a torch.func transform: the gradient must
         # itself be differentiable, so it is built from plain PyTorch ops
@@ -48,11 +53,11 @@ def backward(ctx, grad, _grad_denom, _grad_grad_logits, _grad_grad_labels):
         # incoming gradients (jacobian(vectorize=True), is_grads_batched)
         # needs ops with batching rules: the same plain ops.
         grads = _differentiable_grads(grad, logits, labels, weight, pos_weight, smoothing, ctx.reduction,
-                                      ctx.needs_input_grad[:4])
+                                      ctx.needs_input_grad[:4], gamma, alpha)
     else:
         grads = _fused_grads(grad, logits, labels, weight, pos_weight, smoothing, denom, ctx.reduction,
-                             ctx.needs_input_grad[:4], grads_from_fwd)
-    return (*grads, None, None, None, None, None)
+                             ctx.needs_input_grad[:4], grads_from_fwd, gamma, alpha, ctx.hard_labels)
+    return (*grads, *rest)
 
 
 def _is_batched(t: Tensor) -> bool:
@@ -61,7 +66,8 @@ def _is_batched(t: Tensor) -> bool:
     return torch._C._functorch.is_legacy_batchedtensor(t) or torch._C._functorch.is_batchedtensor(t)
 
 
-def _fused_grads(grad, logits, labels, weight, pos_weight, smoothing, denom, reduction, needs, grads_from_fwd):
+def _fused_grads(grad, logits, labels, weight, pos_weight, smoothing, denom, reduction, needs, grads_from_fwd,
+                 gamma=None, alpha=None, hard_labels=False):
     """First-order gradients: the forward's, scaled in place (one launch that
     returns at once when `grad` is 1), or one recompute launch; weight and
     pos_weight gradients on the slower reference path."""
@@ -71,34 +77,40 @@ def _fused_grads(grad, logits, labels, weight, pos_weight, smoothing, denom, red
         grad_logits, grad_labels = grads_from_fwd
         _dispatch.call("sigmoid_ce_scale_", grad_logits.device, grad, grad_logits, grad_labels)
     elif need_logits or need_labels:
+        focal = () if gamma is None else (gamma, alpha, hard_labels)
         grad_logits, grad_labels = _dispatch.call(
-            "sigmoid_ce_bwd", logits.device, grad, logits, labels, weight, pos_weight, denom, smoothing, reduction, need_logits, need_labels,
+            "sigmoid_ce_bwd", logits.device, grad, logits, labels, weight, pos_weight, denom, smoothing, reduction,
+            need_logits, need_labels, *focal,
         )
     grad_weight = grad_pos_weight = None
     if need_weight or need_pos_weight:
         grad_weight, grad_pos_weight = _reference.sigmoid_ce_param_grads(
             grad, logits, labels, weight, pos_weight, denom, smoothing, reduction, need_weight, need_pos_weight,
+            gamma, alpha,
         )
     return (grad_logits if need_logits else None, grad_labels if need_labels else None, grad_weight, grad_pos_weight)
 
 
-def _differentiable_grads(grad, logits, labels, weight, pos_weight, smoothing, reduction, needs):
+def _differentiable_grads(grad, logits, labels, weight, pos_weight, smoothing, reduction, needs,
+                          gamma=None, alpha=None):
     need_logits, need_labels, need_weight, need_pos_weight = needs
     denom = _reference.denominator(reduction, weight, logits, _reference.compute_dtype(logits.dtype))
     grad_logits, grad_labels = _reference.sigmoid_ce_bwd(
         grad, logits, labels, weight, pos_weight, denom, smoothing, reduction, need_logits, need_labels,
+        gamma, alpha,
     )
     grad_weight, grad_pos_weight = _reference.sigmoid_ce_param_grads(
         grad, logits, labels, weight, pos_weight, denom, smoothing, reduction, need_weight, need_pos_weight,
+        gamma, alpha,
     )
     return (grad_logits if need_logits else None, grad_labels if need_labels else None, grad_weight, grad_pos_weight)
 
 
 def jvp(ctx, t_logits, t_labels, t_weight, t_pos_weight, *_):
-    logits, labels, weight, pos_weight, smoothing = ctx.saved_tensors
+    logits, labels, weight, pos_weight, smoothing, gamma, alpha = ctx.saved_tensors
     t_loss = _reference.sigmoid_ce_jvp(
         logits, labels, weight, pos_weight, smoothing, ctx.reduction, ctx.out_dtype,
-        (t_logits, t_labels, t_weight, t_pos_weight),
+        (t_logits, t_labels, t_weight, t_pos_weight), gamma, alpha,
     )
     return t_loss, None, None, None
 
@@ -108,10 +120,11 @@ class SigmoidCE(torch.autograd.Function):
 
     @staticmethod
     def forward(logits, labels, weight, pos_weight, smoothing, reduction, out_dtype,
-                grad_logits_in_fwd, grad_labels_in_fwd):
+                grad_logits_in_fwd, grad_labels_in_fwd, gamma=None, alpha=None, hard_labels=False):
+        focal = () if gamma is None else (gamma, alpha, hard_labels)
         return _dispatch.call(
             "sigmoid_ce_fwd", logits.device, logits, labels, weight, pos_weight, smoothing, reduction, out_dtype,
-            grad_logits_in_fwd, grad_labels_in_fwd,
+            grad_logits_in_fwd, grad_labels_in_fwd, *focal,
         )
 
     setup_context = staticmethod(setup_context)
@@ -120,12 +133,14 @@ class SigmoidCE(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, logits, labels, weight, pos_weight, smoothing, reduction, out_dtype,
-             grad_logits_in_fwd, grad_labels_in_fwd):
+             grad_logits_in_fwd, grad_labels_in_fwd, gamma=None, alpha=None, hard_labels=False):
         """One op call for the whole batch: the elementwise loss of every
         sample at once, then one reduction per sample."""
         x_dim, z_dim, w_dim, p_dim, s_dim = in_dims[:5]
         if s_dim is not None:
             raise ValueError("vmap over label_smoothing is not supported: it is one number per call")
+        if any(d is not None for d in in_dims[9:11]):
+            raise ValueError("vmap over the focal loss's gamma or alpha is not supported: one number per call")
         size = info.batch_size
         x = logits.movedim(x_dim, 0) if x_dim is not None else logits.expand(size, *logits.shape)
         z = labels.movedim(z_dim, 0) if z_dim is not None else labels.expand(size, *labels.shape)
@@ -141,7 +156,7 @@ class SigmoidCE(torch.autograd.Function):
         w, p = coefficient(weight, w_dim), coefficient(pos_weight, p_dim)
         ct = _reference.compute_dtype(x.dtype)
         loss, _, _, _ = SigmoidCE.apply(x, z, w, p, smoothing, R.NONE, out_dtype if reduction == R.NONE else ct,
-                                        False, False)
+                                        False, False, gamma, alpha, hard_labels)
         empty_logits, empty_labels = logits.new_empty(0), labels.new_empty(0)
         if reduction == R.NONE:
             denom = torch.ones(size, dtype=ct, device=x.device)
@@ -163,12 +178,15 @@ SigmoidCE.forward.__signature__ = inspect.signature(SigmoidCE.forward)
 _apply_unbound = super(torch.autograd.Function, SigmoidCE).apply
 
 
-def apply(logits, labels, weight, pos_weight, smoothing, reduction, out_dtype, grad_logits_in_fwd, grad_labels_in_fwd):
-    """`SigmoidCE.apply`, every argument given. In plain eager code (see
+def apply(logits, labels, weight, pos_weight, smoothing, reduction, out_dtype, grad_logits_in_fwd, grad_labels_in_fwd,
+          *focal):
+    """`SigmoidCE.apply`, every argument given (focal: gamma, alpha,
+    hard_labels, or nothing). In plain eager code (see
     `_dispatch.plain_eager`) Function.apply's Python prelude (binding the
     arguments to forward's signature, unwrapping dead functorch wrappers)
     has nothing to do, and its C++ core is called directly."""
-    args = (logits, labels, weight, pos_weight, smoothing, reduction, out_dtype, grad_logits_in_fwd, grad_labels_in_fwd)
+    args = (logits, labels, weight, pos_weight, smoothing, reduction, out_dtype, grad_logits_in_fwd, grad_labels_in_fwd,
+            *focal)
     if _dispatch.plain_eager(logits.device, args):
         return _apply_unbound(*args)
     return SigmoidCE.apply(*args)

@@ -21,17 +21,22 @@ def sigmoid_ce_fwd(
     out_dtype: torch.dtype,
     grad_logits_in_fwd: bool,
     grad_labels_in_fwd: bool,
+    gamma: Tensor | None = None,
+    alpha: Tensor | None = None,
+    hard_labels: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss, denominator, grad_logits, grad_labels): see `_reference.sigmoid_ce_fwd`."""
+    """(loss, denominator, grad_logits, grad_labels): see `_reference.sigmoid_ce_fwd`.
+    gamma (0-d) makes it the focal loss; the last three arguments have
+    defaults, so callers of the plain loss pass nine."""
     return _dispatch.run(
         "sigmoid_ce_fwd", logits.device, logits, labels, weight, pos_weight, label_smoothing, reduction,
-        out_dtype, grad_logits_in_fwd, grad_labels_in_fwd,
+        out_dtype, grad_logits_in_fwd, grad_labels_in_fwd, gamma, alpha, hard_labels,
     )
 
 
 @sigmoid_ce_fwd.register_fake
 def _(logits, labels, weight, pos_weight, label_smoothing, reduction, out_dtype,
-      grad_logits_in_fwd, grad_labels_in_fwd):
+      grad_logits_in_fwd, grad_labels_in_fwd, gamma=None, alpha=None, hard_labels=False):
     loss_shape = logits.shape if reduction == R.NONE else ()
     ct = _reference.compute_dtype(logits.dtype)
     return (
@@ -54,17 +59,20 @@ def sigmoid_ce_bwd(
     reduction: int,
     need_grad_logits: bool,
     need_grad_labels: bool,
+    gamma: Tensor | None = None,
+    alpha: Tensor | None = None,
+    hard_labels: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """(grad_logits, grad_labels) recomputed from the inputs: see `_reference.sigmoid_ce_bwd`."""
     return _dispatch.run(
         "sigmoid_ce_bwd", logits.device, grad, logits, labels, weight, pos_weight, denom, label_smoothing,
-        reduction, need_grad_logits, need_grad_labels,
+        reduction, need_grad_logits, need_grad_labels, gamma, alpha, hard_labels,
     )
 
 
 @sigmoid_ce_bwd.register_fake
 def _(grad, logits, labels, weight, pos_weight, denom, label_smoothing, reduction,
-      need_grad_logits, need_grad_labels):
+      need_grad_logits, need_grad_labels, gamma=None, alpha=None, hard_labels=False):
     return (
         logits.new_empty(logits.shape if need_grad_logits else (0,)),
         labels.new_empty(labels.shape if need_grad_labels else (0,)),
@@ -93,34 +101,54 @@ def sigmoid_ce(
     label_smoothing: float,
     reduction: int,
     out_dtype: torch.dtype,
+    gamma: float | None = None,
+    alpha: float | None = None,
 ) -> Tensor:
-    """The loss, through the op, for arguments a front end has validated.
+    """The loss, through the op, for arguments a front end has validated:
+    sigmoid cross entropy, or with `gamma` the focal loss (alpha None: no alpha_t).
 
-    The label smoothing becomes a 0-d tensor here: the op takes it as data,
-    so a schedule of values neither specializes kernels nor recompiles."""
+    The label smoothing (and gamma, alpha) become 0-d tensors here: the op
+    takes them as data, so a schedule of values neither specializes kernels
+    nor recompiles."""
     _validate.not_scripted()
-    smoothing = _validate.number_as_tensor(label_smoothing, logits, _reference.compute_dtype(logits.dtype))
+    ct = _reference.compute_dtype(logits.dtype)
+    smoothing = _validate.number_as_tensor(label_smoothing, logits, ct)
+    focal = ()
+    if gamma is not None:
+        # Unsmoothed bool/uint8/class-index labels are 0 or 1: the kernels'
+        # focal factor then needs no log (a host fact, so a constexpr).
+        hard = (labels.dtype in (torch.bool, torch.uint8, torch.int64)
+                and not isinstance(label_smoothing, torch.SymFloat) and label_smoothing == 0)
+        focal = (_validate.number_as_tensor(gamma, logits, ct),
+                 None if alpha is None else _validate.number_as_tensor(alpha, logits, ct), hard)
     dtensor = _validate.is_dtensor(logits, labels, weight, pos_weight)
     if _compiled_on_cpu(logits) and not dtensor:
         # Plain ops that Inductor fuses, forward and backward, into its own CPU loops.
+        if focal or labels.dtype == torch.int64:
+            loss, _, _, _ = _reference.sigmoid_ce_fwd(
+                logits, labels, weight, pos_weight, smoothing, reduction, out_dtype, False, False, *focal)
+            return loss
         return _cpu.traced_loss(logits, labels, weight, pos_weight, smoothing, reduction, out_dtype)
     if dtensor or _compiled_transform():
         # The reference's plain ops, which autograd, DTensor (shard by shard)
         # and torch.func differentiate and batch themselves.
         with _validate.implicit_replication() if dtensor else contextlib.nullcontext():
             loss, _, _, _ = _reference.sigmoid_ce_fwd(
-                logits, labels, weight, pos_weight, smoothing, reduction, out_dtype, False, False)
+                logits, labels, weight, pos_weight, smoothing, reduction, out_dtype, False, False, *focal)
         return loss
     grad_logits_in_fwd, grad_labels_in_fwd = _autograd.plan_grads_in_forward(logits, labels, weight, reduction)
     # Both routes run the same op with the same derivatives. Dynamo cannot
     # trace an autograd.Function that defines jvp, so a compiled graph calls
     # the op, which AOTAutograd differentiates through register_autograd;
     # eager code applies the Function, which torch.func and forward AD need.
-    apply = torch.ops.fused_sigxent.sigmoid_ce_fwd if torch.compiler.is_compiling() else _autograd.apply
-    loss, _, _, _ = apply(
-        logits, labels, weight, pos_weight, smoothing, reduction, out_dtype,
-        grad_logits_in_fwd, grad_labels_in_fwd,
-    )
+    if torch.compiler.is_compiling():
+        loss, _, _, _ = torch.ops.fused_sigxent.sigmoid_ce_fwd(
+            logits, labels, weight, pos_weight, smoothing, reduction, out_dtype,
+            grad_logits_in_fwd, grad_labels_in_fwd, *focal)
+    else:
+        loss, _, _, _ = _autograd.apply(
+            logits, labels, weight, pos_weight, smoothing, reduction, out_dtype,
+            grad_logits_in_fwd, grad_labels_in_fwd, *focal)
     return loss
 
 

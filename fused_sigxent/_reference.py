@@ -17,6 +17,7 @@ torch.func transforms, DTensor; see `_autograd.py`). The label smoothing is a
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import _reduction as R
@@ -76,6 +77,93 @@ def grad_wrt_pos_weight(x: Tensor, z: Tensor) -> Tensor:
     return mul0(z, torch.relu(-x)) + z * torch.log1p(torch.exp(-x.abs()))
 
 
+def class_index_labels(index: Tensor, n_classes: int, dtype: torch.dtype) -> Tensor:
+    """Labels of int64 class indices (shape logits.shape[:-1], values in
+    [0, C], C = background: no positive) as one-hot rows over the last
+    dimension, NaN over a row whose index is outside [0, C] (no host sync
+    to raise; the loss shows it). A full-size comparison: the reference is
+    the definition and clarity wins; the kernels compare each column with
+    its row's index instead and never form it."""
+    hot = (torch.arange(n_classes, device=index.device) == index[..., None]).to(dtype)
+    bad = (index < 0) | (index > n_classes)
+    return torch.where(bad[..., None], math.nan, hot)
+
+
+def focal_factor(x: Tensor, z: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(F, dF/dx, dF/dz') for F = (1 - p_t)^gamma, 1 - p_t = sigmoid(x) (1 - z') + sigmoid(-x) z'.
+
+    In log space, so no step underflows or divides 0 by 0: with e = exp(-|x|)
+    and y = z' (x >= 0) or 1 - z' (x < 0),
+      1 - p_t = sigmoid(|x|) a,  a = (1 - y) + y e,
+      log(1 - p_t) = logsigmoid(|x|) + log a,  log a = -|x| where y = 1 (a = e,
+      exactly, even where e underflows),
+      dF/dx = gamma F d log(1 - p_t)/dx = gamma F sigmoid(|x|) (1 - 2 z') e / a,
+      dF/dz' = gamma F (-+)(1 - e) / a = -+gamma (1 - e) exp(gamma logsigmoid(|x|) + (gamma - 1) log a).
+    So gamma < 1 at a confident logit gives a finite gradient (pow's
+    derivative gamma (1 - p_t)^(gamma - 1) is inf there, times 0: NaN in
+    torchvision). gamma = 0 gives F = 1 and dF = 0 exactly (0 * log 0 = 0).
+    """
+    ax = x.abs()
+    e = torch.exp(-ax)
+    y = torch.where(x >= 0, z, 1 - z)
+    a = (1 - y) + y * e
+    agree = (1 - y) == 0
+    # The unselected branch sees a = 1 instead of 0: no inf whose gradient
+    # (under create_graph) would be 0 * inf.
+    safe_a = torch.where(agree, 1.0, a)
+    log_a = torch.where(agree, -ax, torch.log(safe_a))
+    log_r = F.logsigmoid(ax)
+    factor = torch.exp(mul0(gamma, log_r + log_a))
+    e_over_a = torch.where(agree, 1.0, e / safe_a)
+    d_x = gamma * factor * torch.sigmoid(ax) * (1 - 2 * z) * e_over_a
+    sign = torch.where(x >= 0, -1.0, 1.0)
+    d_z = gamma * sign * (1 - e) * torch.exp(mul0(gamma, log_r) + mul0(gamma - 1, log_a))
+    return factor, d_x, d_z
+
+
+def alpha_factor(z: Tensor, alpha: Tensor | None) -> tuple[Tensor | float, Tensor | float]:
+    """(alpha_t, d alpha_t/dz') with alpha_t = alpha z' + (1 - alpha)(1 - z'); (1, 0) without alpha."""
+    if alpha is None:
+        return 1.0, 0.0
+    return (1 - alpha) + (2 * alpha - 1) * z, 2 * alpha - 1
+
+
+def _mul0(a, b):
+    return b if isinstance(a, float) and a == 1.0 else mul0(a, b)
+
+
+def pointwise(x: Tensor, z: Tensor, p: Tensor | None, focal=None, need: str = "l") -> dict:
+    """The elementwise loss and its derivatives, as `need` lists them ("l"
+    loss, "x" dl/dx, "z" dl/dz', "p" dl/dp): sigmoid cross entropy, or with
+    focal = (gamma, alpha) (0-d tensors, alpha None for no alpha_t) the
+    focal loss alpha_t (1 - p_t)^gamma l (SPEC section 6)."""
+    out = {}
+    if focal is None:
+        if "l" in need:
+            out["l"] = elementwise_loss(x, z, p)
+        if "x" in need:
+            out["x"] = grad_wrt_logits(x, z, p)
+        if "z" in need:
+            out["z"] = grad_wrt_smoothed_labels(x, p)
+        if "p" in need:
+            out["p"] = grad_wrt_pos_weight(x, z)
+        return out
+    gamma, alpha = focal
+    ce = elementwise_loss(x, z, p)
+    factor, d_x, d_z = focal_factor(x, z, gamma)
+    a_t, d_a = alpha_factor(z, alpha)
+    if "l" in need:
+        out["l"] = _mul0(a_t, mul0(factor, ce))
+    if "x" in need:
+        out["x"] = _mul0(a_t, factor * grad_wrt_logits(x, z, p) + mul0(d_x, ce))
+    if "z" in need:
+        dz = _mul0(a_t, mul0(factor, grad_wrt_smoothed_labels(x, p)) + mul0(d_z, ce))
+        out["z"] = dz if alpha is None else dz + d_a * mul0(factor, ce)
+    if "p" in need:
+        out["p"] = _mul0(a_t, factor * grad_wrt_pos_weight(x, z))
+    return out
+
+
 def denominator(
     reduction: int, weight: Tensor | None, logits: Tensor, dtype: torch.dtype, batch_dims: int = 0,
 ) -> Tensor:
@@ -113,14 +201,25 @@ def divide(numerator: Tensor, denom: Tensor, reduction: int) -> Tensor:
 
 
 def _upcast(logits, labels, weight, pos_weight, label_smoothing):
-    """(compute dtype, x, z', w, p): the inputs in the compute dtype, labels smoothed."""
+    """(compute dtype, x, z', w, p): the inputs in the compute dtype, labels
+    smoothed (int64 class indices read as one-hot rows first)."""
     ct = compute_dtype(logits.dtype)
     w = None if weight is None else weight.to(ct)
     p = None if pos_weight is None else pos_weight.to(ct)
+    if labels.dtype == torch.int64:
+        labels = class_index_labels(labels, logits.shape[-1], ct)
     return ct, logits.to(ct), smoothed_labels(labels, label_smoothing, ct), w, p
 
 
-def _input_grads(x, z, w, p, scale, label_smoothing, logits, labels, need_grad_logits, need_grad_labels):
+def _focal(gamma: Tensor | None, alpha: Tensor | None, ct: torch.dtype):
+    """(gamma, alpha) in the compute dtype for `pointwise`, or None for sigmoid cross entropy."""
+    if gamma is None:
+        return None
+    return gamma.to(ct), None if alpha is None else alpha.to(ct)
+
+
+def _input_grads(x, z, w, p, scale, label_smoothing, logits, labels, need_grad_logits, need_grad_labels,
+                 focal=None):
     """d(loss)/d(logits) and d(loss)/d(labels) for the chain-rule factor
     `scale`, in the dtypes of the tensors differentiated (empty if unasked)."""
 
@@ -128,11 +227,12 @@ def _input_grads(x, z, w, p, scale, label_smoothing, logits, labels, need_grad_l
         return (d if w is None else mul0(w, d)) * scale
 
     grad_logits, grad_labels = _unasked(logits), _unasked(labels)
+    need = "x" * need_grad_logits + "z" * need_grad_labels
+    d = pointwise(x, z, p, focal, need) if need else {}
     if need_grad_logits:
-        grad_logits = weighted(grad_wrt_logits(x, z, p)).to(logits.dtype).contiguous()
+        grad_logits = weighted(d["x"]).to(logits.dtype).contiguous()
     if need_grad_labels:
-        dz = grad_wrt_smoothed_labels(x, p) * (1.0 - label_smoothing)
-        grad_labels = weighted(dz).to(labels.dtype).contiguous()
+        grad_labels = weighted(d["z"] * (1.0 - label_smoothing)).to(labels.dtype).contiguous()
     return grad_logits, grad_labels
 
 
@@ -151,12 +251,21 @@ def sigmoid_ce_fwd(
     out_dtype: torch.dtype,
     grad_logits_in_fwd: bool,
     grad_labels_in_fwd: bool,
+    gamma: Tensor | None = None,
+    alpha: Tensor | None = None,
+    hard_labels: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Loss (reduced, or elementwise for NONE), its denominator, and, when
     asked, the gradients of the loss for an incoming gradient of 1 (which the
-    backward then only scales). Unasked gradients come back empty."""
+    backward then only scales). Unasked gradients come back empty.
+
+    gamma (0-d): the focal loss (SPEC section 6) with that gamma and alpha
+    (0-d, or None for no alpha_t); None: sigmoid cross entropy. hard_labels:
+    a promise that z' is 0 or 1 (the kernels' cheaper focal factor); unused here.
+    int64 labels: class indices of shape logits.shape[:-1] (`class_index_labels`)."""
     ct, x, z, w, p = _upcast(logits, labels, weight, pos_weight, label_smoothing)
-    loss = elementwise_loss(x, z, p)
+    focal = _focal(gamma, alpha, ct)
+    loss = pointwise(x, z, p, focal)["l"]
     if w is not None:
         loss = mul0(w, loss)
     denom = denominator(reduction, weight, logits, ct)
@@ -168,7 +277,7 @@ def sigmoid_ce_fwd(
         one = torch.ones((), dtype=ct, device=logits.device)
         grad_logits, grad_labels = _input_grads(
             x, z, w, p, divide(one, denom, reduction), label_smoothing, logits, labels,
-            grad_logits_in_fwd, grad_labels_in_fwd,
+            grad_logits_in_fwd, grad_labels_in_fwd, focal,
         )
     return loss.to(out_dtype).contiguous(), denom, grad_logits, grad_labels
 
@@ -184,16 +293,20 @@ def sigmoid_ce_bwd(
     reduction: int,
     need_grad_logits: bool,
     need_grad_labels: bool,
+    gamma: Tensor | None = None,
+    alpha: Tensor | None = None,
+    hard_labels: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Gradients for logits and labels, recomputed from the inputs.
 
     `grad` is the incoming gradient: 0-d for a reduced loss, the logits'
-    shape for NONE. Unasked gradients come back empty.
+    shape for NONE. Unasked gradients come back empty. gamma, alpha,
+    hard_labels: as in `sigmoid_ce_fwd`.
     """
     ct, x, z, w, p = _upcast(logits, labels, weight, pos_weight, label_smoothing)
     return _input_grads(
         x, z, w, p, divide(grad.to(ct), denom, reduction), label_smoothing, logits, labels,
-        need_grad_logits, need_grad_labels,
+        need_grad_logits, need_grad_labels, _focal(gamma, alpha, ct),
     )
 
 
@@ -215,6 +328,8 @@ def sigmoid_ce_param_grads(
     reduction: int,
     need_grad_weight: bool,
     need_grad_pos_weight: bool,
+    gamma: Tensor | None = None,
+    alpha: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Gradients for a learned weight and pos_weight, summed back to their
     broadcast shapes. The slow path: full-size temporaries, several launches.
@@ -224,15 +339,16 @@ def sigmoid_ce_param_grads(
     constant, so it contributes nothing.
     """
     ct, x, z, w, p = _upcast(logits, labels, weight, pos_weight, label_smoothing)
+    focal = _focal(gamma, alpha, ct)
     scale = divide(grad.to(ct), denom, reduction)
     grad_weight = grad_pos_weight = None
     if need_grad_weight and w is not None:
-        loss = elementwise_loss(x, z, p)
+        loss = pointwise(x, z, p, focal)["l"]
         if reduction == R.MEAN_BY_WEIGHTS:
             loss = loss - divide(mul0(w, loss).sum(), denom, reduction)
         grad_weight = (loss * scale).sum_to_size(weight.shape).to(weight.dtype)
     if need_grad_pos_weight and p is not None:
-        d = grad_wrt_pos_weight(x, z)
+        d = pointwise(x, z, p, focal, "p")["p"]
         if w is not None:
             d = mul0(w, d)
         grad_pos_weight = (d * scale).sum_to_size(pos_weight.shape).to(pos_weight.dtype)
@@ -248,6 +364,8 @@ def sigmoid_ce_jvp(
     reduction: int,
     out_dtype: torch.dtype,
     tangents: tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None],
+    gamma: Tensor | None = None,
+    alpha: Tensor | None = None,
 ) -> Tensor:
     """Forward-mode derivative of the loss for the tangents of (logits,
     labels, weight, pos_weight), each None where it has none.
@@ -258,23 +376,24 @@ def sigmoid_ce_jvp(
     """
     t_logits, t_labels, t_weight, t_pos_weight = tangents
     ct, x, z, w, p = _upcast(logits, labels, weight, pos_weight, label_smoothing)
+    focal = _focal(gamma, alpha, ct)
+    terms = pointwise(x, z, p, focal, "lxzp" if p is not None else "lxz")
     d = torch.zeros_like(x)
     if t_logits is not None:
-        d = d + grad_wrt_logits(x, z, p) * t_logits.to(ct)
+        d = d + terms["x"] * t_logits.to(ct)
     if t_labels is not None:
-        d = d + grad_wrt_smoothed_labels(x, p) * (1.0 - label_smoothing) * t_labels.to(ct)
+        d = d + terms["z"] * (1.0 - label_smoothing) * t_labels.to(ct)
     if t_pos_weight is not None and p is not None:
-        d = d + grad_wrt_pos_weight(x, z) * t_pos_weight.to(ct)
+        d = d + terms["p"] * t_pos_weight.to(ct)
     if w is not None:
         d = mul0(w, d)
         if t_weight is not None:
-            d = d + mul0(t_weight.to(ct), elementwise_loss(x, z, p))
+            d = d + mul0(t_weight.to(ct), terms["l"])
     if reduction == R.NONE:
         return d.to(out_dtype)
     denom = denominator(reduction, weight, logits, ct)
     d_total = d.sum()
     if reduction == R.MEAN_BY_WEIGHTS and t_weight is not None and w is not None:
-        loss = elementwise_loss(x, z, p)
-        value = divide(mul0(w, loss).sum(), denom, reduction)
+        value = divide(mul0(w, terms["l"]).sum(), denom, reduction)
         d_total = d_total - value * denominator(reduction, t_weight, logits, ct)
     return divide(d_total, denom, reduction).to(out_dtype)

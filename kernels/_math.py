@@ -33,6 +33,7 @@ COEF_STRIDED = tl.constexpr(5)  # (rows, classes), any strides or rows straddled
 CHUNK = tl.constexpr(8)
 
 LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 # log1p(e) for e in [0, 1] as 2 atanh(t), t = e / (2 + e) in [0, 1/3]:
 # 2 atanh(t) = t * P(t^2), P of degree 4 fitted (Lawson's minimax) to
 # 2 atanh(sqrt(s)) / sqrt(s) on s in [0, 1/9]: relative error 8e-9 in exact
@@ -101,6 +102,35 @@ def rcp_approx(x):
     """1 / x by the SFU (PTX rcp.approx.ftz.f32): error <= 1 ulp."""
     return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
                                      is_pure=True, pack=1)
+
+
+@triton.jit
+def lg2_approx(x):
+    """log2(x) by the SFU (PTX lg2.approx.ftz.f32): absolute error <= 2**-22.
+    for x in [0.5, 2], relative 2**-22 elsewhere; subnormal x read as 0 (-inf)."""
+    return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def exp_any(t, FAST_MATH: tl.constexpr):
+    """exp(t): the focal factor's powers (t <= 0, except F / a for gamma < 1,
+    which overflows where the labels' gradient is truly infinite)."""
+    if FAST_MATH:
+        res = ex2_approx(t * LOG2E)
+    else:
+        res = tl.exp(t)
+    return res
+
+
+@triton.jit
+def log_any(a, FAST_MATH: tl.constexpr):
+    """log(a) for a normal a > 0."""
+    if FAST_MATH:
+        res = lg2_approx(a) * LN2
+    else:
+        res = tl.log(a)
+    return res
 
 
 @triton.jit
@@ -272,8 +302,42 @@ def smoothing(smoothing_ptr, CT: tl.constexpr):
 
 
 @triton.jit
+def focal_parameters(gamma_ptr, alpha_ptr, FOCAL: tl.constexpr, HAS_ALPHA: tl.constexpr, CT: tl.constexpr):
+    """The focal loss's (gamma, alpha), read once per program from 0-d tensors
+    (data, like the smoothing); 0.0 where unused."""
+    gamma = tl.full([], 0.0, CT)
+    alpha = tl.full([], 0.0, CT)
+    if FOCAL:
+        gamma = tl.load(gamma_ptr).to(CT)
+        if HAS_ALPHA:
+            alpha = tl.load(alpha_ptr).to(CT)
+    return gamma, alpha
+
+
+def focal_launch(labels, smoothing, gamma, alpha, hard_labels: bool) -> tuple[tuple, dict]:
+    """Host side: the kernels' (gamma_ptr, alpha_ptr) and their FOCAL,
+    HAS_ALPHA, HARD_LABELS and CLASS_INDEX flags. Absent
+    scalars point at the smoothing (never read), so pointer dtypes, and so
+    the tuner's variants, are those of the plain loss."""
+    class_index = labels.dtype == torch.int64
+    flags = dict(FOCAL=gamma is not None, HAS_ALPHA=gamma is not None and alpha is not None,
+                 HARD_LABELS=gamma is not None and hard_labels, CLASS_INDEX=class_index)
+    pointers = (smoothing if gamma is None else gamma, smoothing if gamma is None or alpha is None else alpha)
+    return pointers, flags
+
+
+@triton.jit
 def loss_and_grads(x, z, p, HAS_POS_WEIGHT: tl.constexpr, CT: tl.constexpr, FAST_MATH: tl.constexpr):
-    """Elementwise loss l, dl/dx and dl/dz' (z' the smoothed label, p pos_weight).
+    """Elementwise loss l, dl/dx and dl/dz' (z' the smoothed label, p pos_weight): see `ce_terms`."""
+    loss, d_logits, d_labels, _, _, _ = ce_terms(x, z, p, HAS_POS_WEIGHT, CT, FAST_MATH)
+    return loss, d_logits, d_labels
+
+
+@triton.jit
+def ce_terms(x, z, p, HAS_POS_WEIGHT: tl.constexpr, CT: tl.constexpr, FAST_MATH: tl.constexpr):
+    """Elementwise loss l, dl/dx and dl/dz' (z' the smoothed label, p pos_weight),
+    and the pieces the focal factor reuses: e = exp(-|x|), r = 1 / (1 + e) =
+    sigmoid(|x|), log1p(e).
 
     stable loss: l = (1 - z') relu(x) + p z' relu(-x) + q log1p(exp(-|x|)), q = 1 + (p - 1) z'
     (p = 1: max(x, 0) - x z' + log1p(exp(-|x|)))
@@ -305,7 +369,39 @@ def loss_and_grads(x, z, p, HAS_POS_WEIGHT: tl.constexpr, CT: tl.constexpr, FAST
     c = tl.where(pos, one_minus_z, -pz)
     loss = tl.where(c == 0, q_log, c * x + q_log)
     d_logits = r * tl.where(pos, one_minus_z - pz * e, one_minus_z * e - pz)
-    return loss, d_logits, d_labels
+    return loss, d_logits, d_labels, e, r, log_term
+
+
+@triton.jit
+def focal_factor(x, z, e, r, log_term, gamma, HARD_LABELS: tl.constexpr, FAST_MATH: tl.constexpr):
+    """(F, dF/dx, dF/dz') for F = (1 - p_t)^gamma, the formulas of
+    `_reference.focal_factor` in log space: with y = z' (x >= 0) or 1 - z',
+    1 - p_t = r a, a = (1 - y) + y e, log(1 - p_t) = log a - log1p(e),
+    log a = -|x| where y = 1 (a = e, however small e is);
+    dF/dx = gamma F r (1 - 2 z') e / a; dF/dz' = -+gamma (1 - e) F / a.
+    HARD_LABELS (z' is 0 or 1): log a and e / a are selects, so the factor
+    costs one exp (the SFU's ex2) beyond the cross entropy's terms; soft
+    labels add a log and a reciprocal."""
+    ax = tl.abs(x)
+    pos = x >= 0
+    y = tl.where(pos, z, 1.0 - z)
+    if HARD_LABELS:
+        agree = y != 0
+        log_a = tl.where(agree, -ax, 0.0)
+        e_over_a = tl.where(agree, 1.0, e)
+    else:
+        a = (1.0 - y) + y * e
+        agree = (1.0 - y) == 0
+        safe_a = tl.where(agree, 1.0, a)
+        log_a = tl.where(agree, -ax, log_any(safe_a, FAST_MATH))
+        e_over_a = tl.where(agree, 1.0, e / safe_a)
+    # gamma = 0: F = exp(0) = 1 and dF = 0 exactly, even where log(1 - p_t) = -inf.
+    factor = exp_any(mul0(gamma, log_a - log_term), FAST_MATH)
+    d_x = gamma * factor * r * (1.0 - 2.0 * z) * e_over_a
+    # F / a = exp(-gamma log1p(e) + (gamma - 1) log a): no 0 / 0 where a underflows.
+    sign = tl.where(pos, -1.0, 1.0)
+    d_z = gamma * sign * (1.0 - e) * exp_any(mul0(gamma, -log_term) + mul0(gamma - 1.0, log_a), FAST_MATH)
+    return factor, d_x, d_z
 
 
 @triton.jit
@@ -352,13 +448,15 @@ def load_block(
     start, row, col, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, w_scalar, pw_scalar,
     n_elements, d1, d2, d3,
     stride_w_0, stride_w_1, stride_w_2, stride_w_3, stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
-    s,
+    s, n_cols,
     W_LAYOUT: tl.constexpr, PW_LAYOUT: tl.constexpr, NDIM: tl.constexpr, CHUNK_WRAPS: tl.constexpr,
-    MASKED: tl.constexpr, CT: tl.constexpr, CHUNK_: tl.constexpr, BLOCK: tl.constexpr,
+    CLASS_INDEX: tl.constexpr, MASKED: tl.constexpr, CT: tl.constexpr, CHUNK_: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Lanes (block_lanes), mask and inputs of the block at `start`, upcast
     to the compute dtype: x, the smoothed label z' = z (1 - s) + 0.5 s, the
-    weight w and pos_weight p (1.0 when absent; 0 where masked)."""
+    weight w and pos_weight p (1.0 when absent; 0 where masked).
+    CLASS_INDEX: labels_ptr holds one int64 class index per row of n_cols
+    logits; z is 1 where the column is the row's index (see `class_index_label`)."""
     lanes = block_lanes(CHUNK_, BLOCK)
     if MASKED:
         # The tail: fewer than BLOCK elements remain, an int32 count.
@@ -366,7 +464,10 @@ def load_block(
     else:
         mask = block_mask(lanes, n_elements, MASKED, BLOCK)
     x = tl.load(logits_ptr + start + lanes, mask=mask, other=0).to(CT)
-    z = tl.load(labels_ptr + start + lanes, mask=mask, other=0).to(CT)
+    if CLASS_INDEX:
+        z = class_index_label(labels_ptr, start + lanes, mask, n_cols, CT)
+    else:
+        z = tl.load(labels_ptr + start + lanes, mask=mask, other=0).to(CT)
     z = z * (1.0 - s) + 0.5 * s
     w = load_coefficient(weight_ptr, w_scalar, start + lanes, mask, row, col, d1, d2, d3,
                          stride_w_0, stride_w_1, stride_w_2, stride_w_3, W_LAYOUT, NDIM, CHUNK_WRAPS, MASKED, CT,
@@ -378,10 +479,38 @@ def load_block(
 
 
 @triton.jit
-def weighted_loss_and_grads(x, z, w, p, HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr,
+def class_index_label(labels_ptr, offs, mask, n_cols, CT: tl.constexpr):
+    """The one-hot label at flat offsets offs of (rows, n_cols) logits from one
+    int64 class index per row (n_cols: background, no positive): the column
+    compared with its row's index, never a one-hot tensor. An index outside
+    [0, n_cols] gives NaN for the whole row (no host sync to raise)."""
+    i_row = offs // n_cols
+    index = tl.load(labels_ptr + i_row, mask=mask, other=0)
+    hot = ((offs - i_row * n_cols) == index).to(CT)
+    return tl.where((index < 0) | (index > n_cols), float("nan"), hot)
+
+
+@triton.jit
+def weighted_loss_and_grads(x, z, w, p, gamma, alpha, HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr,
+                            FOCAL: tl.constexpr, HAS_ALPHA: tl.constexpr, HARD_LABELS: tl.constexpr,
                             CT: tl.constexpr, FAST_MATH: tl.constexpr):
-    """`loss_and_grads` times the weight; a zero weight masks all three."""
-    loss, d_logits, d_labels = loss_and_grads(x, z, p, HAS_POS_WEIGHT, CT, FAST_MATH)
+    """`loss_and_grads` (FOCAL: times alpha_t (1 - p_t)^gamma, SPEC section 6)
+    times the weight; a zero weight masks all three.
+
+    focal: L = alpha_t F l, alpha_t = (1 - alpha) + (2 alpha - 1) z' (1 without HAS_ALPHA),
+    dL/dx = alpha_t (F dl/dx + l dF/dx), dL/dz' = alpha_t (F dl/dz' + l dF/dz') + (2 alpha - 1) F l,
+    each product masked (0 * inf = 0: an infinite l where F's derivative is 0)."""
+    loss, d_logits, d_labels, e, r, log_term = ce_terms(x, z, p, HAS_POS_WEIGHT, CT, FAST_MATH)
+    if FOCAL:
+        factor, df_x, df_z = focal_factor(x, z, e, r, log_term, gamma, HARD_LABELS, FAST_MATH)
+        d_logits = factor * d_logits + mul0(df_x, loss)
+        d_labels = mul0(factor, d_labels) + mul0(df_z, loss)
+        loss = mul0(factor, loss)
+        if HAS_ALPHA:
+            a_t = (1.0 - alpha) + (2.0 * alpha - 1.0) * z
+            d_labels = mul0(a_t, d_labels) + (2.0 * alpha - 1.0) * loss
+            d_logits = mul0(a_t, d_logits)
+            loss = mul0(a_t, loss)
     if HAS_WEIGHT:
         loss = mul0(w, loss)
         d_logits = mul0(w, d_logits)

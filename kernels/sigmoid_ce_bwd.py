@@ -18,9 +18,11 @@ from ._math import (
     coefficient_layout,
     divide,
     fast_math,
+    focal_launch,
     grid_stride,
     load_block,
     load_scalar,
+    focal_parameters,
     smoothing,
     step_rows_classes,
     stepped_indices,
@@ -32,9 +34,10 @@ from ._math import (
 def _bwd_block(
     start, row, col, grad_ptr, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, w_scalar, pw_scalar,
     grad_logits_ptr, grad_labels_ptr, n_elements, d1, d2, d3, stride_w_0, stride_w_1, stride_w_2, stride_w_3,
-    stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, s, one_minus_s, scale,
+    stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, s, one_minus_s, scale, gamma, alpha, n_cols,
     REDUCTION: tl.constexpr, W_LAYOUT: tl.constexpr, PW_LAYOUT: tl.constexpr, NDIM: tl.constexpr,
     CHUNK_WRAPS: tl.constexpr, NEED_GRAD_LOGITS: tl.constexpr, NEED_GRAD_LABELS: tl.constexpr,
+    FOCAL: tl.constexpr, HAS_ALPHA: tl.constexpr, HARD_LABELS: tl.constexpr, CLASS_INDEX: tl.constexpr,
     MASKED: tl.constexpr, CT: tl.constexpr, FAST_MATH: tl.constexpr, CHUNK_: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Gradients of one block of BLOCK elements from `start`. MASKED only for
@@ -45,9 +48,10 @@ def _bwd_block(
         start, row, col, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, w_scalar, pw_scalar,
         n_elements, d1, d2, d3,
         stride_w_0, stride_w_1, stride_w_2, stride_w_3, stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
-        s, W_LAYOUT, PW_LAYOUT, NDIM, CHUNK_WRAPS, MASKED, CT, CHUNK_, BLOCK)
+        s, n_cols, W_LAYOUT, PW_LAYOUT, NDIM, CHUNK_WRAPS, CLASS_INDEX, MASKED, CT, CHUNK_, BLOCK)
     _, d_logits, d_labels = weighted_loss_and_grads(
-        x, z, w, p, W_LAYOUT != COEF_NONE, PW_LAYOUT != COEF_NONE, CT, FAST_MATH)
+        x, z, w, p, gamma, alpha, W_LAYOUT != COEF_NONE, PW_LAYOUT != COEF_NONE, FOCAL, HAS_ALPHA, HARD_LABELS,
+        CT, FAST_MATH)
     if REDUCTION == NONE:
         scale = tl.load(grad_ptr + start + lanes, mask=mask, other=0).to(CT)
     # Chain rule: times the incoming gradient (over the denominator).
@@ -61,22 +65,24 @@ def _bwd_block(
 @tuned("sigmoid_ce_bwd")
 @triton.jit(do_not_specialize=["n_elements"])
 def _sigmoid_ce_bwd_kernel(
-    grad_ptr, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, smoothing_ptr, denom_ptr,
+    grad_ptr, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, smoothing_ptr, gamma_ptr, alpha_ptr, denom_ptr,
     grad_logits_ptr, grad_labels_ptr,
-    n_elements, numel_class, d1, d2, d3,
+    n_elements, numel_class, d1, d2, d3, n_cols,
     stride_w_0, stride_w_1, stride_w_2, stride_w_3,
     stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
     REDUCTION: tl.constexpr, W_LAYOUT: tl.constexpr, PW_LAYOUT: tl.constexpr, NDIM: tl.constexpr,
     STEP_CLASSES: tl.constexpr, CHUNK_WRAPS: tl.constexpr,
     NEED_GRAD_LOGITS: tl.constexpr, NEED_GRAD_LABELS: tl.constexpr,
+    FOCAL: tl.constexpr, HAS_ALPHA: tl.constexpr, HARD_LABELS: tl.constexpr, CLASS_INDEX: tl.constexpr,
     INT64: tl.constexpr, CT: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Persistent grid; each program strides over blocks of BLOCK elements.
 
     grad_ptr: the incoming gradient, [] for a reduced loss, [n_elements]
       (contiguous) for REDUCTION == NONE. denom_ptr: [] the forward's denominator.
-    logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, smoothing_ptr, d1..d3,
-      strides, W_LAYOUT, PW_LAYOUT, STEP_CLASSES, CHUNK_WRAPS, FAST_MATH: as in
+    logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, smoothing_ptr, gamma_ptr, alpha_ptr, d1..d3, n_cols,
+      strides, W_LAYOUT, PW_LAYOUT, STEP_CLASSES, CHUNK_WRAPS, FOCAL, HAS_ALPHA,
+      HARD_LABELS, CLASS_INDEX, FAST_MATH: as in
       _sigmoid_ce_fwd_kernel.
     grad_logits_ptr, grad_labels_ptr: [n_elements] outputs, written when NEED_GRAD_*.
     numel_class: the autotune key only.
@@ -85,6 +91,7 @@ def _sigmoid_ce_bwd_kernel(
     CHUNK_: tl.constexpr = CHUNK if STEP_CLASSES else BLOCK
     s = smoothing(smoothing_ptr, CT)
     one_minus_s = 1.0 - s
+    gamma, alpha = focal_parameters(gamma_ptr, alpha_ptr, FOCAL, HAS_ALPHA, CT)
     w_scalar = load_scalar(weight_ptr, W_LAYOUT, CT)
     pw_scalar = load_scalar(pos_weight_ptr, PW_LAYOUT, CT)
     if REDUCTION != NONE:
@@ -101,15 +108,17 @@ def _sigmoid_ce_bwd_kernel(
         _bwd_block(t, t_row, t_col, grad_ptr, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr,
                    w_scalar, pw_scalar, grad_logits_ptr, grad_labels_ptr, n_elements, d1, d2, d3,
                    stride_w_0, stride_w_1, stride_w_2, stride_w_3, stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
-                   s, one_minus_s, scale, REDUCTION, W_LAYOUT, PW_LAYOUT, NDIM, CHUNK_WRAPS,
-                   NEED_GRAD_LOGITS, NEED_GRAD_LABELS, True, CT, FAST_MATH, TAIL_CHUNK, TAIL_BLOCK)
+                   s, one_minus_s, scale, gamma, alpha, n_cols, REDUCTION, W_LAYOUT, PW_LAYOUT, NDIM, CHUNK_WRAPS,
+                   NEED_GRAD_LOGITS, NEED_GRAD_LABELS, FOCAL, HAS_ALPHA, HARD_LABELS, CLASS_INDEX,
+                   True, CT, FAST_MATH, TAIL_CHUNK, TAIL_BLOCK)
     row, col, d_row, d_col = stepped_indices(first, step, d3, STEP_CLASSES, CHUNK_, BLOCK)
     for start in range(first, n_full, step):
         _bwd_block(start, row, col, grad_ptr, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr,
                    w_scalar, pw_scalar, grad_logits_ptr, grad_labels_ptr, n_elements, d1, d2, d3,
                    stride_w_0, stride_w_1, stride_w_2, stride_w_3, stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
-                   s, one_minus_s, scale, REDUCTION, W_LAYOUT, PW_LAYOUT, NDIM, CHUNK_WRAPS,
-                   NEED_GRAD_LOGITS, NEED_GRAD_LABELS, False, CT, FAST_MATH, CHUNK_, BLOCK)
+                   s, one_minus_s, scale, gamma, alpha, n_cols, REDUCTION, W_LAYOUT, PW_LAYOUT, NDIM, CHUNK_WRAPS,
+                   NEED_GRAD_LOGITS, NEED_GRAD_LABELS, FOCAL, HAS_ALPHA, HARD_LABELS, CLASS_INDEX,
+                   False, CT, FAST_MATH, CHUNK_, BLOCK)
         if STEP_CLASSES:
             row, col = step_rows_classes(row, col, d_row, d_col, d3)
 
@@ -125,6 +134,9 @@ def sigmoid_ce_bwd(
     reduction: int,
     need_grad_logits: bool,
     need_grad_labels: bool,
+    gamma: torch.Tensor | None = None,
+    alpha: torch.Tensor | None = None,
+    hard_labels: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The op `fused_sigxent::sigmoid_ce_bwd` on validated tensors; same
     contract as `_reference.sigmoid_ce_bwd`."""
@@ -143,15 +155,18 @@ def sigmoid_ce_bwd(
     if n == 0 or not (need_grad_logits or need_grad_labels):
         return grad_logits, grad_labels
 
+    n_cols = max(1, x.shape[-1]) if x.dim() else 1
+    focal_ptrs, focal_flags = focal_launch(z, label_smoothing, gamma, alpha, hard_labels)
+
     _sigmoid_ce_bwd_kernel[_layout.persistent_grid(n, device)](
-        g, x, z, x if w is None else w, x if pw is None else pw, label_smoothing, denom,
+        g, x, z, x if w is None else w, x if pw is None else pw, label_smoothing, *focal_ptrs, denom,
         grad_logits if need_grad_logits else x, grad_labels if need_grad_labels else x,
-        n, numel_class("sigmoid_ce_bwd", n), sizes[1], sizes[2], sizes[3],
+        n, numel_class("sigmoid_ce_bwd", n), sizes[1], sizes[2], sizes[3], n_cols,
         *stride_w, *stride_pw,
         REDUCTION=reduction, W_LAYOUT=coefficient_layout(w, stride_w, sizes, nd),
         PW_LAYOUT=coefficient_layout(pw, stride_pw, sizes, nd), NDIM=nd,
         STEP_CLASSES=step_classes, CHUNK_WRAPS=chunk_wraps,
-        NEED_GRAD_LOGITS=need_grad_logits, NEED_GRAD_LABELS=need_grad_labels,
+        NEED_GRAD_LOGITS=need_grad_logits, NEED_GRAD_LABELS=need_grad_labels, **focal_flags,
         INT64=n >= _layout.INT32_LIMIT, CT=tl.float64 if ct == torch.float64 else tl.float32,
         FAST_MATH=fast_math(ct),
     )

@@ -22,9 +22,11 @@ from ._math import (
     coefficient_layout,
     divide,
     fast_math,
+    focal_launch,
     grid_stride,
     load_block,
     load_scalar,
+    focal_parameters,
     smoothing,
     step_rows_classes,
     stepped_indices,
@@ -38,10 +40,11 @@ def _fwd_block(
     start, row, col, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, w_scalar, pw_scalar,
     loss_ptr, grad_logits_ptr, grad_labels_ptr,
     n_elements, d1, d2, d3, stride_w_0, stride_w_1, stride_w_2, stride_w_3,
-    stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, s, one_minus_s, grad_scale,
+    stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, s, one_minus_s, grad_scale, gamma, alpha, n_cols,
     acc_loss, acc_weight, acc_nonzero,
     REDUCTION: tl.constexpr, W_LAYOUT: tl.constexpr, PW_LAYOUT: tl.constexpr, COUNT_WEIGHTS: tl.constexpr,
     NDIM: tl.constexpr, CHUNK_WRAPS: tl.constexpr, WRITE_GRAD_LOGITS: tl.constexpr, WRITE_GRAD_LABELS: tl.constexpr,
+    FOCAL: tl.constexpr, HAS_ALPHA: tl.constexpr, HARD_LABELS: tl.constexpr, CLASS_INDEX: tl.constexpr,
     MASKED: tl.constexpr, CT: tl.constexpr, FAST_MATH: tl.constexpr, CHUNK_: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One block of BLOCK elements from `start`: stores what the forward writes
@@ -51,10 +54,11 @@ def _fwd_block(
         start, row, col, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, w_scalar, pw_scalar,
         n_elements, d1, d2, d3,
         stride_w_0, stride_w_1, stride_w_2, stride_w_3, stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
-        s, W_LAYOUT, PW_LAYOUT, NDIM, CHUNK_WRAPS, MASKED, CT, CHUNK_, BLOCK)
+        s, n_cols, W_LAYOUT, PW_LAYOUT, NDIM, CHUNK_WRAPS, CLASS_INDEX, MASKED, CT, CHUNK_, BLOCK)
     # Loss and gradients (stable forms in _math.loss_and_grads).
     loss, d_logits, d_labels = weighted_loss_and_grads(
-        x, z, w, p, W_LAYOUT != COEF_NONE, PW_LAYOUT != COEF_NONE, CT, FAST_MATH)
+        x, z, w, p, gamma, alpha, W_LAYOUT != COEF_NONE, PW_LAYOUT != COEF_NONE, FOCAL, HAS_ALPHA, HARD_LABELS,
+        CT, FAST_MATH)
     if COUNT_WEIGHTS:
         # Masked weights load as 0: they add nothing to either sum.
         acc_weight += w
@@ -78,14 +82,15 @@ def _fwd_block(
 @tuned("sigmoid_ce_fwd")
 @triton.jit(do_not_specialize=["n_elements"])
 def _sigmoid_ce_fwd_kernel(
-    logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, smoothing_ptr,
+    logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, smoothing_ptr, gamma_ptr, alpha_ptr,
     loss_ptr, denom_ptr, grad_logits_ptr, grad_labels_ptr, partials_ptr, ticket_ptr,
-    n_elements, numel_class, d1, d2, d3,
+    n_elements, numel_class, d1, d2, d3, n_cols,
     stride_w_0, stride_w_1, stride_w_2, stride_w_3,
     stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
     REDUCTION: tl.constexpr, W_LAYOUT: tl.constexpr, PW_LAYOUT: tl.constexpr, NDIM: tl.constexpr,
     STEP_CLASSES: tl.constexpr, CHUNK_WRAPS: tl.constexpr,
     WRITE_GRAD_LOGITS: tl.constexpr, WRITE_GRAD_LABELS: tl.constexpr,
+    FOCAL: tl.constexpr, HAS_ALPHA: tl.constexpr, HARD_LABELS: tl.constexpr, CLASS_INDEX: tl.constexpr,
     INT64: tl.constexpr, MAX_PROGRAMS: tl.constexpr, CT: tl.constexpr, FAST_MATH: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -96,7 +101,13 @@ def _sigmoid_ce_fwd_kernel(
       through strides stride_w_*, stride_pw_* over the collapsed logits shape
       (d0, d1, d2, d3), NDIM of them used (kernels/_layout.py), as W_LAYOUT and
       PW_LAYOUT say (_math.COEF_*; COEF_NONE: absent).
-    smoothing_ptr: [] the label smoothing, in CT.
+    smoothing_ptr: [] the label smoothing, in CT. gamma_ptr, alpha_ptr: [] the
+      focal loss's gamma and alpha, in CT, read where FOCAL (and HAS_ALPHA).
+    n_cols: the logits' last dimension, read where CLASS_INDEX (labels_ptr
+      then holds [n_elements / n_cols] int64 class indices, read as one-hot rows).
+    FOCAL: the focal loss (SPEC section 6) instead of the cross entropy; HAS_ALPHA:
+      its alpha_t factor; HARD_LABELS: smoothed labels known to be 0 or 1 (a
+      cheaper focal factor, _math.focal_factor).
     loss_ptr: [n_elements] for REDUCTION == NONE, else [] (the reduced loss).
     denom_ptr: [] the denominator, in CT. grad_logits_ptr, grad_labels_ptr:
       [n_elements] final gradients for an incoming gradient of 1, written when
@@ -120,6 +131,7 @@ def _sigmoid_ce_fwd_kernel(
     CHUNK_: tl.constexpr = CHUNK if STEP_CLASSES else BLOCK
     s = smoothing(smoothing_ptr, CT)
     one_minus_s = 1.0 - s
+    gamma, alpha = focal_parameters(gamma_ptr, alpha_ptr, FOCAL, HAS_ALPHA, CT)
     w_scalar = load_scalar(weight_ptr, W_LAYOUT, CT)
     pw_scalar = load_scalar(pos_weight_ptr, PW_LAYOUT, CT)
 
@@ -150,9 +162,9 @@ def _sigmoid_ce_fwd_kernel(
             t, t_row, t_col, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, w_scalar, pw_scalar,
             loss_ptr, grad_logits_ptr, grad_labels_ptr,
             n_elements, d1, d2, d3, stride_w_0, stride_w_1, stride_w_2, stride_w_3,
-            stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, s, one_minus_s, grad_scale,
+            stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, s, one_minus_s, grad_scale, gamma, alpha, n_cols,
             tail_loss, tail_weight, tail_nonzero, REDUCTION, W_LAYOUT, PW_LAYOUT, COUNT_WEIGHTS, NDIM, CHUNK_WRAPS,
-            WRITE_GRAD_LOGITS, WRITE_GRAD_LABELS, True, CT, FAST_MATH, TAIL_CHUNK, TAIL_BLOCK)
+            WRITE_GRAD_LOGITS, WRITE_GRAD_LABELS, FOCAL, HAS_ALPHA, HARD_LABELS, CLASS_INDEX, True, CT, FAST_MATH, TAIL_CHUNK, TAIL_BLOCK)
     acc_loss = tl.zeros([BLOCK // CHUNK_, CHUNK_], CT)
     acc_weight = tl.zeros([BLOCK // CHUNK_, CHUNK_], CT)
     acc_nonzero = tl.zeros([BLOCK // CHUNK_, CHUNK_], CT)
@@ -162,9 +174,10 @@ def _sigmoid_ce_fwd_kernel(
             start, row, col, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, w_scalar, pw_scalar,
             loss_ptr, grad_logits_ptr, grad_labels_ptr,
             n_elements, d1, d2, d3, stride_w_0, stride_w_1, stride_w_2, stride_w_3,
-            stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, s, one_minus_s, grad_scale,
+            stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, s, one_minus_s, grad_scale, gamma, alpha, n_cols,
             acc_loss, acc_weight, acc_nonzero, REDUCTION, W_LAYOUT, PW_LAYOUT, COUNT_WEIGHTS, NDIM, CHUNK_WRAPS,
-            WRITE_GRAD_LOGITS, WRITE_GRAD_LABELS, False, CT, FAST_MATH, CHUNK_, BLOCK)
+            WRITE_GRAD_LOGITS, WRITE_GRAD_LABELS, FOCAL, HAS_ALPHA, HARD_LABELS, CLASS_INDEX,
+            False, CT, FAST_MATH, CHUNK_, BLOCK)
         if STEP_CLASSES:
             row, col = step_rows_classes(row, col, d_row, d_col, d3)
 
@@ -208,6 +221,9 @@ def sigmoid_ce_fwd(
     out_dtype: torch.dtype,
     grad_logits_in_fwd: bool,
     grad_labels_in_fwd: bool,
+    gamma: torch.Tensor | None = None,
+    alpha: torch.Tensor | None = None,
+    hard_labels: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The op `fused_sigxent::sigmoid_ce_fwd` on validated tensors; same
     contract as `_reference.sigmoid_ce_fwd`."""
@@ -230,16 +246,19 @@ def sigmoid_ce_fwd(
     if ct == torch.float32:
         partials = partials.view(torch.float32)
 
+    n_cols = max(1, x.shape[-1]) if x.dim() else 1
+    focal_ptrs, focal_flags = focal_launch(z, label_smoothing, gamma, alpha, hard_labels)
+
     _sigmoid_ce_fwd_kernel[_layout.persistent_grid(n, device)](
-        x, z, x if w is None else w, x if pw is None else pw, label_smoothing,
+        x, z, x if w is None else w, x if pw is None else pw, label_smoothing, *focal_ptrs,
         loss, denom, grad_logits if grad_logits_in_fwd else loss, grad_labels if grad_labels_in_fwd else loss,
         partials, ticket,
-        n, numel_class("sigmoid_ce_fwd", n), sizes[1], sizes[2], sizes[3],
+        n, numel_class("sigmoid_ce_fwd", n), sizes[1], sizes[2], sizes[3], n_cols,
         *stride_w, *stride_pw,
         REDUCTION=reduction, W_LAYOUT=coefficient_layout(w, stride_w, sizes, nd),
         PW_LAYOUT=coefficient_layout(pw, stride_pw, sizes, nd), NDIM=nd,
         STEP_CLASSES=step_classes, CHUNK_WRAPS=chunk_wraps,
-        WRITE_GRAD_LOGITS=grad_logits_in_fwd, WRITE_GRAD_LABELS=grad_labels_in_fwd,
+        WRITE_GRAD_LOGITS=grad_logits_in_fwd, WRITE_GRAD_LABELS=grad_labels_in_fwd, **focal_flags,
         INT64=n >= _layout.INT32_LIMIT, MAX_PROGRAMS=_layout.partial_slots(device),
         CT=tl.float64 if ct == torch.float64 else tl.float32, FAST_MATH=fast_math(ct),
     )

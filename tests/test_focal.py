@@ -1,0 +1,346 @@
+"""Sigmoid focal loss (SPEC section 6, `fused_sigxent/_focal.py`): against a
+float64 re-implementation of torchvision's formula, on both backends
+(kernels interpreted), with its stability, masking, class-index targets,
+launch counts, argument checks and derivatives off the beaten path."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TOLERANCES, assert_close
+
+import fused_sigxent as fs
+from fused_sigxent import _cpu, _dispatch, _reference
+from fused_sigxent import _reduction as R
+
+GAMMAS = [0.0, 0.5, 1.0, 2.0, 5.0]
+ALPHAS = [-1.0, 0.25, 0.75]
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+# 3 rows of 13 classes: a prime width (no chunk of 8 divides it, so the
+# kernels' ragged paths run) in a size the interpreter takes quickly.
+SHAPE = (3, 13)
+
+
+def torchvision_focal(x, z, alpha, gamma, reduction="none", weight=None, label_smoothing=0.0):
+    """torchvision.ops.sigmoid_focal_loss, re-implemented in float64 (plus weight and smoothing)."""
+    x, z = x.double(), z.double()
+    z = z * (1 - label_smoothing) + 0.5 * label_smoothing
+    p = torch.sigmoid(x)
+    ce = F.binary_cross_entropy_with_logits(x, z, reduction="none")
+    p_t = p * z + (1 - p) * (1 - z)
+    loss = ce * ((1 - p_t) ** gamma)
+    if alpha >= 0:
+        loss = (alpha * z + (1 - alpha) * (1 - z)) * loss
+    if weight is not None:
+        loss = loss * weight.double()
+    return {"none": loss, "mean": loss.mean(), "sum": loss.sum()}[reduction]
+
+
+def one_hot(index, n_classes):
+    """Dense labels of class indices (n_classes: background), for the oracle only."""
+    return F.one_hot(index, n_classes + 1)[..., :n_classes].double()
+
+
+def _targets(kind, shape):
+    if kind == "soft":
+        return torch.rand(shape)
+    if kind == "index":
+        return torch.randint(0, shape[-1] + 1, shape[:-1])
+    return (torch.rand(shape) > 0.5).to({"bool": torch.bool, "uint8": torch.uint8}[kind])
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("gamma", GAMMAS)
+def test_matches_torchvision_every_reduction(backend, gamma, alpha):
+    x = (torch.randn(SHAPE) * 3).requires_grad_()
+    z = torch.rand(SHAPE)
+    for reduction in ["none", "mean", "sum"]:
+        loss = fs.sigmoid_focal_loss(x, z, alpha, gamma, reduction)
+        xd = x.detach().double().requires_grad_()
+        want = torchvision_focal(xd, z, alpha, gamma, reduction)
+        assert loss.dtype == torch.float32 and loss.shape == want.shape
+        assert_close(loss, want, torch.float32)
+        grad = torch.randn(loss.shape)
+        (gx,) = torch.autograd.grad(loss, x, grad)
+        (want_gx,) = torch.autograd.grad(want, xd, grad.double())
+        assert_close(gx, want_gx, torch.float32, msg=f"{reduction}")
+
+
+@pytest.mark.parametrize("kind", ["soft", "bool", "uint8", "index"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dtypes_targets_weights_smoothing(backend, dtype, kind):
+    # Per-class weights (broadcast, read through strides) and smoothing, on
+    # each logits dtype and target kind; reduced (gradient written in the
+    # forward) and elementwise (recomputed in the backward).
+    x = (torch.randn(SHAPE) * 3).to(dtype).requires_grad_()
+    z = _targets(kind, SHAPE)
+    dense = one_hot(z, SHAPE[-1]) if kind == "index" else z.double()
+    weight = torch.rand(SHAPE[-1]).to(dtype)
+    for reduction, smoothing in [("mean", 0.0), ("none", 0.1), ("sum", 0.1)]:
+        loss = fs.sigmoid_focal_loss(x, z, 0.25, 2.0, reduction, weight=weight, label_smoothing=smoothing)
+        xd = x.detach().double().requires_grad_()
+        want = torchvision_focal(xd, dense, 0.25, 2.0, reduction, weight, smoothing)
+        assert loss.dtype == dtype
+        assert_close(loss, want, dtype, msg=f"{reduction}")
+        grad = torch.randn(loss.shape).to(dtype)
+        (gx,) = torch.autograd.grad(loss, x, grad)
+        (want_gx,) = torch.autograd.grad(want, xd, grad.double())
+        assert_close(gx, want_gx, dtype, msg=f"{reduction} grad")
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_gradients_for_soft_targets_and_weight(backend, reduction):
+    x = (torch.randn(SHAPE) * 2).requires_grad_()
+    z = torch.rand(SHAPE, requires_grad=True)
+    w = torch.rand(SHAPE[-1], requires_grad=True)
+    for gamma, alpha in [(0.5, 0.25), (2.0, -1.0)]:
+        loss = fs.sigmoid_focal_loss(x, z, alpha, gamma, reduction, weight=w, label_smoothing=0.1)
+        leaves = [t.detach().double().requires_grad_() for t in (x, z, w)]
+        want = torchvision_focal(*leaves[:2], alpha, gamma, reduction, leaves[2], 0.1)
+        grad = torch.randn(loss.shape)
+        got = torch.autograd.grad(loss, (x, z, w), grad)
+        expected = torch.autograd.grad(want, leaves, grad.double())
+        for name, g, e in zip(("inputs", "targets", "weight"), got, expected):
+            assert_close(g, e, torch.float32, msg=f"{gamma} {alpha} {name}")
+
+
+def test_gamma_zero_without_alpha_is_the_cross_entropy_exactly(backend):
+    x = (torch.randn(SHAPE) * 3).requires_grad_()
+    z = torch.rand(SHAPE)
+    for reduction in ["none", "mean"]:
+        focal = fs.sigmoid_focal_loss(x, z, -1.0, 0.0, reduction)
+        bce = fs.binary_cross_entropy_with_logits(x, z, reduction=reduction)
+        assert torch.equal(focal, bce)
+    # The focal variant of the op itself (gamma = 0 as data): the same numbers.
+    s, g0 = torch.zeros(()), torch.zeros(())
+    for reduction in [R.NONE, R.TORCH_MEAN]:
+        focal = torch.ops.fused_sigxent.sigmoid_ce_fwd(x, z, None, None, s, reduction, torch.float32, False, False,
+                                                         g0, None, False)
+        bce = torch.ops.fused_sigxent.sigmoid_ce_fwd(x, z, None, None, s, reduction, torch.float32, False, False)
+        assert torch.equal(focal[0], bce[0])
+    one = torch.ones(())
+    gf = torch.ops.fused_sigxent.sigmoid_ce_bwd(one, x, z, None, None, torch.ones(()), s, R.SUM, True, False,
+                                                g0, None, False)
+    gb = torch.ops.fused_sigxent.sigmoid_ce_bwd(one, x, z, None, None, torch.ones(()), s, R.SUM, True, False)
+    assert torch.equal(gf[0], gb[0])
+
+
+MAGNITUDES = [0.0, 1e-8, 30.0, 100.0, 1e4]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stable_for_every_gamma_at_extreme_logits(backend, dtype):
+    # Every |x| and sign against hard labels 0 and 1 and a soft 0.3, in one
+    # tensor per gamma: finite loss and gradient, and the float64 values.
+    # (At |x| = 1e4 float16 holds inf: its row checks the limits below.)
+    mags = torch.tensor(MAGNITUDES, dtype=torch.float64)
+    x = torch.cat([mags, -mags]).repeat_interleave(3).to(dtype)
+    z = torch.tensor([0.0, 1.0, 0.3]).repeat(2 * len(MAGNITUDES))
+    finite = x.isfinite()
+    for gamma in GAMMAS:
+        xg = x.clone().requires_grad_()
+        loss = fs.sigmoid_focal_loss(xg, z, 0.25, gamma, "none")
+        (gx,) = torch.autograd.grad(loss.sum(), xg)
+        assert loss[finite].isfinite().all() and gx.isfinite().all(), (gamma, loss, gx)
+        want = _log_space_oracle(x.double(), z.double(), 0.25, gamma)
+        assert_close(loss[finite], want[finite], dtype, msg=f"gamma {gamma}")
+
+
+def _log_space_oracle(x, z, alpha, gamma):
+    """The focal loss in float64 by logaddexp: exact where torchvision's
+    1 - p_t rounds to 0 (|x| past 37 in float64)."""
+    log_m = torch.logaddexp(torch.log1p(-z) + F.logsigmoid(x), torch.log(z) + F.logsigmoid(-x))
+    ce = z * torch.logaddexp(torch.zeros_like(x), -x) + (1 - z) * torch.logaddexp(torch.zeros_like(x), x)
+    return (alpha * z + (1 - alpha) * (1 - z)) * ce * torch.exp(gamma * log_m)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_infinite_logits_give_the_limits(backend, dtype):
+    x = torch.tensor([math.inf, math.inf, -math.inf, -math.inf], dtype=dtype, requires_grad=True)
+    z = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    for gamma in GAMMAS:
+        loss = fs.sigmoid_focal_loss(x, z, 0.25, gamma, "none")
+        (gx,) = torch.autograd.grad(loss.sum(), x)
+        # Agreeing labels: 0; disagreeing: inf (as the cross entropy's limit).
+        assert loss.tolist() == [0.0, math.inf, 0.0, math.inf], (gamma, loss)
+        assert gx.isfinite().all(), (gamma, gx)
+
+
+def test_kornia_918_confident_logits_below_gamma_one(backend):
+    # kornia #918: gamma in (0, 1), x = +-100, hard labels; torchvision's
+    # formula gives NaN gradients there (pow's derivative inf times 0).
+    x = torch.tensor([100.0, -100.0, 100.0, -100.0], requires_grad=True)
+    z = torch.tensor([1, 0, 0, 1], dtype=torch.uint8)
+    xt = x.detach().clone().requires_grad_()
+    torchvision_loss = _torchvision_float32(xt, z.float(), 0.25, 0.5)
+    torchvision_loss.sum().backward()
+    assert xt.grad.isnan().any()
+    loss = fs.sigmoid_focal_loss(x, z, 0.25, 0.5, "sum")
+    loss.backward()
+    assert loss.isfinite() and x.grad.isfinite().all(), x.grad
+    assert_close(x.grad, torch.tensor([0.0, 0.0, 0.75, -0.25]), torch.float32)
+
+
+def _torchvision_float32(x, z, alpha, gamma):
+    p = torch.sigmoid(x)
+    ce = F.binary_cross_entropy_with_logits(x, z, reduction="none")
+    p_t = p * z + (1 - p) * (1 - z)
+    return (alpha * z + (1 - alpha) * (1 - z)) * ce * (1 - p_t) ** gamma
+
+
+def test_nan_in_nan_out_and_zero_weight_masks(backend):
+    x = torch.tensor([[0.5, math.nan, math.inf, -2.0]], requires_grad=True)
+    z = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
+    w = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    for gamma in [0.5, 2.0]:
+        loss = fs.sigmoid_focal_loss(x, z, 0.25, gamma, "none", weight=w)
+        (gx,) = torch.autograd.grad(loss.sum(), x)
+        assert loss[0, 1].isnan() and gx[0, 1].isnan()
+        assert loss[0, 0].isfinite() and gx[0, 0].isfinite()
+        # a zero weight masks even an infinite loss, to exactly 0
+        assert loss[0, 2:].tolist() == [0.0, 0.0] and gx[0, 2:].tolist() == [0.0, 0.0]
+
+
+def test_class_index_out_of_range_raises_on_cpu():
+    x = torch.randn(2, 5)
+    for bad in ([0, 6], [-1, 2]):
+        with pytest.raises(ValueError, match=r"\[0, 5\]"):
+            fs.sigmoid_focal_loss(x, torch.tensor(bad), reduction="sum")
+
+
+def test_class_index_out_of_range_poisons_its_row(backend):
+    # What a GPU does (no sync to raise): NaN in that row's loss, never a number.
+    x = torch.randn(3, 5)
+    index = torch.tensor([0, 7, 5])
+    s, gamma = torch.zeros(()), torch.full((), 2.0)
+    loss, *_ = torch.ops.fused_sigxent.sigmoid_ce_fwd(x, index, None, None, s, R.NONE, torch.float32, False, False,
+                                                     gamma, None, True)
+    assert loss[1].isnan().all() and loss[[0, 2]].isfinite().all()
+    total, *_ = torch.ops.fused_sigxent.sigmoid_ce_fwd(x, index, None, None, s, R.SUM, torch.float32, False, False,
+                                                      gamma, None, True)
+    assert total.isnan()
+
+
+def test_one_launch_forward_one_launch_backward(launches, monkeypatch):
+    monkeypatch.setenv("FUSED_SIGXENT_BACKEND", "triton")
+    x = torch.randn(3, 13, requires_grad=True)
+    soft = torch.rand(3, 13, requires_grad=True)
+    cases = {
+        "mean, gradient in the forward": lambda: fs.sigmoid_focal_loss(x, soft, reduction="mean"),
+        "sum, class weights, smoothing": lambda: fs.sigmoid_focal_loss(
+            x, soft, 0.75, 0.5, "sum", weight=torch.rand(13), label_smoothing=0.1),
+        "none, class indices": lambda: fs.sigmoid_focal_loss(x, torch.tensor([0, 13, 4]), reduction="none"),
+        "none, hard labels": lambda: fs.sigmoid_focal_loss(x, soft.detach() > 0.5, gamma=0.5),
+    }
+    for name, loss_fn in cases.items():
+        launches.clear()
+        loss = loss_fn()
+        assert launches == {"_sigmoid_ce_fwd_kernel": 1}, (name, launches)
+        launches.clear()
+        loss.backward(torch.randn(loss.shape))
+        assert sum(launches.values()) == 1, (name, launches)
+
+
+def test_bad_arguments_raise_before_any_kernel(launches, monkeypatch):
+    monkeypatch.setenv("FUSED_SIGXENT_BACKEND", "triton")
+    x, z = torch.randn(2, 3), torch.rand(2, 3)
+    cases = [
+        (ValueError, "gamma", lambda: fs.sigmoid_focal_loss(x, z, gamma=-0.5)),
+        (ValueError, "gamma", lambda: fs.sigmoid_focal_loss(x, z, gamma=math.inf)),
+        (ValueError, "alpha", lambda: fs.sigmoid_focal_loss(x, z, alpha=1.5)),
+        (TypeError, "gamma", lambda: fs.sigmoid_focal_loss(x, z, gamma="2")),
+        (TypeError, "gamma", lambda: fs.sigmoid_focal_loss(x, z, gamma=torch.tensor(2.0))),
+        (TypeError, "alpha", lambda: fs.sigmoid_focal_loss(x, z, alpha=True)),
+        (TypeError, "alpha", lambda: fs.sigmoid_focal_loss(x, z, alpha=None)),
+        (ValueError, "targets", lambda: fs.sigmoid_focal_loss(x, torch.rand(3, 2))),
+        (TypeError, "targets", lambda: fs.sigmoid_focal_loss(x, z.to(torch.int32))),
+        (ValueError, "targets", lambda: fs.sigmoid_focal_loss(x, torch.tensor([0, 1, 2]))),
+        (TypeError, "inputs", lambda: fs.sigmoid_focal_loss(x.long(), z)),
+        (ValueError, "weight", lambda: fs.sigmoid_focal_loss(x, z, weight=torch.rand(4))),
+        (ValueError, "reduction", lambda: fs.sigmoid_focal_loss(x, z, reduction="avg")),
+        (ValueError, "label_smoothing", lambda: fs.sigmoid_focal_loss(x, z, label_smoothing=2.0)),
+        (ValueError, "gamma", lambda: fs.SigmoidFocalLoss(gamma=-1.0)),
+        (TypeError, "alpha", lambda: fs.SigmoidFocalLoss(alpha="0.25")),
+    ]
+    for error, name, call in cases:
+        with pytest.raises(error, match=name):
+            call()
+    assert launches == {}
+
+
+def test_module_is_torchvision_ordered_with_mean_default(backend):
+    x, z = torch.randn(SHAPE), torch.rand(SHAPE)
+    w = torch.rand(SHAPE[-1])
+    module = fs.SigmoidFocalLoss(0.5, 1.0, weight=w)
+    assert_close(module(x, z), torchvision_focal(x, z, 0.5, 1.0, "mean", w), torch.float32)
+    assert "weight" in module.state_dict() and "gamma=1.0" in repr(module)
+
+
+def test_cpu_auto_routes_focal_to_the_reference_and_bce_unchanged(monkeypatch):
+    # `_cpu.py` takes the plain loss's nine arguments: the focal and
+    # class-index variants take the reference on CPU tensors, and a plain
+    # call still reaches the CPU path with exactly those nine.
+    monkeypatch.setenv("FUSED_SIGXENT_BACKEND", "auto")
+    seen = []
+    cpu_fwd = _cpu.sigmoid_ce_fwd
+    monkeypatch.setattr(_cpu, "sigmoid_ce_fwd", lambda *a: seen.append(len(a)) or cpu_fwd(*a))
+    x, z = torch.randn(SHAPE), torch.rand(SHAPE)
+    fs.binary_cross_entropy_with_logits(x, z)
+    assert seen == [9]
+    seen.clear()
+    got = fs.sigmoid_focal_loss(x, z, reduction="sum")
+    got_index = fs.sigmoid_focal_loss(x, torch.tensor([0, 13, 2]), reduction="sum")
+    assert seen == []
+    assert _dispatch.implementation("sigmoid_ce_fwd", x.device, True) is _reference.sigmoid_ce_fwd
+    assert_close(got, torchvision_focal(x, z, 0.25, 2.0, "sum"), torch.float32)
+    assert got_index.isfinite()
+
+
+def test_opcheck_focal_op(backend):
+    x = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    z = torch.rand(2, 5, dtype=torch.float64, requires_grad=True)
+    s, gamma, alpha = (torch.tensor(v, dtype=torch.float64) for v in (0.1, 1.5, 0.25))
+    torch.library.opcheck(torch.ops.fused_sigxent.sigmoid_ce_fwd,
+                          (x, z, None, None, s, R.TORCH_MEAN, torch.float64, False, False, gamma, alpha, False))
+
+
+def test_double_backward_forward_ad_and_vmap(backend):
+    # create_graph, forward AD and torch.func take the reference's plain ops
+    # (the same formulas): checked against finite differences in float64.
+    x = (torch.randn(2, 3, dtype=torch.float64) * 2).requires_grad_()
+    z = torch.rand(2, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    for gamma in [0.5, 2.0]:
+        def f(x, z, w, gamma=gamma):
+            return fs.sigmoid_focal_loss(x, z, 0.25, gamma, "sum", weight=w, label_smoothing=0.1)
+
+        assert torch.autograd.gradcheck(f, (x, z, w), check_forward_ad=True)
+        assert torch.autograd.gradgradcheck(f, (x, z, w))
+    batched = torch.func.vmap(lambda x: fs.sigmoid_focal_loss(x, z.detach(), reduction="mean"))(x.detach()[None] + 1)
+    assert_close(batched[0], torchvision_focal(x.detach() + 1, z.detach(), 0.25, 2.0, "mean"), torch.float64)
+    grads = torch.func.grad(lambda x: fs.sigmoid_focal_loss(x, z.detach(), reduction="sum"))(x.detach())
+    xd = x.detach().clone().requires_grad_()
+    torchvision_focal(xd, z.detach(), 0.25, 2.0, "sum").backward()
+    assert_close(grads, xd.grad, torch.float64)
+
+
+def test_compiles_without_graph_breaks():
+    # The CPU path under torch.compile: plain ops Inductor fuses.
+    x = torch.randn(SHAPE, requires_grad=True)
+    z = torch.rand(SHAPE)
+
+    def step(x, z):
+        return fs.sigmoid_focal_loss(x * 2, z, 0.25, 2.0, "mean")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = compiled(x, z)
+    (gx,) = torch.autograd.grad(got, x)
+    want = step(x, z)
+    (want_gx,) = torch.autograd.grad(want, x)
+    assert_close(got, want, torch.float32)
+    assert_close(gx, want_gx, torch.float32)
+
+
+def test_tolerances_cover_every_dtype():
+    assert set(DTYPES) <= set(TOLERANCES)
