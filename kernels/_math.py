@@ -491,6 +491,34 @@ def class_index_label(labels_ptr, offs, mask, n_cols, CT: tl.constexpr):
 
 
 @triton.jit
+def focal_hard_labels(x, z, e, r, log_term, ce, gamma, alpha, HAS_ALPHA: tl.constexpr, FAST_MATH: tl.constexpr):
+    """(L, dL/dx) of the focal loss for labels z' in {0, 1}, in closed form.
+
+    With u = x (z' = 1) or -x (z' = 0), the margin: p_t = sigmoid(u),
+    1 - p_t = sigmoid(-u), ce = softplus(-u), and with k = alpha_t sigmoid(-u)^gamma,
+      L = k ce,  dL/dx = (1 - 2 z') k (gamma sigmoid(u) ce + sigmoid(-u)).
+    u >= 0 ("agree") exactly where y (`focal_factor`) is 1: sigmoid(u) = r and
+    sigmoid(-u) = e r there, swapped elsewhere; log sigmoid(-u) = -|x| or 0,
+    minus log1p(e). One exp beyond the cross entropy's terms, whose dl/dx
+    this replaces."""
+    y = tl.where(x >= 0, z, 1.0 - z)
+    agree = y != 0
+    er = e * r
+    sig_u = tl.where(agree, r, er)
+    sig_neg_u = tl.where(agree, er, r)
+    # gamma = 0: 0 * log(0) = 0 (x = +-inf), so sigmoid(-u)^0 = 1.
+    factor = exp_any(mul0(gamma, tl.where(agree, -tl.abs(x), 0.0) - log_term), FAST_MATH)
+    if HAS_ALPHA:
+        k = ((1.0 - alpha) + (2.0 * alpha - 1.0) * z) * factor
+    else:
+        k = factor
+    # Masked products: alpha_t = 0 or sigmoid(u) = 0 against ce = inf (x = +-inf, label disagreeing).
+    loss = mul0(k, ce)
+    d_logits = (1.0 - 2.0 * z) * k * (gamma * mul0(sig_u, ce) + sig_neg_u)
+    return loss, d_logits
+
+
+@triton.jit
 def weighted_loss_and_grads(x, z, w, p, gamma, alpha, HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr,
                             FOCAL: tl.constexpr, HAS_ALPHA: tl.constexpr, HARD_LABELS: tl.constexpr,
                             CT: tl.constexpr, FAST_MATH: tl.constexpr):
@@ -501,7 +529,10 @@ def weighted_loss_and_grads(x, z, w, p, gamma, alpha, HAS_WEIGHT: tl.constexpr, 
     dL/dx = alpha_t (F dl/dx + l dF/dx), dL/dz' = alpha_t (F dl/dz' + l dF/dz') + (2 alpha - 1) F l,
     each product masked (0 * inf = 0: an infinite l where F's derivative is 0)."""
     loss, d_logits, d_labels, e, r, log_term = ce_terms(x, z, p, HAS_POS_WEIGHT, CT, FAST_MATH)
-    if FOCAL:
+    if FOCAL and HARD_LABELS and not HAS_POS_WEIGHT:
+        loss, d_logits = focal_hard_labels(x, z, e, r, log_term, loss, gamma, alpha, HAS_ALPHA, FAST_MATH)
+        d_labels = tl.zeros_like(loss)  # hard labels take no gradient
+    elif FOCAL:
         factor, df_x, df_z = focal_factor(x, z, e, r, log_term, gamma, HARD_LABELS, FAST_MATH)
         d_logits = factor * d_logits + mul0(df_x, loss)
         d_labels = mul0(factor, d_labels) + mul0(df_z, loss)

@@ -27,7 +27,7 @@ COPY_BW = 3.0e12
 SHAPE = (64, 1000)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64,
-          "u8": torch.uint8}
+          "u8": torch.uint8, "index": torch.int64}
 # Kernel module (and configs/ file) of each kernel.
 CONFIG_NAMES = {"fwd": "sigmoid_ce_fwd", "bwd": "sigmoid_ce_bwd", "scale": "sigmoid_ce_scale"}
 # Partial-sum slots on an H100 (kernels/_layout.py partial_slots): 132 SMs x
@@ -50,6 +50,9 @@ class Variant:
     int64: offsets in int64 (numel past kernels/_layout.py INT32_LIMIT).
     arch: the compute capability compiled for. classes: the logits' last
     dimension (SHAPE's unless a variant needs another).
+    focal: "" (sigmoid cross entropy) or the focal loss (SPEC section 6) with
+      alpha_t: "hard" (unsmoothed hard labels: u8, or "index" labels, int64
+      class indices), "soft" (any other labels).
     """
 
     kernel: str
@@ -62,6 +65,7 @@ class Variant:
     int64: bool = False
     arch: int = 90
     classes: int = SHAPE[1]
+    focal: str = ""
 
     @property
     def name(self) -> str:
@@ -76,6 +80,8 @@ class Variant:
             parts.append(f"pw={self.pos_weight}")
         if self.classes != SHAPE[1]:
             parts.append(f"C={self.classes}")
+        if self.focal:
+            parts.append(f"focal={self.focal}")
         if self.int64:
             parts.append("int64")
         if self.arch != 90:
@@ -87,6 +93,8 @@ class Variant:
         input read once and output written once (broadcast coefficients,
         re-read from cache, count as nothing)."""
         ex, ez = DTYPES[self.logits].itemsize, DTYPES[self.labels].itemsize
+        if self.labels == "index":
+            ez = 0  # one int64 per row, re-read from cache
         dx, dz = self.grads in ("logits", "both"), self.grads in ("labels", "both")
         if self.kernel == "scale":
             return 2 * (ex * dx + ez * dz)
@@ -104,6 +112,16 @@ def budget(v: Variant) -> float | None:
     data), 55. On sm_90 only; float64 (exact, for reference) has none."""
     if v.logits == "fp64" or v.kernel == "scale" or v.arch != 90:
         return None
+    if v.focal:
+        # Issue 12: the plain forward's budget plus ~15 for the focal factor
+        # (with alpha_t), for hard labels (u8), whose factor needs one exp. The
+        # backward gets the forward's too: the focal gradient needs the loss
+        # itself (ce dF/dx), so it recomputes the log1p the plain backward
+        # skips. Soft labels (a log and a reciprocal more) and class indices
+        # (an integer division per element) have none: reported, not bounded.
+        if v.focal != "hard" or v.labels != "u8" or v.weight or v.pos_weight or not v.grads:
+            return None
+        return 40.0 + 15.0
     if v.kernel == "fwd" and v.grads and not v.weight and not v.pos_weight:
         return 40.0
     if v.kernel == "bwd" and not v.weight and not v.pos_weight:
@@ -137,9 +155,15 @@ def launch_args(v: Variant) -> tuple[object, tuple, dict]:
 
     shape = (SHAPE[0], v.classes)
     x = torch.randn(shape).to(DTYPES[v.logits])
-    z = torch.rand(shape).to(DTYPES[v.labels])
+    if v.labels == "index":
+        z = torch.randint(0, shape[1] + 1, shape[:1])
+    else:
+        z = torch.rand(shape).to(DTYPES[v.labels])
     ct = torch.float64 if v.logits == "fp64" else torch.float32
     smoothing = torch.zeros((), dtype=ct)
+    focal = ()
+    if v.focal:
+        focal = (torch.full((), 2.0, dtype=ct), torch.full((), 0.25, dtype=ct), v.focal == "hard")
     w, pw = _coefficient(v.weight, shape), _coefficient(v.pos_weight, shape)
     dx, dz = v.grads in ("logits", "both"), v.grads in ("labels", "both")
     code = REDUCTIONS[v.reduction]
@@ -153,10 +177,10 @@ def launch_args(v: Variant) -> tuple[object, tuple, dict]:
         if v.int64:
             _layout.INT32_LIMIT = 0
         if v.kernel == "fwd":
-            module.sigmoid_ce_fwd(x, z, w, pw, smoothing, code, x.dtype, dx, dz)
+            module.sigmoid_ce_fwd(x, z, w, pw, smoothing, code, x.dtype, dx, dz, *focal)
         elif v.kernel == "bwd":
             grad = torch.randn(shape if code == 0 else ()).to(x.dtype)
-            module.sigmoid_ce_bwd(grad, x, z, w, pw, torch.ones((), dtype=ct), smoothing, code, dx, dz)
+            module.sigmoid_ce_bwd(grad, x, z, w, pw, torch.ones((), dtype=ct), smoothing, code, dx, dz, *focal)
         else:
             module.sigmoid_ce_scale_(torch.ones(()), x if dx else x[:0], z if dz else z[:0])
     finally:

@@ -56,6 +56,15 @@ def representative() -> list[Variant]:
         Variant("bwd", "bf16", "bf16", reduction="none", grads="both"),
         Variant("bwd", "bf16", "u8", "class", "class", reduction="tf_mean"),  # weighted recompute
         Variant("bwd", "bf16", "u8", "full", reduction="nonzero"),
+        # the focal loss (issue 12): hard labels (one exp more), soft, class indices
+        Variant("fwd", "bf16", "u8", focal="hard"),
+        Variant("fwd", "fp32", "u8", focal="hard"),
+        Variant("fwd", "bf16", "bf16", focal="soft"),
+        Variant("fwd", "fp32", "fp32", focal="soft"),
+        Variant("fwd", "bf16", "index", focal="hard"),
+        Variant("fwd", "bf16", "u8", "class", focal="hard", reduction="none", grads=""),
+        Variant("bwd", "bf16", "u8", reduction="none", focal="hard"),
+        Variant("bwd", "fp32", "fp32", reduction="none", focal="soft"),
         Variant("scale", "bf16", "u8"),
         Variant("scale", "bf16", "bf16", grads="both"),
         Variant("scale", "fp32", "fp32"),
@@ -80,6 +89,11 @@ def everything() -> list[Variant]:
             out.append(Variant("fwd", logits, labels, w, pw, reduction, grads))
         for reduction, grads in [("none", "logits"), ("mean", "logits")] + [("none", "both")] * soft:
             out.append(Variant("bwd", logits, labels, w, pw, reduction, grads))
+    for (logits, labels), w in itertools.product(pairs + [("bf16", "index"), ("fp32", "index")], [None, "class"]):
+        focal = "hard" if labels in ("u8", "index") else "soft"
+        for reduction, grads in [("none", ""), ("mean", "logits")]:
+            out.append(Variant("fwd", logits, labels, w, None, reduction, grads, focal=focal))
+        out.append(Variant("bwd", logits, labels, w, None, "none", "logits", focal=focal))
     for logits, labels in pairs:
         out.append(Variant("scale", logits, labels))
         if labels != "u8":

@@ -31,6 +31,12 @@ VARIANTS = [
     Variant("fwd", "bf16", "u8", int64=True),
     Variant("fwd", "bf16", "u8", arch=80),
     Variant("scale", "bf16", "u8"),
+    # the focal loss (issue 12): its budgets (hard labels, forward and
+    # backward), and soft labels and class indices, compiled and spill-free
+    Variant("fwd", "bf16", "u8", focal="hard"),
+    Variant("bwd", "bf16", "u8", reduction="none", focal="hard"),
+    Variant("fwd", "fp32", "fp32", focal="soft"),
+    Variant("fwd", "bf16", "index", focal="hard"),
 ]
 
 

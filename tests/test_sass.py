@@ -34,11 +34,28 @@ def test_transcendentals_are_sfu_instructions():
     # sigmoid, log1p), two in a backward that needs no log; no libdevice log.
     # (ptxas may recompute an ex2 rather than keep it live: a few more.)
     for r in rows():
-        if r["logits"] == "fp64" or r["kernel"] == "scale":
+        if r["logits"] == "fp64" or r["kernel"] == "scale" or r["variant"].endswith(FOCAL_SUFFIXES):
             continue
         # (a forward with no gradient: exp and log1p's reciprocal only)
         want = 3 if r["kernel"] == "fwd" and r["grads"] else 2
         assert want <= r["mufu_per_elem"] < want + 0.5, r
+
+
+FOCAL_SUFFIXES = ("focal=hard", "focal=soft")
+
+
+def test_focal_factor_costs_one_sfu_exp_with_hard_labels():
+    # Issue 12: the focal forward with hard labels takes the plain forward's
+    # three SFU instructions plus one (the exp of gamma log(1 - p_t)), within
+    # the plain budget plus 15 SASS/element; its backward also needs the
+    # loss itself, so log1p's reciprocal too: 2 + 2.
+    plain = {(r["BLOCK"], r["num_warps"]): r for r in rows_of(Variant("fwd", "bf16", "u8"))}
+    for r in rows_of(Variant("fwd", "bf16", "u8", focal="hard")):
+        assert 4 <= r["mufu_per_elem"] < 4.5, r
+        assert r["sass_per_elem"] <= r["budget_sass_per_elem"] == 55, r
+        assert r["sass_per_elem"] - plain[r["BLOCK"], r["num_warps"]]["sass_per_elem"] <= 25, r
+    for r in rows_of(Variant("bwd", "bf16", "u8", reduction="none", focal="hard")):
+        assert 4 <= r["mufu_per_elem"] < 4.5 and r["sass_per_elem"] <= r["budget_sass_per_elem"], r
 
 
 def test_per_class_weights_are_vector_loads():
