@@ -1,119 +1,242 @@
-"""The op on CPU tensors: the stable formulas, evaluated piece by piece.
+"""The op on CPU tensors: the stable formulas, in cache-sized pieces, with few passes.
 
 PyTorch eager evaluates a loss as a chain of full-size temporaries, each a
-trip through main memory. Here the formulas of `_reference.py` run on pieces
-of `PIECE` elements, whose temporaries stay in the cache, and write into
-outputs allocated once: the loss (or its running sum) and, when asked, the
-gradient that autograd is handed. So the peak memory of a step is its
-outputs plus a few pieces, and the inputs are read once. The formulas are
-the reference's, regrouped into PyTorch's fused primitives (fewer passes per
-piece); tests hold them to the reference and to float64 math.
+trip through main memory. Here the loss and its gradient run on pieces of
+about `PIECE` elements whose temporaries are a few scratch buffers of a
+piece's size, reused piece after piece (they stay in the cache), and are
+written into outputs allocated once: the loss (or only its sum) and, when
+asked, the gradient that autograd is handed. So a call's peak memory is its
+outputs plus a few pieces, and its inputs are read from memory once.
+
+The formulas (`_fast_piece`) are PyTorch's own rewrite of the loss, with one
+transcendental pass for the loss and one for the gradient, every other step
+a fused in-place primitive. They are exact for finite inputs; where they
+are not (an infinite logit, a NaN, a zero weight masking either) they give
+NaN, which the piece's sum shows, and that piece is redone by the masked
+formulas of `_reference.py`, which define those limits. Tests hold both to
+the reference and to float64 math (tests/test_cpu.py).
+
 Each op function has the signature of the op it implements (`_op.py`).
 """
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import _reference
 from . import _reduction as R
 
-# Elements per piece: a few float32 temporaries of 128k elements (512 KiB
-# each) stay in the cache. Timed on this 2-core machine (1M float32, forward,
-# one thread): 8k 10.6 ms, 32k 6.7, 128k 5.4, 1M (one piece) 17.0; smaller
-# pieces pay Python's and the dispatcher's per-op cost, larger ones leave
-# the cache.
+# Elements per piece. Timed with perf/cpu_kernels.py on this 2-core machine
+# (AMD EPYC, 1 MiB L2 per core): see `_piece_rows`.
 PIECE = 1 << 17
 
-
-def _pieces(shape: torch.Size, coefficients: list[Tensor | None]):
-    """Index tuples that cut a tensor of `shape` (and coefficients expanded to
-    it, as views) into pieces of about PIECE elements. Flat where every
-    coefficient is absent or a single number; else along the first dimension,
-    so a broadcast coefficient is sliced as a strided view, never copied."""
-    numel = math.prod(shape)
-    if len(shape) == 0 or numel == 0:
-        return [()]
-    if all(c is None or c.numel() == 1 for c in coefficients):
-        return [(slice(start, start + PIECE),) for start in range(0, numel, PIECE)]
-    rows = max(1, PIECE // max(1, numel // shape[0]))
-    return [(slice(start, start + rows),) for start in range(0, shape[0], rows)]
+# 0-d ones of each compute dtype: the `1 +` of q = 1 + (p - 1) z' (a tensor
+# operand keeps float64 math in float64).
+_ONE = {dt: torch.ones((), dtype=dt) for dt in (torch.float32, torch.float64)}
 
 
-def _views(logits, labels, weight, pos_weight):
-    """The inputs as the pieces index them: flat or shaped, coefficients expanded (views)."""
-    flat = all(c is None or c.numel() == 1 for c in (weight, pos_weight))
-    x, z = logits.contiguous(), labels.contiguous()
-    if flat:
-        x, z = x.reshape(-1), z.reshape(-1)
-    coefficients = []
-    for c in (weight, pos_weight):
-        if c is not None:
-            c = c.reshape(()) if flat else c.expand(logits.shape)
-        coefficients.append(c)
-    return x, z, *coefficients
+class _Scratch:
+    """Named buffers of one piece's size, allocated on first use and reused
+    by every piece of a call: the temporaries stay in the cache, and a call
+    holds these few buffers however many pieces it has."""
+
+    def __init__(self, numel: int, dtype: torch.dtype):
+        self.numel, self.dtype, self.buffers = numel, dtype, {}
+
+    def __call__(self, name: str, like: Tensor) -> Tensor:
+        """Buffer `name`, shaped like `like` (a piece)."""
+        buffer = self.buffers.get(name)
+        if buffer is None:
+            buffer = self.buffers[name] = torch.empty(self.numel, dtype=self.dtype)
+        if like.numel() == self.numel:
+            return buffer.view(like.shape)
+        return buffer[: like.numel()].view(like.shape)
 
 
-def _fast_loss(x: Tensor, z: Tensor, p: Tensor | None, w: Tensor | None) -> Tensor:
-    """w ((1 - z') relu(x) + p z' relu(-x) + q log1p(exp(-|x|))), q = 1 + (p - 1) z',
-    without the reference's masked products: exact for finite inputs, NaN
-    where a product is 0 * inf (an infinite logit whose label agrees) or an
-    input is NaN; `_piece_results` then sends the piece to the reference."""
-    loss = (1 - z).mul_(x.clamp_min(0))
-    pz = z if p is None else p * z
-    loss.addcmul_(pz, x.clamp_max(0), value=-1)
-    log_term = F.logsigmoid(x.abs())  # -log1p(exp(-|x|))
-    if p is None:
-        loss.sub_(log_term)
+def _scaled_into(t: Tensor, factor: Tensor | float, out: Tensor) -> None:
+    """out = t * factor, in place where `out` is `t`, rounded once to out's dtype."""
+    if isinstance(factor, float) and factor == 1.0:
+        if out is not t:
+            out.copy_(t)
+    elif out is t:
+        t.mul_(factor)
     else:
-        loss.addcmul_(1 - z + pz, log_term, value=-1)
-    return loss if w is None else loss.mul_(w)
+        torch.mul(t, factor, out=out)
 
 
-def _fast_grads(x, z, w, p, scale, one_minus_s, need_logits: bool, need_labels: bool):
-    """scale w dl/dx and scale w (1 - s) dl/dz' (`_reference._input_grads`):
-    dl/dx = q sigmoid(x) - p z' (sigmoid(x) - z' without pos_weight, as
-    PyTorch writes it); dl/dz' = -relu(x) + p relu(-x) + (p - 1) log1p(exp(-|x|))."""
-    factor = scale if w is None else w * scale
-    grad_logits = grad_labels = None
-    if need_logits:
-        sig = torch.sigmoid(x)
-        grad_logits = (sig.sub_(z) if p is None else sig.mul_(1 - z + p * z).sub_(p * z)).mul_(factor)
-    if need_labels:
+def _fast_piece(x, z, w, p, pm1, gw, label_factor, scratch, want_loss, loss_out, gx_out, gz_out) -> Tensor:
+    """One piece by the fast formulas, into the outputs given (None: not
+    asked): the weighted loss (if `want_loss`) into `loss_out` (None: only
+    its sum), gw dl/dx into `gx_out`, label_factor gw dl/dz' into `gz_out`.
+    x, z' and the pieces of w, p and p - 1 are in the compute dtype; gw is w
+    times the incoming gradient (a tensor, or a number). Returns a 0-d sum:
+    of the loss if asked, else of the gradients. NaN there marks a piece
+    these formulas got wrong.
+
+    With ls = logsigmoid(x) = min(x, 0) - log1p(exp(-|x|)), q = 1 + (p - 1) z':
+      l      = (1 - z') x - q ls      (PyTorch's form)
+      dl/dx  = q sigmoid(x) - p z'    (sigmoid(x) - z' without pos_weight)
+      dl/dz' = -x - (p - 1) ls
+    Each statement is one pass over the piece, in place where it can be.
+    """
+    check = ls = q = None
+    if want_loss or (gz_out is not None and p is not None):
+        ls = scratch("ls", x)
+        # logsigmoid, with its side output exp(-|x|) kept in scratch too.
+        torch.ops.aten.log_sigmoid_forward.output(x, output=ls, buffer=scratch("exp", x))
+    if gz_out is not None:
         if p is None:
-            d = x.neg()
+            d = torch.mul(x, -label_factor, out=scratch("dz", x))
         else:
-            d = (p * x.clamp_max(0)).neg_().sub_(x.clamp_min(0))
-            d.addcmul_(p - 1, F.logsigmoid(x.abs()), value=-1)
-        grad_labels = d.mul_(factor).mul_(one_minus_s)
-    return grad_logits, grad_labels
+            d = torch.addcmul(x, pm1, ls, out=scratch("dz", x)).mul_(-label_factor)
+        _scaled_into(d, gw, gz_out)
+        check = gz_out.sum()
+    if p is not None and (want_loss or gx_out is not None):
+        q = torch.addcmul(_ONE[x.dtype], pm1, z, out=scratch("q", x))
+    if gx_out is not None:
+        g = gx_out if gx_out.dtype == x.dtype else scratch("g", x)
+        torch.sigmoid(x, out=g)
+        if q is None:
+            g.sub_(z)
+        else:
+            g.mul_(q).addcmul_(p, z, value=-1)
+        _scaled_into(g, gw, gx_out)
+        check = gx_out.sum() if check is None else check + gx_out.sum()
+    if want_loss:
+        q_ls = ls if q is None else ls.mul_(q)
+        loss = loss_out if loss_out is not None and loss_out.dtype == x.dtype else q_ls
+        torch.sub(x, q_ls, out=loss).addcmul_(z, x, value=-1)
+        if w is not None:
+            loss.mul_(w)
+        check = loss.sum()
+        if loss_out is not None and loss_out is not loss:
+            loss_out.copy_(loss)
+    return check
 
 
-def _piece(x_all, z_all, w_all, p_all, piece, smoothing, ct):
-    """The inputs of one piece, upcast to the compute dtype, labels smoothed."""
-    x = x_all[piece].to(ct)
-    z = torch.addcmul(0.5 * smoothing, z_all[piece].to(ct), 1 - smoothing)  # z' = z (1 - s) + s / 2
-    # A single-number coefficient is 0-d: it broadcasts over every piece.
-    w = None if w_all is None else (w_all if w_all.dim() == 0 else w_all[piece]).to(ct)
-    p = None if p_all is None else (p_all if p_all.dim() == 0 else p_all[piece]).to(ct)
-    return x, z, w, p
+def _reference_piece(x, z, w, p, scale, smoothing, x_raw, z_raw, want_loss, loss_out, gx_out, gz_out) -> float:
+    """One piece by the reference's masked formulas, which define the limits
+    (infinite logits, NaN inputs, zero weights masking), into the same
+    outputs as `_fast_piece`; the sum of its loss (0 when not asked)."""
+    total = 0.0
+    if want_loss:
+        loss = _reference.elementwise_loss(x, z, p)
+        loss = loss if w is None else _reference.mul0(w, loss)
+        if loss_out is not None:
+            loss_out.copy_(loss)
+        total = loss.sum().item()
+    if gx_out is not None or gz_out is not None:
+        gx, gz = _reference._input_grads(
+            x, z, w, p, scale, smoothing, x_raw, z_raw, gx_out is not None, gz_out is not None)
+        for out, g in ((gx_out, gx), (gz_out, gz)):
+            if out is not None:
+                out.copy_(g)
+    return total
 
 
-def _piece_results(x, z, w, p, smoothing, scale, need_logits, need_labels, x_raw, z_raw):
-    """(loss, its sum, grad_logits, grad_labels) of one piece: the fast formulas, or,
-    where they meet an infinite logit or a NaN (rare; the loss shows it as
-    NaN), the reference's masked ones, so the limits and masking are its."""
-    loss = _fast_loss(x, z, p, w)
-    total = loss.sum()
-    if not total.isnan():  # a NaN anywhere makes the sum NaN
-        return (loss, total, *_fast_grads(x, z, w, p, scale, 1 - smoothing, need_logits, need_labels))
-    loss = _reference.elementwise_loss(x, z, p)
-    loss = loss if w is None else _reference.mul0(w, loss)
-    grad_logits, grad_labels = _reference._input_grads(
-        x, z, w, p, scale, smoothing, x_raw, z_raw, need_logits, need_labels)
-    return loss, loss.sum(), grad_logits if need_logits else None, grad_labels if need_labels else None
+def _pieces(x_all: Tensor) -> list[slice | None]:
+    """Slices of x_all's first dimension of about PIECE elements each, or
+    [None] where one piece holds it all (no slicing at all)."""
+    numel = x_all.numel()
+    if numel <= PIECE:
+        return [None]
+    rows = max(1, PIECE // max(1, numel // x_all.shape[0]))
+    return [slice(start, start + rows) for start in range(0, x_all.shape[0], rows)]
+
+
+def _at(t, piece):
+    """A tensor's piece; numbers and 0-d coefficients broadcast over every piece."""
+    if piece is None or t is None or isinstance(t, float) or t.dim() == 0:
+        return t
+    return t[piece]
+
+
+def _run(logits, labels, weight, pos_weight, s: float, c: float, incoming, want_loss, loss, gx, gz) -> float:
+    """Every piece into the outputs given (None: not asked): the weighted loss
+    if `want_loss`, elementwise into `loss` (None: only its sum), and the
+    gradients `gx`, `gz` for the chain-rule factor `c` or, for NONE, the
+    elementwise incoming gradient `incoming`; s is the label smoothing. The
+    fast formulas run first, and a piece where they fail (NaN in their sum)
+    is redone by the reference's. Returns the sum of the weighted loss,
+    accumulated over pieces in float64 (0 when not asked)."""
+    ct = _reference.compute_dtype(logits.dtype)
+    x_all, z_all = logits.contiguous(), labels.contiguous()
+    # Flat pieces where every coefficient is a single number; else pieces of
+    # whole rows, so that broadcast coefficients are sliced as strided views.
+    # One piece needs neither.
+    flat = (weight is None or weight.numel() == 1) and (pos_weight is None or pos_weight.numel() == 1)
+    one_piece = x_all.numel() <= PIECE
+    shape = logits.shape if one_piece or not flat else (-1,)
+    if not one_piece and flat:
+        x_all, z_all = x_all.view(shape), z_all.view(shape)
+
+    def coefficient(t):
+        if t is None or isinstance(t, float) or t.shape == logits.shape:
+            return t
+        return t.reshape(()) if flat else t.expand(logits.shape)
+
+    w = None if weight is None else weight.to(ct)
+    p = None if pos_weight is None else pos_weight.to(ct)
+    pm1 = None if p is None else p - 1
+    gw = c if w is None else w * c
+    w, p, pm1, gw = coefficient(w), coefficient(p), coefficient(pm1), coefficient(gw)
+    if incoming is not None:
+        incoming = incoming.expand(logits.shape).reshape(shape)
+    if shape != logits.shape:
+        loss, gx, gz = (None if t is None else t.view(shape) for t in (loss, gx, gz))
+    half_s = torch.tensor(0.5 * s, dtype=ct) if s else None
+    pieces = [None] if one_piece else _pieces(x_all)
+    scratch = _Scratch(_at(x_all, pieces[0]).numel(), ct)
+    total = 0.0
+    for piece in pieces:
+        xp, zp = _at(x_all, piece), _at(z_all, piece)
+        x, z = _piece_inputs(xp, zp, s, half_s, ct, scratch)
+        gwp = gw_piece = _at(gw, piece)
+        if incoming is not None:
+            gwp = _at(incoming, piece).to(ct)
+            gwp = gwp if isinstance(gw_piece, float) and gw_piece == 1.0 else gwp * gw_piece
+        outs = _at(loss, piece), _at(gx, piece), _at(gz, piece)
+        wp, pp = _at(w, piece), _at(p, piece)
+        check = _fast_piece(x, z, wp, pp, _at(pm1, piece), gwp, 1 - s, scratch, want_loss, *outs).item()
+        if check != check:
+            scale = c if incoming is None else _at(incoming, piece).to(ct)
+            check = _reference_piece(x, z, wp, pp, scale, s, xp, zp, want_loss, *outs)
+        total += check
+    return total if want_loss else 0.0
+
+
+def _piece_inputs(xp, zp, s: float, half_s, ct, scratch):
+    """Logits and smoothed labels z' = z (1 - s) + s / 2 of one piece, in the
+    compute dtype: the pieces themselves where they already are, else
+    converted into scratch (bool and uint8 labels smoothed in that pass)."""
+    x = xp if xp.dtype == ct else scratch("x", xp).copy_(xp)
+    if not s:
+        return x, (zp if zp.dtype == ct else scratch("z", zp).copy_(zp))
+    if zp.dtype.is_floating_point and zp.dtype != ct:
+        # A float16/bfloat16 operand would set the sum's dtype: convert first.
+        zp = scratch("z", zp).copy_(zp)
+    return x, torch.add(half_s, zp, alpha=1 - s, out=scratch("z", zp))
+
+
+def _divide(numerator: float, denom: float, reduction: int) -> float:
+    """`_reference.divide`, on the host."""
+    if reduction == R.NONE:
+        return numerator
+    if denom == 0 and reduction != R.TORCH_MEAN:
+        return 0.0  # TF's "no NaN" division
+    return numerator / denom
+
+
+def _denominator(reduction: int, weight: Tensor | None, logits: Tensor, ct) -> tuple[Tensor, float]:
+    """`_reference.denominator`, and its value on the host (read from the
+    weight only where it depends on it)."""
+    if reduction in (R.NONE, R.SUM):
+        return torch.ones((), dtype=ct), 1.0
+    if weight is None or reduction in (R.MEAN_BY_NUMEL, R.TORCH_MEAN):
+        return torch.full((), logits.numel(), dtype=ct), float(logits.numel())
+    denom = _reference.denominator(reduction, weight, logits, ct)
+    return denom, denom.item()
 
 
 def sigmoid_ce_fwd(
@@ -128,33 +251,19 @@ def sigmoid_ce_fwd(
     grad_labels_in_fwd: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Same contract as `_reference.sigmoid_ce_fwd`."""
+    if logits.numel() == 0:  # nothing to cut into pieces: the reference's NaN or 0
+        return _reference.sigmoid_ce_fwd(logits, labels, weight, pos_weight, label_smoothing, reduction,
+                                          out_dtype, grad_logits_in_fwd, grad_labels_in_fwd)
     ct = _reference.compute_dtype(logits.dtype)
-    smoothing = torch.as_tensor(label_smoothing, dtype=ct)
-    x_all, z_all, w_all, p_all = _views(logits, labels, weight, pos_weight)
-    denom = _reference.denominator(reduction, weight, logits, ct)
-    loss = torch.empty(logits.shape if reduction == R.NONE else (), dtype=out_dtype)
+    denom, d = _denominator(reduction, weight, logits, ct)
+    loss = torch.empty(logits.shape, dtype=out_dtype) if reduction == R.NONE else None
     grad_logits = torch.empty(logits.shape if grad_logits_in_fwd else (0,), dtype=logits.dtype)
     grad_labels = torch.empty(labels.shape if grad_labels_in_fwd else (0,), dtype=labels.dtype)
-    loss_all = loss.view(x_all.shape) if reduction == R.NONE else None
-    gx_all = grad_logits.view(x_all.shape) if grad_logits_in_fwd else None
-    gz_all = grad_labels.view(x_all.shape) if grad_labels_in_fwd else None
-    scale = _reference.divide(torch.ones((), dtype=ct), denom, reduction)
-    partial_sums = []
-    for piece in _pieces(x_all.shape, [weight, pos_weight]):
-        x, z, w, p = _piece(x_all, z_all, w_all, p_all, piece, smoothing, ct)
-        piece_loss, piece_sum, gx, gz = _piece_results(
-            x, z, w, p, smoothing, scale, grad_logits_in_fwd, grad_labels_in_fwd, x_all[piece], z_all[piece])
-        if reduction == R.NONE:
-            loss_all[piece] = piece_loss
-        else:
-            partial_sums.append(piece_sum)
-        if gx is not None:
-            gx_all[piece] = gx
-        if gz is not None:
-            gz_all[piece] = gz
-    if reduction != R.NONE:
-        total = torch.stack(partial_sums).sum() if partial_sums else torch.zeros((), dtype=ct)
-        loss.copy_(_reference.divide(total, denom, reduction))
+    total = _run(logits, labels, weight, pos_weight, float(label_smoothing), _divide(1.0, d, reduction), None,
+                 True, loss, grad_logits if grad_logits_in_fwd else None, grad_labels if grad_labels_in_fwd else None)
+    if loss is None:
+        # Rounded to the compute dtype first, as the reference's result is.
+        loss = torch.tensor(_divide(total, d, reduction), dtype=ct).to(out_dtype)
     return loss, denom, grad_logits, grad_labels
 
 
@@ -171,33 +280,24 @@ def sigmoid_ce_bwd(
     need_grad_labels: bool,
 ) -> tuple[Tensor, Tensor]:
     """Same contract as `_reference.sigmoid_ce_bwd`."""
-    ct = _reference.compute_dtype(logits.dtype)
-    smoothing = torch.as_tensor(label_smoothing, dtype=ct)
-    x_all, z_all, w_all, p_all = _views(logits, labels, weight, pos_weight)
     grad_logits = torch.empty(logits.shape if need_grad_logits else (0,), dtype=logits.dtype)
     grad_labels = torch.empty(labels.shape if need_grad_labels else (0,), dtype=labels.dtype)
-    if not (need_grad_logits or need_grad_labels):
+    if not (need_grad_logits or need_grad_labels) or logits.numel() == 0:
         return grad_logits, grad_labels
-    gx_all = grad_logits.view(x_all.shape) if need_grad_logits else None
-    gz_all = grad_labels.view(x_all.shape) if need_grad_labels else None
-    # NONE's incoming gradient is elementwise (an expanded one is copied once).
-    g_all = grad.expand(logits.shape).reshape(x_all.shape) if reduction == R.NONE else None
-    scale = None if reduction == R.NONE else _reference.divide(grad.to(ct), denom, reduction)
-    for piece in _pieces(x_all.shape, [weight, pos_weight]):
-        x, z, w, p = _piece(x_all, z_all, w_all, p_all, piece, smoothing, ct)
-        piece_scale = scale if g_all is None else g_all[piece].to(ct)
-        _, _, gx, gz = _piece_results(
-            x, z, w, p, smoothing, piece_scale, need_grad_logits, need_grad_labels, x_all[piece], z_all[piece])
-        if gx is not None:
-            gx_all[piece] = gx
-        if gz is not None:
-            gz_all[piece] = gz
+    # NONE's incoming gradient is elementwise; a reduced loss's is one number.
+    incoming = grad if reduction == R.NONE else None
+    c = 1.0 if reduction == R.NONE else _divide(grad.item(), denom.item(), reduction)
+    _run(logits, labels, weight, pos_weight, float(label_smoothing), c, incoming, False, None,
+         grad_logits if need_grad_logits else None, grad_labels if need_grad_labels else None)
     return grad_logits, grad_labels
 
 
 def sigmoid_ce_scale_(grad: Tensor, grad_logits: Tensor, grad_labels: Tensor) -> None:
-    """Same contract as `_reference.sigmoid_ce_scale_`, in place with no
-    full-size temporary (the product is formed in float32 and rounded once)."""
+    """Same contract as `_reference.sigmoid_ce_scale_`: in place with no
+    full-size temporary (the product formed in float32 and rounded once),
+    and no pass at all where the incoming gradient is 1 (a training step's)."""
+    if grad.numel() == 1 and grad.item() == 1:
+        return
     for g in (grad_logits, grad_labels):
         if g.numel():
             g.mul_(grad.to(_reference.compute_dtype(g.dtype)))

@@ -186,3 +186,148 @@ def test_opcheck_on_the_cpu_path():
         torch.library.opcheck(ops.sigmoid_ce_bwd, (grad, x.detach(), z.detach(), w.detach(), p.detach(),
                                                    torch.tensor(4.0), s, reduction, True, True))
     torch.library.opcheck(ops.sigmoid_ce_scale_, (torch.tensor(2.0), torch.randn(3, 5), torch.randn(3, 5)))
+
+
+def _case(shape, dtype=torch.float32, label_dtype=None, smoothing=0.1, weight="class", pos_weight="class"):
+    """Inputs for `_cpu`'s functions called directly (the op's arguments)."""
+    x = torch.randn(shape).to(dtype) * 4
+    z = torch.rand(shape)
+    z = (z > 0.5).to(label_dtype) if label_dtype in (torch.bool, torch.uint8) else z.to(label_dtype or dtype)
+    return x, z, _coefficient(shape, weight), _coefficient(shape, pos_weight), torch.tensor(smoothing)
+
+
+def test_finite_inputs_take_only_the_fast_formulas(monkeypatch):
+    # The reference's masked formulas are the fallback for a piece the fast
+    # ones get wrong; finite inputs never need it, and an infinite logit
+    # sends only its own piece there (pieces of 257 elements: 12 here).
+    fallbacks = []
+    reference_piece = _cpu._reference_piece
+    monkeypatch.setattr(_cpu, "_reference_piece", lambda *a: fallbacks.append(a[0].shape) or reference_piece(*a))
+    x, z, w, p, s = _case((3, 1031), weight="full")
+    x.view(-1)[700] = float("inf")
+    for reduction in R.CODES:
+        fallbacks.clear()
+        _cpu.sigmoid_ce_fwd(x.clamp(-50, 50), z, w, p, s, reduction, torch.float32, True, True)
+        assert fallbacks == [], reduction
+        _cpu.sigmoid_ce_fwd(x, z, w, p, s, reduction, torch.float32, True, True)
+        assert len(fallbacks) == 1, (reduction, fallbacks)
+
+
+@pytest.mark.parametrize("reduction", [R.NONE, R.SUM, R.MEAN_BY_WEIGHTS, R.TORCH_MEAN])
+@pytest.mark.parametrize("label_dtype", [torch.float32, torch.bool])
+def test_limits_nan_and_masking_in_every_output(reduction, label_dtype, monkeypatch):
+    # Infinite logits (each sign, labels agreeing and not), a NaN logit and a
+    # NaN label masked by zero weights: the loss and the gradients of both
+    # the forward-written and the recomputed (backward) kind equal the
+    # reference's, and masked elements give exactly 0.
+    x, z, _, _, s = _case((4, 300), label_dtype=label_dtype)
+    x[0, :6] = torch.tensor([float("inf"), float("inf"), float("-inf"), float("-inf"), 1e4, -1e4])
+    z[0, :6] = torch.tensor([1, 0, 0, 1, 1, 0]).to(z.dtype)
+    x[1, 7] = float("nan")
+    w = torch.rand(4, 300)
+    w[1, 7] = 0.0
+    w[2, :10] = 0.0
+    if label_dtype.is_floating_point:
+        z[3, 3] = float("nan")
+        w[3, 3] = 0.0
+    p = torch.rand(300) + 0.5
+    grad = torch.randn(4, 300) if reduction == R.NONE else torch.tensor(0.7)
+    need_labels = label_dtype.is_floating_point
+    for fn in (_cpu, _reference):
+        fwd = fn.sigmoid_ce_fwd(x, z, w, p, s, reduction, torch.float32, True, need_labels)
+        bwd = fn.sigmoid_ce_bwd(grad, x, z, w, p, fwd[1], s, reduction, True, need_labels)
+        if fn is _cpu:
+            ours = fwd, bwd
+    for a, b in zip((*ours[0], *ours[1]), (*fwd, *bwd)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert_close(a, b, torch.float32)
+    loss, _, grad_logits, _ = ours[0]
+    if reduction == R.NONE:
+        assert loss[1, 7] == 0 and (loss[2, :10] == 0).all() and torch.isfinite(loss[1:]).all()
+    assert grad_logits[1, 7] == 0 and ours[1][0][1, 7] == 0
+    assert torch.isfinite(ours[1][0]).all()
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (0, 5), (1,), (7,)])
+def test_zero_dim_empty_and_tiny(shape):
+    # 0-d and empty tensors (PyTorch's mean of nothing is NaN, TF's 0) and
+    # tiny ones, against the reference.
+    x, z = torch.randn(shape) * 3, torch.rand(shape)
+    w, p, s = torch.tensor(0.5), torch.tensor(1.5), torch.tensor(0.2)
+    for reduction in R.CODES:
+        fwd = [f.sigmoid_ce_fwd(x, z, w, p, s, reduction, torch.float32, True, True) for f in (_cpu, _reference)]
+        grad = torch.randn(shape) if reduction == R.NONE else torch.tensor(1.3)
+        bwd = [f.sigmoid_ce_bwd(grad, x, z, w, p, fwd[1][1], s, reduction, True, True) for f in (_cpu, _reference)]
+        for a, b in zip((*fwd[0], *bwd[0]), (*fwd[1], *bwd[1])):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            assert_close(a, b)
+
+
+@pytest.mark.parametrize("label_dtype", [torch.bool, torch.uint8, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("reduction", [R.NONE, R.MEAN_BY_NONZERO, R.TORCH_MEAN])
+def test_bf16_logits_any_labels_against_float64(label_dtype, reduction, poisoned):
+    # bf16 logits with hard labels (read as bool/uint8) or soft ones, every
+    # feature: float32 math, so only the output's rounding differs from
+    # float64 math. Poisoned allocations: every output element is written.
+    x, z, w, p, s = _case((5, 1031), torch.bfloat16, label_dtype, weight="full")
+    loss, denom, gx, _ = _cpu.sigmoid_ce_fwd(x, z, w, p, s, reduction, torch.bfloat16, reduction != R.NONE, False)
+    assert loss.dtype == torch.bfloat16
+    xd = x.double().requires_grad_()
+    name = {R.NONE: "none", R.MEAN_BY_NONZERO: "nonzero", R.TORCH_MEAN: "torch_mean"}[reduction]
+    expected = oracle_reduce(oracle_elementwise(xd, z.double(), p, 0.1), w, name)
+    assert_close(loss, expected, torch.bfloat16)
+    grad = torch.randn(loss.shape, dtype=torch.float64)
+    (expected_gx,) = torch.autograd.grad(expected, xd, grad)
+    if reduction == R.NONE:
+        gx, _ = _cpu.sigmoid_ce_bwd(grad.bfloat16(), x, z, w, p, denom, s, reduction, True, False)
+    else:
+        _cpu.sigmoid_ce_scale_(grad.float(), gx, torch.empty(0))
+    assert gx.dtype == torch.bfloat16
+    assert_close(gx, expected_gx, torch.bfloat16)
+
+
+def test_scale_by_one_is_skipped_and_other_factors_round_once():
+    g = torch.randn(3, 7).bfloat16()
+    before = g.clone()
+    _cpu.sigmoid_ce_scale_(torch.tensor(1.0), g, torch.empty(0))
+    assert torch.equal(g, before)
+    _cpu.sigmoid_ce_scale_(torch.tensor(0.3), g, torch.empty(0))
+    assert torch.equal(g, (before.float() * 0.3).bfloat16())
+
+
+class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Bytes of every new storage an op makes (not views, not out= or in place)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        seen = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                self.sizes.append(t.untyped_storage().nbytes())
+        return out
+
+
+@pytest.mark.parametrize("shape,weight", [((64, 1031), "class"), ((40000,), None), ((64, 1031), "scalar")])
+@pytest.mark.parametrize("dtype,label_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.uint8)])
+def test_temporaries_are_piece_sized(shape, weight, dtype, label_dtype):
+    # Besides its outputs, a call allocates only buffers of a piece's size
+    # (PIECE = 257 elements here; a piece of whole rows when coefficients
+    # vary: one row of 1031), in float32: issue 11's bound on memory.
+    piece = 1031 if weight == "class" else 257
+    x, z, w, p, s = _case(shape, dtype, label_dtype, weight=weight, pos_weight=weight)
+    for reduction in (R.NONE, R.TORCH_MEAN):
+        with _Allocations() as fwd_allocs:
+            outs = _cpu.sigmoid_ce_fwd(x, z, w, p, s, reduction, dtype, reduction != R.NONE, False)
+        grad = torch.randn(shape).to(dtype) if reduction == R.NONE else torch.tensor(2.0)
+        with _Allocations() as bwd_allocs:
+            outs += _cpu.sigmoid_ce_bwd(grad, x, z, w, p, outs[1], s, reduction, True, False)
+        outputs = sorted(t.untyped_storage().nbytes() for t in outs if t.numel() > 1)
+        temporaries = sorted(fwd_allocs.sizes + bwd_allocs.sizes)[: len(fwd_allocs.sizes + bwd_allocs.sizes)
+                                                                  - len(outputs)]
+        assert sorted(fwd_allocs.sizes + bwd_allocs.sizes)[-len(outputs):] == outputs
+        assert max(temporaries) <= piece * 4, (reduction, temporaries)
