@@ -12,3 +12,4 @@ if __name__ == "__main__":
     if "--device" in sys.argv[1:]:
         shared += sys.argv[sys.argv.index("--device"):sys.argv.index("--device") + 2]
     sweep_focal.main(shared)
+    __import__("perf.linear_loss").linear_loss.main(shared)  # issue 13's cases (perf/linear_loss.py)
