@@ -265,6 +265,14 @@ def _backward(ctx, grad, *_):
     """The forward wrote every gradient for an incoming gradient of 1: scale them."""
     if grad is None:
         return (None,) * 15
+    if torch.is_grad_enabled():
+        # create_graph=True: these gradients were computed in the forward, as
+        # data; returned here they would differentiate as constants, a
+        # silently zero second derivative.
+        raise RuntimeError(
+            "fused_sigxent's fused linear losses (linear_sigmoid_cross_entropy, siglip_loss) do not support "
+            "double backward (create_graph=True): their gradients are computed in the forward. Use the unfused "
+            "composition, fs.binary_cross_entropy_with_logits(F.linear(input, weight, bias), target)")
     grad_input, grad_weight, grad_bias, grad_scale, grad_pos_weight = (
         g * grad if need else None for g, need in zip(ctx.saved_tensors, ctx.needs))
     return (grad_input, grad_weight, grad_bias, grad_scale, None, None, grad_pos_weight) + (None,) * 8
@@ -276,6 +284,18 @@ linear_sigmoid_ce.register_autograd(_backward, setup_context=_setup_context)
 def _needs(*tensors: Tensor | None) -> list[bool]:
     grad_mode = torch.is_grad_enabled()
     return [grad_mode and t is not None and t.requires_grad for t in tensors]
+
+
+def check_mode(name: str, *tensors: Tensor | None) -> None:
+    """Refuses, by name, what the chunked engine cannot serve: a torch.func
+    transform (its gradients are data from the forward, not a functorch
+    formula) and DTensor inputs (no sharding rule)."""
+    if torch._C._are_functorch_transforms_active():
+        raise RuntimeError(
+            f"{name} does not support torch.func transforms (grad, vmap, jacrev, ...): use the unfused "
+            "composition fs.binary_cross_entropy_with_logits(F.linear(...), ...)")
+    if _validate.is_dtensor(*tensors):
+        raise NotImplementedError(f"{name} does not support DTensor inputs: pass local tensors (to_local())")
 
 
 def _chunk_size(value) -> int:
@@ -318,6 +338,7 @@ def linear_sigmoid_cross_entropy(
     pos_weight; the target is not differentiated (an error if it requires grad).
     """
     _validate.not_scripted()
+    check_mode("linear_sigmoid_cross_entropy", input, weight, target, bias, pos_weight)
     x = _validate.logits("input", input)
     w = _validate.tensor("weight", weight)
     if x.dim() < 1:

@@ -40,6 +40,7 @@ def siglip_loss(
     gradients for both features, t and b, from the forward's one pass.
     """
     _validate.not_scripted()
+    _linear.check_mode("siglip_loss", image_features, text_features, logit_scale, logit_bias)
     x = _validate.logits("image_features", image_features)
     y = _validate.tensor("text_features", text_features)
     for name, t in (("image_features", x), ("text_features", y)):

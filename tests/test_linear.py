@@ -303,3 +303,32 @@ def test_out_of_range_index_raises_under_compile():
     compiled(x, w, target)
     with pytest.raises(ValueError, match="class indices outside"):
         compiled(x, w, target.clamp_min(0) + 11)
+
+
+def test_unsupported_modes_are_refused_by_name():
+    x, w = torch.randn(4, 3, requires_grad=True), torch.randn(5, 3, requires_grad=True)
+    z = torch.rand(4, 5)
+    loss = fs.linear_sigmoid_cross_entropy(x, w, z)
+    # Second order: the forward's gradients are data, so a double backward
+    # would see a zero second derivative; it raises instead.
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="torch.func"):
+        torch.func.grad(lambda t: fs.linear_sigmoid_cross_entropy(t, w.detach(), z))(x.detach())
+    with pytest.raises(RuntimeError, match="torch.func"):
+        torch.func.grad(lambda t: fs.siglip_loss(t, x.detach(), 2.0, -1.0))(x.detach())
+    # A retained graph still gives first-order gradients.
+    loss = fs.linear_sigmoid_cross_entropy(x, w, z)
+    (gx,) = torch.autograd.grad(loss, x)
+    expected = torch.autograd.grad(F.binary_cross_entropy_with_logits(F.linear(x, w), z), x)[0]
+    torch.testing.assert_close(gx, expected)
+
+
+def test_dtensor_inputs_are_refused_by_name(monkeypatch):
+    from fused_sigxent import _validate
+
+    monkeypatch.setattr(_validate, "is_dtensor", lambda *tensors: True)
+    with pytest.raises(NotImplementedError, match="DTensor"):
+        fs.linear_sigmoid_cross_entropy(torch.randn(4, 3), torch.randn(5, 3), torch.rand(4, 5))
+    with pytest.raises(NotImplementedError, match="DTensor"):
+        fs.siglip_loss(torch.randn(4, 3), torch.randn(4, 3), 1.0, 0.0)
