@@ -16,9 +16,9 @@ from . import _bench
 
 # Sizes: numel x classes, shaped (numel // C, C); C = 80 (COCO's classes, a
 # RetinaNet head's width) and 1024. GPU: 1M..64M elements. CPU (2 cores, the
-# whole sweep in a few minutes): 64K (per-call overheads) and 1M.
+# whole sweep in a few minutes): 64K (per-call overheads) and 256K.
 GPU_NUMELS = [1 << 20, 1 << 24, 1 << 26]
-CPU_NUMELS = [1 << 16, 1 << 20]
+CPU_NUMELS = [1 << 16, 1 << 18]
 CLASSES = [80, 1024]
 # (logits dtype, labels): soft float32 targets, and bf16 logits with uint8
 # hard targets (torchvision's formula takes them cast to the logits dtype).
