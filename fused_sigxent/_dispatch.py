@@ -1,6 +1,7 @@
 """How a call reaches an op's implementation: through the dispatcher, or, in
 plain eager code, straight to the function the dispatcher would run."""
 
+import functools
 import importlib
 
 import torch
@@ -9,8 +10,6 @@ from torch.nn import Parameter
 
 from . import _backend, _cpu, _reference
 
-# Tensors the dispatcher treats as plain (no subclass behaviour to serve).
-_PLAIN_TYPES = (Tensor, Parameter)
 _DEVICES = ("cpu", "cuda")
 
 
@@ -38,10 +37,15 @@ def implementation(name: str, device: torch.device, variant: bool = False):
     if _backend.use_kernels(device):
         # Imported on first use: Triton reads TRITON_INTERPRET when a kernel is
         # decorated, so importing late lets a process choose it before the first call.
-        return getattr(importlib.import_module(f"fused_sigxent.kernels.{name.rstrip('_')}"), name)
+        return _launcher(name)
     if device.type == "cpu" and _backend.backend() == "auto" and not variant:
         return getattr(_cpu, name)
     return getattr(_reference, name)
+
+
+@functools.cache
+def _launcher(name: str):
+    return getattr(importlib.import_module(f"fused_sigxent.kernels.{name.rstrip('_')}"), name)
 
 
 def run(name: str, device: torch.device, *args):
@@ -68,15 +72,28 @@ def call(name: str, device: torch.device, *args):
 
 
 def plain_eager(device: torch.device, args) -> bool:
-    """Whether a call on `args` can skip the dispatcher (see `call`)."""
-    if (device.type not in _DEVICES
-            or torch._C._len_torch_dispatch_stack()
-            or torch._C._is_torch_function_mode_enabled()
-            or torch._C._are_functorch_transforms_active()
-            or torch.autograd._profiler_enabled()
-            or torch.compiler.is_compiling()):
+    """Whether a call on `args` can skip the dispatcher (see `call`).
+    Called on every eager call, so kept to a few C-level checks; compiling
+    comes first, where Dynamo folds it and reads no further."""
+    if (torch.compiler.is_compiling()
+            or device.type not in _DEVICES
+            or _dispatch_modes()
+            or _function_modes()
+            or _transforms()
+            or _profiling()):
         return False
     for a in args:
-        if isinstance(a, Tensor) and (type(a) not in _PLAIN_TYPES or torch._C._functorch.is_functorch_wrapped_tensor(a)):
+        cls = a.__class__
+        if cls is Tensor or cls is Parameter:
+            if _wrapped(a):  # a dead functorch wrapper, left by a finished transform
+                return False
+        elif isinstance(a, Tensor):
             return False
     return True
+
+
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_function_modes = torch._C._is_torch_function_mode_enabled
+_transforms = torch._C._are_functorch_transforms_active
+_profiling = torch.autograd._profiler_enabled
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor

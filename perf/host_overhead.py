@@ -108,11 +108,15 @@ def stubbed_launches(launch: str):
     from fused_sigxent.kernels import _tuner
 
     saved = (triton.runtime.jit.JITFunction.run, _backend.use_kernels, _tuner.time_ms)
+    saved_lookup = (_tuner.Tuned.compiled, _tuner.Tuned.check_lookup)
     # The driver in use before (None on a machine with no GPU, where Triton
     # finds none: reset_active() would raise there).
     saved_driver = driver._active
     if launch == "stub":
         triton.runtime.jit.JITFunction.run = _stub_run
+        # Nothing is compiled, so there is nothing to launch directly.
+        _tuner.Tuned.compiled = lambda self, args, kwargs: None
+        _tuner.Tuned.check_lookup = lambda self, kernel, args, kwargs: None
     else:
         driver.set_active(_StandInDriver())
     _backend.use_kernels = lambda device: True
@@ -121,6 +125,7 @@ def stubbed_launches(launch: str):
         yield
     finally:
         triton.runtime.jit.JITFunction.run, _backend.use_kernels, _tuner.time_ms = saved
+        _tuner.Tuned.compiled, _tuner.Tuned.check_lookup = saved_lookup
         driver._active = saved_driver
 
 
