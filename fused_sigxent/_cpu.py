@@ -19,7 +19,6 @@ the reference and to float64 math (tests/test_cpu.py).
 Each op function has the signature of the op it implements (`_op.py`).
 """
 
-import math
 
 import torch
 from torch import Tensor
@@ -27,9 +26,15 @@ from torch import Tensor
 from . import _reference
 from . import _reduction as R
 
-# Elements per piece. Timed with perf/cpu_kernels.py on this 2-core machine
-# (AMD EPYC, 1 MiB L2 per core): see `_piece_rows`.
-PIECE = 1 << 17
+# Elements per piece: a few float32 temporaries of 256K elements (1 MiB each)
+# stay in the 32 MiB L3 (1 MiB L2 per core), and each of ATen's two threads
+# gets 128K elements per op. Timed with perf/cpu_kernels.py on this 2-core
+# machine (AMD EPYC, 16M float32, fwd / fwd+bwd ms, min of 5, shared with
+# other load): 64K 37/66, 128K 28/57, 256K 20/60, 512K 20/57, 1M 26/57;
+# smaller pieces pay more per-op joins of the two threads, larger ones fall
+# out of the caches and hold more memory (a 1M-element tensor's temporaries
+# must stay below PyTorch eager's).
+PIECE = 1 << 18
 
 # 0-d ones of each compute dtype: the `1 +` of q = 1 + (p - 1) z' (a tensor
 # operand keeps float64 math in float64).
@@ -37,21 +42,21 @@ _ONE = {dt: torch.ones((), dtype=dt) for dt in (torch.float32, torch.float64)}
 
 
 class _Scratch:
-    """Named buffers of one piece's size, allocated on first use and reused
-    by every piece of a call: the temporaries stay in the cache, and a call
-    holds these few buffers however many pieces it has."""
+    """Named buffers of the first (largest) piece's shape, allocated on first
+    use and reused by every piece a thread runs: the temporaries stay in the
+    cache, and a call holds these few buffers however many pieces it has."""
 
-    def __init__(self, numel: int, dtype: torch.dtype):
-        self.numel, self.dtype, self.buffers = numel, dtype, {}
+    def __init__(self, dtype: torch.dtype):
+        self.dtype, self.buffers = dtype, {}
 
     def __call__(self, name: str, like: Tensor) -> Tensor:
-        """Buffer `name`, shaped like `like` (a piece)."""
+        """Buffer `name` for piece `like` (the last piece may have fewer rows)."""
         buffer = self.buffers.get(name)
         if buffer is None:
-            buffer = self.buffers[name] = torch.empty(self.numel, dtype=self.dtype)
-        if like.numel() == self.numel:
-            return buffer.view(like.shape)
-        return buffer[: like.numel()].view(like.shape)
+            buffer = self.buffers[name] = torch.empty(like.shape, dtype=self.dtype)
+        if like.dim() and buffer.shape[0] != like.shape[0]:
+            return buffer[: like.shape[0]]
+        return buffer
 
 
 def _scaled_into(t: Tensor, factor: Tensor | float, out: Tensor) -> None:
@@ -82,9 +87,7 @@ def _fast_piece(x, z, w, p, pm1, gw, label_factor, scratch, want_loss, loss_out,
     """
     check = ls = q = None
     if want_loss or (gz_out is not None and p is not None):
-        ls = scratch("ls", x)
-        # logsigmoid, with its side output exp(-|x|) kept in scratch too.
-        torch.ops.aten.log_sigmoid_forward.output(x, output=ls, buffer=scratch("exp", x))
+        ls = torch._C._nn.log_sigmoid(x, out=scratch("ls", x))
     if gz_out is not None:
         if p is None:
             d = torch.mul(x, -label_factor, out=scratch("dz", x))
@@ -187,7 +190,7 @@ def _run(logits, labels, weight, pos_weight, s: float, c: float, incoming, want_
         loss, gx, gz = (None if t is None else t.view(shape) for t in (loss, gx, gz))
     half_s = torch.tensor(0.5 * s, dtype=ct) if s else None
     pieces = [None] if one_piece else _pieces(x_all)
-    scratch = _Scratch(_at(x_all, pieces[0]).numel(), ct)
+    scratch = _Scratch(ct)
     total = 0.0
     for piece in pieces:
         xp, zp = _at(x_all, piece), _at(z_all, piece)
@@ -262,8 +265,9 @@ def sigmoid_ce_fwd(
     total = _run(logits, labels, weight, pos_weight, float(label_smoothing), _divide(1.0, d, reduction), None,
                  True, loss, grad_logits if grad_logits_in_fwd else None, grad_labels if grad_labels_in_fwd else None)
     if loss is None:
-        # Rounded to the compute dtype first, as the reference's result is.
-        loss = torch.tensor(_divide(total, d, reduction), dtype=ct).to(out_dtype)
+        loss = torch.full((), _divide(total, d, reduction), dtype=ct)
+        if out_dtype != ct:  # rounded to the compute dtype first, as the reference's result is
+            loss = loss.to(out_dtype)
     return loss, denom, grad_logits, grad_labels
 
 
