@@ -17,8 +17,9 @@ formulas of `_reference.py`, which define those limits. Tests hold both to
 the reference and to float64 math (tests/test_cpu.py).
 
 Each op function has the signature of the op it implements (`_op.py`).
+Reduced sums accumulate per piece in float64 on the host (one read per
+piece), so the result does not depend on how the pieces fall.
 """
-
 
 import torch
 from torch import Tensor
@@ -43,7 +44,7 @@ _ONE = {dt: torch.ones((), dtype=dt) for dt in (torch.float32, torch.float64)}
 
 class _Scratch:
     """Named buffers of the first (largest) piece's shape, allocated on first
-    use and reused by every piece a thread runs: the temporaries stay in the
+    use and reused by every piece of a call: the temporaries stay in the
     cache, and a call holds these few buffers however many pieces it has."""
 
     def __init__(self, dtype: torch.dtype):
@@ -94,18 +95,10 @@ def _fast_piece(x, z, w, p, pm1, gw, label_factor, scratch, want_loss, loss_out,
         else:
             d = torch.addcmul(x, pm1, ls, out=scratch("dz", x)).mul_(-label_factor)
         _scaled_into(d, gw, gz_out)
-        check = gz_out.sum()
+        if not want_loss:
+            check = gz_out.sum()
     if p is not None and (want_loss or gx_out is not None):
         q = torch.addcmul(_ONE[x.dtype], pm1, z, out=scratch("q", x))
-    if gx_out is not None:
-        g = gx_out if gx_out.dtype == x.dtype else scratch("g", x)
-        torch.sigmoid(x, out=g)
-        if q is None:
-            g.sub_(z)
-        else:
-            g.mul_(q).addcmul_(p, z, value=-1)
-        _scaled_into(g, gw, gx_out)
-        check = gx_out.sum() if check is None else check + gx_out.sum()
     if want_loss:
         q_ls = ls if q is None else ls.mul_(q)
         loss = loss_out if loss_out is not None and loss_out.dtype == x.dtype else q_ls
@@ -115,6 +108,17 @@ def _fast_piece(x, z, w, p, pm1, gw, label_factor, scratch, want_loss, loss_out,
         check = loss.sum()
         if loss_out is not None and loss_out is not loss:
             loss_out.copy_(loss)
+    if gx_out is not None:
+        # The loss is summed by now, so its buffer can hold the gradient.
+        g = gx_out if gx_out.dtype == x.dtype else scratch("ls", x)
+        torch.sigmoid(x, out=g)
+        if q is None:
+            g.sub_(z)
+        else:
+            g.mul_(q).addcmul_(p, z, value=-1)
+        _scaled_into(g, gw, gx_out)
+        if not want_loss:
+            check = gx_out.sum() if check is None else check + gx_out.sum()
     return check
 
 
