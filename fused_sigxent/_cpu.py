@@ -256,11 +256,17 @@ def sigmoid_ce_fwd(
     out_dtype: torch.dtype,
     grad_logits_in_fwd: bool,
     grad_labels_in_fwd: bool,
+    gamma: Tensor | None = None,
+    alpha: Tensor | None = None,
+    hard_labels: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Same contract as `_reference.sigmoid_ce_fwd`."""
-    if logits.numel() == 0:  # nothing to cut into pieces: the reference's NaN or 0
+    if logits.numel() == 0 or _variant(gamma, labels):
+        # Nothing to cut into pieces (the reference's NaN or 0), or a variant
+        # the pieces do not implement: the reference runs it.
         return _reference.sigmoid_ce_fwd(logits, labels, weight, pos_weight, label_smoothing, reduction,
-                                          out_dtype, grad_logits_in_fwd, grad_labels_in_fwd)
+                                          out_dtype, grad_logits_in_fwd, grad_labels_in_fwd,
+                                          gamma, alpha, hard_labels)
     ct = _reference.compute_dtype(logits.dtype)
     denom, d = _denominator(reduction, weight, logits, ct)
     loss = torch.empty(logits.shape, dtype=out_dtype) if reduction == R.NONE else None
@@ -286,8 +292,14 @@ def sigmoid_ce_bwd(
     reduction: int,
     need_grad_logits: bool,
     need_grad_labels: bool,
+    gamma: Tensor | None = None,
+    alpha: Tensor | None = None,
+    hard_labels: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Same contract as `_reference.sigmoid_ce_bwd`."""
+    if _variant(gamma, labels):
+        return _reference.sigmoid_ce_bwd(grad, logits, labels, weight, pos_weight, denom, label_smoothing,
+                                          reduction, need_grad_logits, need_grad_labels, gamma, alpha, hard_labels)
     grad_logits = torch.empty(logits.shape if need_grad_logits else (0,), dtype=logits.dtype)
     grad_labels = torch.empty(labels.shape if need_grad_labels else (0,), dtype=labels.dtype)
     if not (need_grad_logits or need_grad_labels) or logits.numel() == 0:
@@ -298,6 +310,11 @@ def sigmoid_ce_bwd(
     _run(logits, labels, weight, pos_weight, float(label_smoothing), c, incoming, False, None,
          grad_logits if need_grad_logits else None, grad_labels if need_grad_labels else None)
     return grad_logits, grad_labels
+
+
+def _variant(gamma: Tensor | None, labels: Tensor) -> bool:
+    """The focal loss (a gamma) or class-index labels: the reference's on CPU tensors."""
+    return gamma is not None or labels.dtype == torch.int64
 
 
 def sigmoid_ce_scale_(grad: Tensor, grad_logits: Tensor, grad_labels: Tensor) -> None:
@@ -311,10 +328,12 @@ def sigmoid_ce_scale_(grad: Tensor, grad_logits: Tensor, grad_labels: Tensor) ->
             g.mul_(grad.to(_reference.compute_dtype(g.dtype)))
 
 
-def traced_loss(logits, labels, weight, pos_weight, label_smoothing, reduction, out_dtype) -> Tensor:
+def traced_loss(logits, labels, weight, pos_weight, label_smoothing, reduction, out_dtype,
+                gamma=None, alpha=None, hard_labels=False) -> Tensor:
     """The loss as plain differentiable ops, for a torch.compile'd graph on
     CPU tensors: Inductor traces and fuses them (forward and backward) into
     its own loops, where an opaque op would hide the math from it."""
     loss, _, _, _ = _reference.sigmoid_ce_fwd(
-        logits, labels, weight, pos_weight, label_smoothing, reduction, out_dtype, False, False)
+        logits, labels, weight, pos_weight, label_smoothing, reduction, out_dtype, False, False,
+        gamma, alpha, hard_labels)
     return loss

@@ -13,32 +13,14 @@ from . import _backend, _cpu, _reference
 _DEVICES = ("cpu", "cuda")
 
 
-# Arguments of each op that the CPU path (`_cpu.py`) takes: the plain loss's.
-# Calls past them (the focal loss's gamma, alpha, hard_labels) or with int64
-# class-index labels are variants it does not implement.
-_CPU_ARITY = {"sigmoid_ce_fwd": 9, "sigmoid_ce_bwd": 10, "sigmoid_ce_scale_": 3}
-_LABELS_AT = {"sigmoid_ce_fwd": 1, "sigmoid_ce_bwd": 2}
-_PLAIN_DEFAULTS = (None, None, False)
-
-
-def is_variant(name: str, args) -> bool:
-    """Whether a call of op `name` is the focal loss or has class-index labels."""
-    extra = args[_CPU_ARITY[name]:]
-    if tuple(extra) != _PLAIN_DEFAULTS[:len(extra)]:
-        return True
-    at = _LABELS_AT.get(name)
-    return at is not None and args[at].dtype == torch.int64
-
-
-def implementation(name: str, device: torch.device, variant: bool = False):
+def implementation(name: str, device: torch.device):
     """The function that runs op `name` on `device`: a Triton launcher, the
-    CPU path (`auto` on CPU tensors, the plain loss), or the reference (the
-    definition; also the focal and class-index variants on CPU tensors)."""
+    CPU path (`auto` on CPU tensors), or the reference (the definition)."""
     if _backend.use_kernels(device):
         # Imported on first use: Triton reads TRITON_INTERPRET when a kernel is
         # decorated, so importing late lets a process choose it before the first call.
         return _launcher(name)
-    if device.type == "cpu" and _backend.backend() == "auto" and not variant:
+    if device.type == "cpu" and _backend.backend() == "auto":
         return getattr(_cpu, name)
     return getattr(_reference, name)
 
@@ -50,9 +32,7 @@ def _launcher(name: str):
 
 def run(name: str, device: torch.device, *args):
     """Op `name`'s implementation on `args`, as the registered op runs it."""
-    impl = implementation(name, device, is_variant(name, args))
-    if getattr(_cpu, name, None) is impl:
-        args = args[:_CPU_ARITY[name]]  # trailing defaults only (else it is a variant)
+    impl = implementation(name, device)
     with _backend.on_device(device):
         return impl(*args)
 

@@ -124,11 +124,7 @@ def sigmoid_ce(
     dtensor = _validate.is_dtensor(logits, labels, weight, pos_weight)
     if _compiled_on_cpu(logits) and not dtensor:
         # Plain ops that Inductor fuses, forward and backward, into its own CPU loops.
-        if focal or labels.dtype == torch.int64:
-            loss, _, _, _ = _reference.sigmoid_ce_fwd(
-                logits, labels, weight, pos_weight, smoothing, reduction, out_dtype, False, False, *focal)
-            return loss
-        return _cpu.traced_loss(logits, labels, weight, pos_weight, smoothing, reduction, out_dtype)
+        return _cpu.traced_loss(logits, labels, weight, pos_weight, smoothing, reduction, out_dtype, *focal)
     if dtensor or _compiled_transform():
         # The reference's plain ops, which autograd, DTensor (shard by shard)
         # and torch.func differentiate and batch themselves.

@@ -277,22 +277,20 @@ def test_module_is_torchvision_ordered_with_mean_default(backend):
     assert "weight" in module.state_dict() and "gamma=1.0" in repr(module)
 
 
-def test_cpu_auto_routes_focal_to_the_reference_and_bce_unchanged(monkeypatch):
-    # `_cpu.py` takes the plain loss's nine arguments: the focal and
-    # class-index variants take the reference on CPU tensors, and a plain
-    # call still reaches the CPU path with exactly those nine.
+def test_cpu_auto_hands_focal_to_the_reference(monkeypatch):
+    # The CPU path's pieces implement the plain loss: the focal and
+    # class-index variants it receives run the reference's formulas.
     monkeypatch.setenv("FUSED_SIGXENT_BACKEND", "auto")
     seen = []
-    cpu_fwd = _cpu.sigmoid_ce_fwd
-    monkeypatch.setattr(_cpu, "sigmoid_ce_fwd", lambda *a: seen.append(len(a)) or cpu_fwd(*a))
+    ref_fwd = _reference.sigmoid_ce_fwd
+    monkeypatch.setattr(_reference, "sigmoid_ce_fwd", lambda *a: seen.append(len(a)) or ref_fwd(*a))
     x, z = torch.randn(SHAPE), torch.rand(SHAPE)
+    assert _dispatch.implementation("sigmoid_ce_fwd", x.device) is _cpu.sigmoid_ce_fwd
     fs.binary_cross_entropy_with_logits(x, z)
-    assert seen == [9]
-    seen.clear()
+    assert seen == []
     got = fs.sigmoid_focal_loss(x, z, reduction="sum")
     got_index = fs.sigmoid_focal_loss(x, torch.tensor([0, 13, 2]), reduction="sum")
-    assert seen == []
-    assert _dispatch.implementation("sigmoid_ce_fwd", x.device, True) is _reference.sigmoid_ce_fwd
+    assert seen == [12, 12]
     assert_close(got, torchvision_focal(x, z, 0.25, 2.0, "sum"), torch.float32)
     assert got_index.isfinite()
 
