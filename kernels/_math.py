@@ -33,7 +33,10 @@ COEF_STRIDED = tl.constexpr(5)  # (rows, classes), any strides or rows straddled
 CHUNK = tl.constexpr(8)
 
 LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
+# A finite stand-in for log2(0) in the focal factor's exponent (2**-1e30 is 0,
+# and 0 times it is 0, not NaN).
+LOG2_FLOOR = tl.constexpr(-1e30)
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
 # log1p(e) for e in [0, 1] as 2 atanh(t), t = e / (2 + e) in [0, 1/3]:
 # 2 atanh(t) = t * P(t^2), P of degree 4 fitted (Lawson's minimax) to
 # 2 atanh(sqrt(s)) / sqrt(s) on s in [0, 1/9]: relative error 8e-9 in exact
@@ -114,8 +117,7 @@ def lg2_approx(x):
 
 @triton.jit
 def exp_any(t, FAST_MATH: tl.constexpr):
-    """exp(t): the focal factor's powers (t <= 0, except F / a for gamma < 1,
-    which overflows where the labels' gradient is truly infinite)."""
+    """exp(t): the focal factor's powers (t <= 0)."""
     if FAST_MATH:
         res = ex2_approx(t * LOG2E)
     else:
@@ -124,12 +126,22 @@ def exp_any(t, FAST_MATH: tl.constexpr):
 
 
 @triton.jit
-def log_any(a, FAST_MATH: tl.constexpr):
-    """log(a) for a normal a > 0."""
+def exp2_any(t, FAST_MATH: tl.constexpr):
+    """2**t: the focal factor's powers, taken in log2 units (the SFU's)."""
     if FAST_MATH:
-        res = lg2_approx(a) * LN2
+        res = ex2_approx(t)
     else:
-        res = tl.log(a)
+        res = tl.exp2(t)
+    return res
+
+
+@triton.jit
+def log2_any(a, FAST_MATH: tl.constexpr):
+    """log2(a) for a normal a > 0."""
+    if FAST_MATH:
+        res = lg2_approx(a)
+    else:
+        res = tl.log2(a)
     return res
 
 
@@ -373,35 +385,70 @@ def ce_terms(x, z, p, HAS_POS_WEIGHT: tl.constexpr, CT: tl.constexpr, FAST_MATH:
 
 
 @triton.jit
-def focal_factor(x, z, e, r, log_term, gamma, HARD_LABELS: tl.constexpr, FAST_MATH: tl.constexpr):
-    """(F, dF/dx, dF/dz') for F = (1 - p_t)^gamma, the formulas of
-    `_reference.focal_factor` in log space: with y = z' (x >= 0) or 1 - z',
-    1 - p_t = r a, a = (1 - y) + y e, log(1 - p_t) = log a - log1p(e),
-    log a = -|x| where y = 1 (a = e, however small e is);
-    dF/dx = gamma F r (1 - 2 z') e / a; dF/dz' = -+gamma (1 - e) F / a.
-    HARD_LABELS (z' is 0 or 1): log a and e / a are selects, so the factor
-    costs one exp (the SFU's ex2) beyond the cross entropy's terms; soft
-    labels add a log and a reciprocal."""
-    ax = tl.abs(x)
+def focal_soft_labels(x, z, e, r, log_term, ce, d_ce, d_ce_z, gamma, alpha, HAS_ALPHA: tl.constexpr,
+                      HARD_LABELS: tl.constexpr, FAST_MATH: tl.constexpr):
+    """(L, dL/dx, dL/dz') of the focal loss L = alpha_t F ce, F = (1 - p_t)^gamma,
+    from the cross entropy's ce, dce/dx, dce/dz' (any label, any pos_weight;
+    `focal_hard_labels` is the cheaper closed form for hard labels without).
+
+    In log space, as `_reference.focal_factor`: with y = z' (x >= 0) or 1 - z',
+    q = 1 - p_t = r a, a = (1 - y) + y e, log q = log(r e) = -|x| - log1p(e)
+    where y = 1 (however small e is); dq/dx = (1 - 2 z') e r^2, dq/dz' = -+(1 - e) r.
+    One exp serves F and dF/dx, with no division: P = q^(gamma - 1), so
+    F = P q and dF/dx = gamma P e r^2 (1 - 2 z'). That power is bounded where
+    y < 1 (q >= r (1 - y), and 1 - y is 0 or at least an ulp of 1), but
+    infinite for gamma < 1 where y = 1 and e underflows. There ("direct")
+    the exp is taken of gamma log q and is F itself, and e r^2 / q = r; so
+    too for gamma = 0, where F must be exactly 1 (the cross entropy, bit for
+    bit) and dF is 0 anyway.
+
+    Cost beyond the cross entropy: for soft labels a log (of q) and that
+    exp, and no fewer: q = r ((1 - y) + y e) is a sum of two terms weighted
+    by the label, so log q, which the power needs, is no function of the
+    cross entropy's terms (exp(-|x|), 1 / (1 + e), log1p(e)); the SFU's lg2
+    and ex2 are the two. HARD_LABELS: log q is a select, one exp. The label
+    gradient needs F / a = r q^(gamma - 1), which "direct" lanes did not
+    take: one more exp, where it is asked for."""
     pos = x >= 0
-    y = tl.where(pos, z, 1.0 - z)
+    one_minus_z = 1.0 - z
+    a = tl.where(pos, one_minus_z + z * e, z + one_minus_z * e)
+    q = r * a
+    # y = 1 gives a = e exactly, and a = e gives e / a = 1 and q = r e exactly:
+    # the test costs one compare, with no y formed (x = 0, e = 1 = a, passes
+    # it too, rightly: q = r e there).
+    agree = a == e
+    # log2 q where a = e: -|x| log2(e) - log2(1 + e), floored (NaN kept) so
+    # that gamma = 0 times it is 0 at x = +-inf, not NaN. The product is the
+    # one exp_neg_abs takes.
+    log2_agree = tl.maximum(tl.abs(x) * -LOG2E, LOG2_FLOOR, propagate_nan=tl.PropagateNan.ALL) - log_term * LOG2E
     if HARD_LABELS:
-        agree = y != 0
-        log_a = tl.where(agree, -ax, 0.0)
-        e_over_a = tl.where(agree, 1.0, e)
+        log2_q = tl.where(agree, log2_agree, log_term * -LOG2E)  # y = 0: q = r
     else:
-        a = (1.0 - y) + y * e
-        agree = (1.0 - y) == 0
-        safe_a = tl.where(agree, 1.0, a)
-        log_a = tl.where(agree, -ax, log_any(safe_a, FAST_MATH))
-        e_over_a = tl.where(agree, 1.0, e / safe_a)
-    # gamma = 0: F = exp(0) = 1 and dF = 0 exactly, even where log(1 - p_t) = -inf.
-    factor = exp_any(mul0(gamma, log_a - log_term), FAST_MATH)
-    d_x = gamma * factor * r * (1.0 - 2.0 * z) * e_over_a
-    # F / a = exp(-gamma log1p(e) + (gamma - 1) log a): no 0 / 0 where a underflows.
+        log2_q = tl.where(agree, log2_agree, log2_any(q, FAST_MATH))
+    # (a select, not agree | (gamma == 0): the interpreter cannot or a scalar compare into a block)
+    direct = tl.where(gamma == 0, True, agree)
+    power = exp2_any(tl.where(direct, gamma, gamma - 1.0) * log2_q, FAST_MATH)
+    # F = power q_or_1, dF/dx = gamma (1 - 2 z') power slope
+    q_or_1 = tl.where(direct, 1.0, q)
+    slope = r * tl.where(direct, 1.0, e * r)
+    if HAS_ALPHA:
+        a_t = (1.0 - alpha) + (2.0 * alpha - 1.0) * z
+        k = a_t * power
+    else:
+        k = power
+    # Masked where ce = inf (x = +-inf against its label): k may be 0 there.
+    loss = mul0(k, q_or_1 * ce)
+    # There the slope is 0 (e = 0) or gamma is: ce capped, 0 times it is 0.
+    finite_ce = tl.minimum(ce, FLT_MAX, propagate_nan=tl.PropagateNan.ALL)
+    d_logits = k * (q_or_1 * d_ce + (gamma + (-2.0 * gamma) * z) * slope * finite_ce)
+    factor = power * q_or_1
     sign = tl.where(pos, -1.0, 1.0)
-    d_z = gamma * sign * (1.0 - e) * exp_any(mul0(gamma, -log_term) + mul0(gamma - 1.0, log_a), FAST_MATH)
-    return factor, d_x, d_z
+    # ce first: where y = 1 and F / a overflows (gamma < 1, e = 0), ce is 0.
+    d_f_z = mul0(ce, gamma * sign * (1.0 - e) * r * exp2_any((gamma - 1.0) * log2_q, FAST_MATH))
+    d_labels = mul0(factor, d_ce_z) + d_f_z
+    if HAS_ALPHA:
+        d_labels = mul0(a_t, d_labels) + (2.0 * alpha - 1.0) * mul0(factor, ce)
+    return loss, d_logits, d_labels
 
 
 @triton.jit
@@ -497,7 +544,7 @@ def focal_hard_labels(x, z, e, r, log_term, ce, gamma, alpha, HAS_ALPHA: tl.cons
     With u = x (z' = 1) or -x (z' = 0), the margin: p_t = sigmoid(u),
     1 - p_t = sigmoid(-u), ce = softplus(-u), and with k = alpha_t sigmoid(-u)^gamma,
       L = k ce,  dL/dx = (1 - 2 z') k (gamma sigmoid(u) ce + sigmoid(-u)).
-    u >= 0 ("agree") exactly where y (`focal_factor`) is 1: sigmoid(u) = r and
+    u >= 0 ("agree") exactly where y (`focal_soft_labels`) is 1: sigmoid(u) = r and
     sigmoid(-u) = e r there, swapped elsewhere; log sigmoid(-u) = -|x| or 0,
     minus log1p(e). One exp beyond the cross entropy's terms, whose dl/dx
     this replaces."""
@@ -533,15 +580,8 @@ def weighted_loss_and_grads(x, z, w, p, gamma, alpha, HAS_WEIGHT: tl.constexpr, 
         loss, d_logits = focal_hard_labels(x, z, e, r, log_term, loss, gamma, alpha, HAS_ALPHA, FAST_MATH)
         d_labels = tl.zeros_like(loss)  # hard labels take no gradient
     elif FOCAL:
-        factor, df_x, df_z = focal_factor(x, z, e, r, log_term, gamma, HARD_LABELS, FAST_MATH)
-        d_logits = factor * d_logits + mul0(df_x, loss)
-        d_labels = mul0(factor, d_labels) + mul0(df_z, loss)
-        loss = mul0(factor, loss)
-        if HAS_ALPHA:
-            a_t = (1.0 - alpha) + (2.0 * alpha - 1.0) * z
-            d_labels = mul0(a_t, d_labels) + (2.0 * alpha - 1.0) * loss
-            d_logits = mul0(a_t, d_logits)
-            loss = mul0(a_t, loss)
+        loss, d_logits, d_labels = focal_soft_labels(x, z, e, r, log_term, loss, d_logits, d_labels, gamma, alpha,
+                                                      HAS_ALPHA, HARD_LABELS, FAST_MATH)
     if HAS_WEIGHT:
         loss = mul0(w, loss)
         d_logits = mul0(w, d_logits)

@@ -107,7 +107,7 @@ def _sigmoid_ce_fwd_kernel(
       then holds [n_elements / n_cols] int64 class indices, read as one-hot rows).
     FOCAL: the focal loss (SPEC section 6) instead of the cross entropy; HAS_ALPHA:
       its alpha_t factor; HARD_LABELS: smoothed labels known to be 0 or 1 (a
-      cheaper focal factor, _math.focal_factor).
+      cheaper focal factor, _math.focal_hard_labels).
     loss_ptr: [n_elements] for REDUCTION == NONE, else [] (the reduced loss).
     denom_ptr: [] the denominator, in CT. grad_logits_ptr, grad_labels_ptr:
       [n_elements] final gradients for an incoming gradient of 1, written when
