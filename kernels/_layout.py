@@ -33,7 +33,8 @@ def _broadcast_strides(layout: tuple | None, shape: torch.Size) -> list[int]:
     return [0] * (len(shape) - len(c_shape)) + [st if size != 1 else 0 for size, st in zip(c_shape, c_stride)]
 
 
-def collapse(shape: torch.Size, coefficients: list[Tensor | None]) -> tuple[list[int], list[Tensor | None], list[list[int]]]:
+def collapse(shape: torch.Size, coefficients: list[Tensor | None],
+             classes_apart: bool = False) -> tuple[list[int], list[Tensor | None], list[list[int]]]:
     """Sizes (d0..d3, outermost first, padded with 1) of the logits' shape after
     merging every pair of adjacent dimensions that all coefficients traverse
     contiguously; the coefficients; and each one's strides over those
@@ -44,11 +45,21 @@ def collapse(shape: torch.Size, coefficients: list[Tensor | None]) -> tuple[list
     More than four dimensions remain only for interleaved broadcasts of rank
     5 or more; those coefficients are made contiguous at full size (the one
     case where a broadcast coefficient is materialized).
+
+    classes_apart (class-index labels, one per row): the last dimension is
+    kept apart from the rows, whatever its size, so that the kernels step
+    each chunk's (row, class) as for a per-class weight (a two-dimensional
+    collapse then always has the classes last); where that leaves more than
+    four dimensions, the plain collapse (whose rows are found by division).
     """
+    layouts = tuple(None if c is None else (c.shape, c.stride()) for c in coefficients)
+    if shape.numel() and classes_apart and (geometry := _collapsed(shape, layouts, True)) is not None:
+        sizes, strides = geometry
+        return list(sizes), coefficients, [list(st) for st in strides]
     if shape.numel() == 0 or all(c is None for c in coefficients):
         # Nothing to read through strides: one flat dimension.
         return [1] * (MAX_DIMS - 1) + [shape.numel()], coefficients, [[0] * MAX_DIMS for _ in coefficients]
-    geometry = _collapsed(shape, tuple(None if c is None else (c.shape, c.stride()) for c in coefficients))
+    geometry = _collapsed(shape, layouts)
     if geometry is None:
         return collapse(shape, [c.expand(shape).contiguous() if c is not None else None for c in coefficients])
     sizes, strides = geometry
@@ -58,16 +69,17 @@ def collapse(shape: torch.Size, coefficients: list[Tensor | None]) -> tuple[list
 # A training loop calls with the same shapes every step: the merge is
 # worked out once per geometry (its loops cost more host time than a launch).
 @functools.lru_cache(maxsize=256)
-def _collapsed(shape: torch.Size, layouts: tuple) -> tuple[tuple, tuple] | None:
+def _collapsed(shape: torch.Size, layouts: tuple, classes_apart: bool = False) -> tuple[tuple, tuple] | None:
     """(sizes, per-coefficient strides) of `collapse` for coefficients of the
     given (shape, strides) or None; None where more than MAX_DIMS remain."""
     strides = [_broadcast_strides(layout, shape) for layout in layouts]
     merged: list[tuple[int, list[int]]] = []
     for i, size in enumerate(shape):
-        if size == 1:
+        classes = classes_apart and i == len(shape) - 1
+        if size == 1 and not classes:
             continue
         st = [s[i] for s in strides]
-        if merged and all(o == inner * size for o, inner in zip(merged[-1][1], st)):
+        if merged and not classes and all(o == inner * size for o, inner in zip(merged[-1][1], st)):
             merged[-1] = (merged[-1][0] * size, st)
         else:
             merged.append((size, st))

@@ -512,10 +512,11 @@ def load_block(
         mask = block_mask(lanes, n_elements, MASKED, BLOCK)
     x = tl.load(logits_ptr + start + lanes, mask=mask, other=0).to(CT)
     if CLASS_INDEX:
-        z = class_index_label(labels_ptr, start + lanes, mask, n_cols, CT)
+        z = class_index_label(labels_ptr, start + lanes, mask, row, col, d2, n_cols, s, NDIM, CHUNK_WRAPS, MASKED,
+                              CHUNK_)
     else:
         z = tl.load(labels_ptr + start + lanes, mask=mask, other=0).to(CT)
-    z = z * (1.0 - s) + 0.5 * s
+        z = z * (1.0 - s) + 0.5 * s
     w = load_coefficient(weight_ptr, w_scalar, start + lanes, mask, row, col, d1, d2, d3,
                          stride_w_0, stride_w_1, stride_w_2, stride_w_3, W_LAYOUT, NDIM, CHUNK_WRAPS, MASKED, CT,
                          CHUNK_)
@@ -526,15 +527,43 @@ def load_block(
 
 
 @triton.jit
-def class_index_label(labels_ptr, offs, mask, n_cols, CT: tl.constexpr):
-    """The one-hot label at flat offsets offs of (rows, n_cols) logits from one
-    int64 class index per row (n_cols: background, no positive): the column
-    compared with its row's index, never a one-hot tensor. An index outside
-    [0, n_cols] gives NaN for the whole row (no host sync to raise)."""
-    i_row = offs // n_cols
-    index = tl.load(labels_ptr + i_row, mask=mask, other=0)
-    hot = ((offs - i_row * n_cols) == index).to(CT)
-    return tl.where((index < 0) | (index > n_cols), float("nan"), hot)
+def class_index_label(labels_ptr, offs, mask, row, col, d2, n_cols, s, NDIM: tl.constexpr,
+                      CHUNK_WRAPS: tl.constexpr, MASKED: tl.constexpr, CHUNK_: tl.constexpr):
+    """The smoothed one-hot label z' at flat offsets offs of (rows, n_cols)
+    logits from one int64 class index per row (n_cols: background, no
+    positive): 1 - s / 2 where the column is the row's index, s / 2
+    elsewhere, never a one-hot tensor. An index outside [0, n_cols] gives
+    NaN for the whole row (no host sync to raise).
+
+    The index is a coefficient constant along the classes, read as
+    `load_coefficient` reads one: the launchers collapse with the classes
+    apart (`_layout.collapse`), so NDIM == 2 means (rows d2, classes
+    n_cols), each chunk's (row, class) stepped. Chunks within a row: one
+    index per chunk, and per element one compare of the lane with the
+    index's place in the chunk (no add, no division, no gather). Chunks
+    crossing row ends: per element, carried past them. Any other collapse
+    (rows interleaved with a weight's dimensions): the row by division."""
+    if NDIM == 2 and CHUNK_WRAPS == 0:
+        # (Chunks of the tail block past the last row read the last row, then masked.)
+        if MASKED:
+            row = tl.minimum(row, d2 - 1)
+        index = tl.load(labels_ptr + row)[:, None]
+        # int32 after the int64 check below: a valid index is within a row of the column.
+        hot = tl.arange(0, CHUNK_)[None, :] == (index - col[:, None]).to(tl.int32)
+    else:
+        if NDIM == 2:
+            row_j, col_j = element_rows_classes(row, col, n_cols, CHUNK_WRAPS, CHUNK_)
+        else:
+            row_j = offs // n_cols
+            col_j = offs - row_j * n_cols
+        index = tl.load(labels_ptr + row_j, mask=mask, other=0)
+        hot = col_j == index.to(tl.int32)
+    # Checked in int64: an index past int32 is still out of range.
+    bad = (index < 0) | (index > n_cols)
+    # The smoothing as the other labels take it, z (1 - s) + s / 2, per index, not per element.
+    on = tl.where(bad, float("nan"), 1.0 * (1.0 - s) + 0.5 * s)
+    off = tl.where(bad, float("nan"), 0.0 * (1.0 - s) + 0.5 * s)
+    return tl.where(hot, on, off)
 
 
 @triton.jit

@@ -147,7 +147,8 @@ def sigmoid_ce_bwd(
     g = _layout.contiguous(grad) if reduction == R.NONE else grad
     n = x.numel()
     ct = compute_dtype(logits.dtype)
-    sizes, (w, pw), (stride_w, stride_pw) = _layout.collapse(x.shape, [weight, pos_weight])
+    sizes, (w, pw), (stride_w, stride_pw) = _layout.collapse(x.shape, [weight, pos_weight],
+                                                              classes_apart=z.dtype == torch.int64)
     nd = _layout.ndim(sizes)
     step_classes, chunk_wraps = classes_stepped(sizes, nd)
     grad_logits = torch.empty(x.shape if need_grad_logits else (0,), dtype=logits.dtype, device=device)

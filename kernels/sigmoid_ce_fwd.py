@@ -231,7 +231,8 @@ def sigmoid_ce_fwd(
     x, z = _layout.contiguous(logits), _layout.contiguous(labels)
     n = x.numel()
     ct = compute_dtype(logits.dtype)
-    sizes, (w, pw), (stride_w, stride_pw) = _layout.collapse(x.shape, [weight, pos_weight])
+    sizes, (w, pw), (stride_w, stride_pw) = _layout.collapse(x.shape, [weight, pos_weight],
+                                                              classes_apart=z.dtype == torch.int64)
     nd = _layout.ndim(sizes)
     step_classes, chunk_wraps = classes_stepped(sizes, nd)
     write_grads = grad_logits_in_fwd or grad_labels_in_fwd

@@ -222,6 +222,58 @@ def test_class_index_out_of_range_poisons_its_row(backend):
     assert total.isnan()
 
 
+# (rows, classes) of class-index targets, as tests/test_math.py's layouts:
+# 40 classes (chunks of 8 within a row: one index per chunk), 37 and 5 (chunks
+# crossing one and two row ends), 1 class, one row; enough rows for the
+# interpreter's 4 programs to step along the grid stride, with a ragged tail.
+# (6, 7, 33) with a (1, 7, 1) weight keeps three dimensions: rows by division.
+CLASS_INDEX_LAYOUTS = [((129, 40), "class"), ((150, 37), None), ((301, 5), "full"), ((640, 1), None),
+                       ((1, 13), None), ((6, 7, 33), "middle")]
+
+
+@pytest.mark.parametrize("shape, weight_kind", CLASS_INDEX_LAYOUTS)
+def test_class_index_targets_in_every_layout(monkeypatch, shape, weight_kind):
+    # The kernels step each chunk's (row, class) for class indices (the
+    # classes kept apart when collapsing), and the label they read is the
+    # one-hot one, bit for bit: against the same kernels on dense uint8
+    # one-hot labels, and against float64; an out-of-range index poisons
+    # its row, and only its row, wherever that row falls.
+    from fused_sigxent.kernels import _layout
+
+    monkeypatch.setenv("FUSED_SIGXENT_BACKEND", "triton")
+    weight = {"class": torch.rand(shape[-1]), "full": torch.rand(shape), "middle": torch.rand(1, shape[1], 1),
+              None: None}[weight_kind]
+    sizes, _, _ = _layout.collapse(torch.Size(shape), [weight, None], classes_apart=True)
+    n_rows = math.prod(shape[:-1])
+    assert _layout.ndim(sizes) == (3 if weight_kind == "middle" else 1 if n_rows == 1 else 2), sizes
+    assert sizes[-1] == shape[-1]
+    x = (torch.randn(shape) * 4).requires_grad_()
+    index = torch.randint(0, shape[-1] + 1, shape[:-1])
+    dense = one_hot(index, shape[-1])
+    for reduction, smoothing in [("none", 0.0), ("sum", 0.1)]:
+        loss = fs.sigmoid_focal_loss(x, index, 0.25, 2.0, reduction, weight=weight, label_smoothing=smoothing)
+        (gx,) = torch.autograd.grad(loss, x, torch.ones_like(loss))
+        same = fs.sigmoid_focal_loss(x, dense.to(torch.uint8), 0.25, 2.0, reduction, weight=weight,
+                                     label_smoothing=smoothing)
+        (same_gx,) = torch.autograd.grad(same, x, torch.ones_like(same))
+        assert torch.equal(loss, same) and torch.equal(gx, same_gx), reduction
+        xd = x.detach().double().requires_grad_()
+        want = torchvision_focal(xd, dense, 0.25, 2.0, reduction, weight, smoothing)
+        assert_close(loss, want, torch.float32)
+        assert_close(gx, torch.autograd.grad(want, xd, torch.ones_like(want))[0], torch.float32)
+    if n_rows > 2:
+        bad = index.clone().view(-1)
+        bad[1], bad[-1] = -1, shape[-1] + 1
+        # (the op itself: the front end checks CPU tensors' indices and raises)
+        loss, *_ = torch.ops.fused_sigxent.sigmoid_ce_fwd(x.detach(), bad.view(index.shape), None, None, torch.zeros(()),
+                                                         R.NONE, torch.float32, False, False, torch.full((), 2.0),
+                                                         None, True)
+        loss = loss.view(n_rows, -1)
+        poisoned = torch.zeros(n_rows, dtype=torch.bool)
+        poisoned[[1, -1]] = True
+        assert loss[poisoned].isnan().all() and loss[~poisoned].isfinite().all()
+
+
 def test_one_launch_forward_one_launch_backward(launches, monkeypatch):
     monkeypatch.setenv("FUSED_SIGXENT_BACKEND", "triton")
     x = torch.randn(3, 13, requires_grad=True)
