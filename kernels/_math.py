@@ -414,19 +414,19 @@ def focal_soft_labels(x, z, e, r, log_term, ce, d_ce, d_ce_z, gamma, alpha, HAS_
     a = tl.where(pos, one_minus_z + z * e, z + one_minus_z * e)
     q = r * a
     # y = 1 gives a = e exactly, and a = e gives e / a = 1 and q = r e exactly:
-    # the test costs one compare, with no y formed (x = 0, e = 1 = a, passes
-    # it too, rightly: q = r e there).
-    agree = a == e
+    # the test ("direct", with gamma = 0) costs one compare, with no y formed
+    # (x = 0, e = 1 = a, passes it too, rightly: q = r e there).
+    # (a select, not (a == e) | (gamma == 0): the interpreter cannot or a scalar compare into a block)
+    direct = tl.where(gamma == 0, True, a == e)
     # log2 q where a = e: -|x| log2(e) - log2(1 + e), floored (NaN kept) so
     # that gamma = 0 times it is 0 at x = +-inf, not NaN. The product is the
-    # one exp_neg_abs takes.
-    log2_agree = tl.maximum(tl.abs(x) * -LOG2E, LOG2_FLOOR, propagate_nan=tl.PropagateNan.ALL) - log_term * LOG2E
+    # one exp_neg_abs takes. Where gamma = 0 and a != e it is a wrong but
+    # finite log2 q, which only meets factors of gamma.
+    log2_direct = tl.maximum(tl.abs(x) * -LOG2E, LOG2_FLOOR, propagate_nan=tl.PropagateNan.ALL) - log_term * LOG2E
     if HARD_LABELS:
-        log2_q = tl.where(agree, log2_agree, log_term * -LOG2E)  # y = 0: q = r
+        log2_q = tl.where(direct, log2_direct, log_term * -LOG2E)  # y = 0: q = r
     else:
-        log2_q = tl.where(agree, log2_agree, log2_any(q, FAST_MATH))
-    # (a select, not agree | (gamma == 0): the interpreter cannot or a scalar compare into a block)
-    direct = tl.where(gamma == 0, True, agree)
+        log2_q = tl.where(direct, log2_direct, log2_any(q, FAST_MATH))
     power = exp2_any(tl.where(direct, gamma, gamma - 1.0) * log2_q, FAST_MATH)
     # F = power q_or_1, dF/dx = gamma (1 - 2 z') power slope
     q_or_1 = tl.where(direct, 1.0, q)
@@ -443,8 +443,9 @@ def focal_soft_labels(x, z, e, r, log_term, ce, d_ce, d_ce_z, gamma, alpha, HAS_
     d_logits = k * (q_or_1 * d_ce + (gamma + (-2.0 * gamma) * z) * slope * finite_ce)
     factor = power * q_or_1
     sign = tl.where(pos, -1.0, 1.0)
-    # ce first: where y = 1 and F / a overflows (gamma < 1, e = 0), ce is 0.
-    d_f_z = mul0(ce, gamma * sign * (1.0 - e) * r * exp2_any((gamma - 1.0) * log2_q, FAST_MATH))
+    # gamma ce first: F / a overflows where y = 1 (gamma < 1, e = 0: ce is 0
+    # there) or where gamma = 0 took a wrong log2 q.
+    d_f_z = mul0(gamma * ce, sign * (1.0 - e) * r * exp2_any((gamma - 1.0) * log2_q, FAST_MATH))
     d_labels = mul0(factor, d_ce_z) + d_f_z
     if HAS_ALPHA:
         d_labels = mul0(a_t, d_labels) + (2.0 * alpha - 1.0) * mul0(factor, ce)
