@@ -31,10 +31,11 @@ VARIANTS = [
     Variant("fwd", "bf16", "u8", int64=True),
     Variant("fwd", "bf16", "u8", arch=80),
     Variant("scale", "bf16", "u8"),
-    # the focal loss (issue 12): its budgets (hard labels, forward and
-    # backward), and soft labels and class indices, compiled and spill-free
+    # the focal loss (issue 12), each with its budget: hard labels (forward
+    # and backward), soft labels (bf16 and fp32), class indices
     Variant("fwd", "bf16", "u8", focal="hard"),
     Variant("bwd", "bf16", "u8", reduction="none", focal="hard"),
+    Variant("fwd", "bf16", "bf16", focal="soft"),
     Variant("fwd", "fp32", "fp32", focal="soft"),
     Variant("fwd", "bf16", "index", focal="hard"),
 ]
