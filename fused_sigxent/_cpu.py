@@ -122,20 +122,75 @@ def _fast_piece(x, z, w, p, pm1, gw, label_factor, scratch, want_loss, loss_out,
     return check
 
 
-def _reference_piece(x, z, w, p, scale, smoothing, x_raw, z_raw, want_loss, loss_out, gx_out, gz_out) -> float:
+def _focal_piece(x, z, w, gamma: float, alpha: float | None, gw, scratch, want_loss, loss_out, gx_out) -> Tensor:
+    """`_fast_piece` for the focal loss alpha_t (1 - p_t)^gamma l (no
+    pos_weight, no labels gradient: those take the reference). With
+    s = sigmoid(x) and s' = sigmoid(-x), each exact where the other rounds
+    to 1:
+      A = (1 - z') s,  B = z' s',  1 - p_t = A + B,  F = (A + B)^gamma,
+      l = (1 - z') x - logsigmoid(x),  dl/dx = A - B,
+      dF/dx = gamma F s s' (1 - 2 z') / (A + B),
+    the last never pow's gamma (A + B)^(gamma - 1), which is inf at a
+    confident logit for gamma < 1 (torchvision's NaN). Where A + B is 0
+    (|x| beyond ~100) the ratio is 0/0: NaN, and the piece is redone by the
+    reference, as for an infinite logit. alpha_t = (1 - alpha) + (2 alpha - 1) z'
+    multiplies F once, for the loss and the gradient. s' comes from
+    logsigmoid's own exp(-|x|) (its backward's formula, no exp of its own)
+    rather than a second sigmoid pass. l is PyTorch's form, as in
+    `_fast_piece`: at a confident logit its error is absolute, not relative."""
+    # Seven piece-sized buffers at most, each reused once its value is
+    # spent (fresh memory costs a page fault per 4 KiB on every call).
+    ls, e = scratch("ls", x), scratch("e", x)
+    torch.ops.aten.log_sigmoid_forward.output(x, output=ls, buffer=e)
+    s_neg = torch.ops.aten.log_sigmoid_backward.grad_input(
+        _ONE[x.dtype].expand(x.shape), x, e, grad_input=scratch("s'", x))
+    ce = torch.sub(x, ls, out=ls).addcmul_(z, x, value=-1)
+    s = torch.sigmoid(x, out=scratch("s", x))
+    a = gx_out if gx_out is not None and gx_out.dtype == x.dtype else scratch("A", x)
+    torch.addcmul(s, z, s, value=-1, out=a)
+    b = torch.mul(z, s_neg, out=e)
+    q = torch.add(a, b, out=scratch("q", x))
+    factor = torch.pow(q, gamma, out=scratch("F", x))
+    if gx_out is not None:
+        # gamma l s s' (1 - 2 z') / (A + B) into s; dl/dx = A - B into A.
+        t = torch.mul(s, s_neg, out=s).div_(q).mul_(ce)
+        t.addcmul_(t, z, value=-2)
+        a.sub_(b)
+    if alpha is not None:
+        factor.mul_(torch.add(_ONE[x.dtype] * (1 - alpha), z, alpha=2 * alpha - 1, out=s_neg))
+    check = None
+    if want_loss:
+        loss = loss_out if loss_out is not None and loss_out.dtype == x.dtype else q
+        torch.mul(factor, ce, out=loss)
+        if w is not None:
+            loss.mul_(w)
+        check = loss.sum()
+        if loss_out is not None and loss_out is not loss:
+            loss_out.copy_(loss)
+    if gx_out is not None:
+        a.add_(t, alpha=gamma).mul_(factor)
+        _scaled_into(a, gw, gx_out)
+        if not want_loss:
+            check = gx_out.sum()
+    return check
+
+
+def _reference_piece(x, z, w, p, scale, smoothing, x_raw, z_raw, want_loss, loss_out, gx_out, gz_out,
+                     focal=None) -> float:
     """One piece by the reference's masked formulas, which define the limits
     (infinite logits, NaN inputs, zero weights masking), into the same
-    outputs as `_fast_piece`; the sum of its loss (0 when not asked)."""
+    outputs as `_fast_piece`; the sum of its loss (0 when not asked).
+    focal: the reference's (gamma, alpha) tensors, or None."""
     total = 0.0
     if want_loss:
-        loss = _reference.elementwise_loss(x, z, p)
+        loss = _reference.pointwise(x, z, p, focal)["l"]
         loss = loss if w is None else _reference.mul0(w, loss)
         if loss_out is not None:
             loss_out.copy_(loss)
         total = loss.sum().item()
     if gx_out is not None or gz_out is not None:
         gx, gz = _reference._input_grads(
-            x, z, w, p, scale, smoothing, x_raw, z_raw, gx_out is not None, gz_out is not None)
+            x, z, w, p, scale, smoothing, x_raw, z_raw, gx_out is not None, gz_out is not None, focal)
         for out, g in ((gx_out, gx), (gz_out, gz)):
             if out is not None:
                 out.copy_(g)
@@ -159,15 +214,20 @@ def _at(t, piece):
     return t[piece]
 
 
-def _run(logits, labels, weight, pos_weight, s: float, c: float, incoming, want_loss, loss, gx, gz) -> float:
+def _run(logits, labels, weight, pos_weight, s: float, c: float, incoming, want_loss, loss, gx, gz,
+         gamma=None, alpha=None) -> float:
     """Every piece into the outputs given (None: not asked): the weighted loss
     if `want_loss`, elementwise into `loss` (None: only its sum), and the
     gradients `gx`, `gz` for the chain-rule factor `c` or, for NONE, the
-    elementwise incoming gradient `incoming`; s is the label smoothing. The
-    fast formulas run first, and a piece where they fail (NaN in their sum)
-    is redone by the reference's. Returns the sum of the weighted loss,
+    elementwise incoming gradient `incoming`; s is the label smoothing;
+    gamma (0-d): the focal loss, with alpha (0-d) or none. The fast
+    formulas run first, and a piece where they fail (NaN in their sum) is
+    redone by the reference's. Returns the sum of the weighted loss,
     accumulated over pieces in float64 (0 when not asked)."""
     ct = _reference.compute_dtype(logits.dtype)
+    focal = None if gamma is None else _reference._focal(gamma, alpha, ct)
+    # Read once (CPU tensors: no sync): numbers for the pieces' primitives.
+    numbers = None if gamma is None else (float(gamma), None if alpha is None else float(alpha))
     x_all, z_all = logits.contiguous(), labels.contiguous()
     # Flat pieces where every coefficient is a single number; else pieces of
     # whole rows, so that broadcast coefficients are sliced as strided views.
@@ -205,10 +265,14 @@ def _run(logits, labels, weight, pos_weight, s: float, c: float, incoming, want_
             gwp = gwp if isinstance(gw_piece, float) and gw_piece == 1.0 else gwp * gw_piece
         outs = _at(loss, piece), _at(gx, piece), _at(gz, piece)
         wp, pp = _at(w, piece), _at(p, piece)
-        check = _fast_piece(x, z, wp, pp, _at(pm1, piece), gwp, 1 - s, scratch, want_loss, *outs).item()
+        if focal is None:
+            check = _fast_piece(x, z, wp, pp, _at(pm1, piece), gwp, 1 - s, scratch, want_loss, *outs)
+        else:
+            check = _focal_piece(x, z, wp, *numbers, gwp, scratch, want_loss, *outs[:2])
+        check = check.item()
         if check != check:
             scale = c if incoming is None else _at(incoming, piece).to(ct)
-            check = _reference_piece(x, z, wp, pp, scale, s, xp, zp, want_loss, *outs)
+            check = _reference_piece(x, z, wp, pp, scale, s, xp, zp, want_loss, *outs, focal)
         total += check
     return total if want_loss else 0.0
 
@@ -261,7 +325,7 @@ def sigmoid_ce_fwd(
     hard_labels: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Same contract as `_reference.sigmoid_ce_fwd`."""
-    if logits.numel() == 0 or _variant(gamma, labels):
+    if logits.numel() == 0 or _variant(gamma, labels, pos_weight, grad_labels_in_fwd):
         # Nothing to cut into pieces (the reference's NaN or 0), or a variant
         # the pieces do not implement: the reference runs it.
         return _reference.sigmoid_ce_fwd(logits, labels, weight, pos_weight, label_smoothing, reduction,
@@ -273,7 +337,8 @@ def sigmoid_ce_fwd(
     grad_logits = torch.empty(logits.shape if grad_logits_in_fwd else (0,), dtype=logits.dtype)
     grad_labels = torch.empty(labels.shape if grad_labels_in_fwd else (0,), dtype=labels.dtype)
     total = _run(logits, labels, weight, pos_weight, float(label_smoothing), _divide(1.0, d, reduction), None,
-                 True, loss, grad_logits if grad_logits_in_fwd else None, grad_labels if grad_labels_in_fwd else None)
+                 True, loss, grad_logits if grad_logits_in_fwd else None, grad_labels if grad_labels_in_fwd else None,
+                 gamma, alpha)
     if loss is None:
         loss = torch.full((), _divide(total, d, reduction), dtype=ct)
         if out_dtype != ct:  # rounded to the compute dtype first, as the reference's result is
@@ -297,7 +362,7 @@ def sigmoid_ce_bwd(
     hard_labels: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Same contract as `_reference.sigmoid_ce_bwd`."""
-    if _variant(gamma, labels):
+    if _variant(gamma, labels, pos_weight, need_grad_labels):
         return _reference.sigmoid_ce_bwd(grad, logits, labels, weight, pos_weight, denom, label_smoothing,
                                           reduction, need_grad_logits, need_grad_labels, gamma, alpha, hard_labels)
     grad_logits = torch.empty(logits.shape if need_grad_logits else (0,), dtype=logits.dtype)
@@ -308,13 +373,15 @@ def sigmoid_ce_bwd(
     incoming = grad if reduction == R.NONE else None
     c = 1.0 if reduction == R.NONE else _divide(grad.item(), denom.item(), reduction)
     _run(logits, labels, weight, pos_weight, float(label_smoothing), c, incoming, False, None,
-         grad_logits if need_grad_logits else None, grad_labels if need_grad_labels else None)
+         grad_logits if need_grad_logits else None, grad_labels if need_grad_labels else None, gamma, alpha)
     return grad_logits, grad_labels
 
 
-def _variant(gamma: Tensor | None, labels: Tensor) -> bool:
-    """The focal loss (a gamma) or class-index labels: the reference's on CPU tensors."""
-    return gamma is not None or labels.dtype == torch.int64
+def _variant(gamma: Tensor | None, labels: Tensor, pos_weight: Tensor | None, grad_labels: bool) -> bool:
+    """What the pieces do not implement, and the reference runs on CPU
+    tensors: class-index labels, and the focal loss with a pos_weight or a
+    labels gradient (neither is what `fs.sigmoid_focal_loss` asks for)."""
+    return labels.dtype == torch.int64 or (gamma is not None and (pos_weight is not None or grad_labels))
 
 
 def sigmoid_ce_scale_(grad: Tensor, grad_logits: Tensor, grad_labels: Tensor) -> None:

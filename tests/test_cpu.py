@@ -331,3 +331,107 @@ def test_temporaries_are_piece_sized(shape, weight, dtype, label_dtype):
                                                                   - len(outputs)]
         assert sorted(fwd_allocs.sizes + bwd_allocs.sizes)[-len(outputs):] == outputs
         assert max(temporaries) <= piece * 4, (reduction, temporaries)
+
+
+def _torchvision_focal(x, z, alpha, gamma, smoothing=0.0):
+    """torchvision.ops.sigmoid_focal_loss's elementwise formula in float64 (plus smoothing)."""
+    x, z = x.double(), z.double() * (1 - smoothing) + 0.5 * smoothing
+    p = torch.sigmoid(x)
+    p_t = p * z + (1 - p) * (1 - z)
+    loss = F.binary_cross_entropy_with_logits(x, z, reduction="none") * (1 - p_t) ** gamma
+    return loss if alpha is None else (alpha * z + (1 - alpha) * (1 - z)) * loss
+
+
+@pytest.mark.parametrize("gamma,alpha", [(0.5, None), (1.0, 0.25), (2.0, 0.75), (5.0, None)])
+@pytest.mark.parametrize("dtype,label_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.uint8),
+                                               (torch.float64, torch.float64), (torch.float32, torch.bool)])
+def test_focal_pieces_against_float64(poisoned, gamma, alpha, dtype, label_dtype):
+    # The focal loss's own fast formulas, across pieces, for every output the
+    # front end asks for, with weights of every layout and smoothing.
+    # The op's 0-d arguments come in the compute dtype (`_op.sigmoid_ce`).
+    ct = _reference.compute_dtype(dtype)
+    g = torch.tensor(gamma, dtype=ct)
+    a = None if alpha is None else torch.tensor(alpha, dtype=ct)
+    for reduction, name in [(R.NONE, "none"), (R.SUM, "sum"), (R.TORCH_MEAN, "torch_mean")]:
+        for w_kind, s in [(None, 0.0), ("class", 0.1), ("full", 0.0)]:
+            where = f"{name}, weight {w_kind}, smoothing {s}"
+            x, z, w, _, _ = _case((3, 1031), dtype, label_dtype, s, w_kind, None)
+            x.requires_grad_()
+            loss = _op.sigmoid_ce(x, z, w, None, s, reduction, dtype, gamma=gamma, alpha=alpha)
+            xd = x.double().detach().requires_grad_()
+            expected = oracle_reduce(_torchvision_focal(xd, z, alpha, gamma, s), w, name)
+            assert_close(loss, expected, dtype, msg=where)
+            grad = torch.randn(loss.shape, dtype=torch.float64)
+            (gx,) = torch.autograd.grad(loss, x, grad.to(loss.dtype))
+            (want,) = torch.autograd.grad(expected, xd, grad)
+            assert_close(gx, want, dtype, msg=where)
+            # Called as the op does (forward and backward), against the reference.
+            for in_fwd in (False, True):
+                got = _cpu.sigmoid_ce_fwd(x.detach(), z, w, None, torch.tensor(s, dtype=ct), reduction, dtype,
+                                          in_fwd, False, g, a)
+                ref = _reference.sigmoid_ce_fwd(x.detach(), z, w, None, torch.tensor(s, dtype=ct), reduction, dtype,
+                                                in_fwd, False, g, a)
+                for u, v in zip(got, ref):
+                    assert u.shape == v.shape and u.dtype == v.dtype, where
+                    assert_close(u, v, dtype, msg=where)
+            got = _cpu.sigmoid_ce_bwd(grad.to(dtype), x.detach(), z, w, None, ref[1], torch.tensor(s, dtype=ct),
+                                      reduction, True, False, g, a)
+            ref = _reference.sigmoid_ce_bwd(grad.to(dtype), x.detach(), z, w, None, ref[1], torch.tensor(s, dtype=ct),
+                                            reduction, True, False, g, a)
+            assert_close(got[0], ref[0], dtype, msg=where)
+
+
+def test_focal_takes_the_fast_formulas_until_they_fail(monkeypatch):
+    # Finite ordinary logits never reach the reference; where 1 - p_t
+    # underflows to 0 (a confident logit, gamma < 1: pow's derivative is inf
+    # there) or a logit is infinite, that piece alone is redone by it, and
+    # the result is the reference's: finite gradients, the limits.
+    fallbacks = []
+    reference_piece = _cpu._reference_piece
+    monkeypatch.setattr(_cpu, "_reference_piece",
+                        lambda *a, **k: fallbacks.append(a[0].shape) or reference_piece(*a, **k))
+    x, z, _, _, _ = _case((3, 1031), label_dtype=torch.uint8, weight=None, pos_weight=None)
+    g, a = torch.tensor(0.5), torch.tensor(0.25)
+    _cpu.sigmoid_ce_fwd(x.clamp(-30, 30), z, None, None, torch.tensor(0.0), R.NONE, torch.float32, False, False, g, a)
+    assert fallbacks == []
+    # (the loss alone is exact at 1e4: F = 0^gamma and l = 0 need no ratio)
+    for extreme, loss_fallbacks in ((1e4, 0), (float("inf"), 1)):
+        fallbacks.clear()
+        y = x.clone()
+        y.view(-1)[700] = extreme if z.view(-1)[700] else -extreme
+        y.view(-1)[701] = extreme if not z.view(-1)[701] else -extreme
+        got = _cpu.sigmoid_ce_fwd(y, z, None, None, torch.tensor(0.0), R.NONE, torch.float32, False, False, g, a)
+        ref = _reference.sigmoid_ce_fwd(y, z, None, None, torch.tensor(0.0), R.NONE, torch.float32, False, False,
+                                        g, a)
+        assert len(fallbacks) == loss_fallbacks, (extreme, fallbacks)
+        assert_close(got[0], ref[0])
+        gx, _ = _cpu.sigmoid_ce_bwd(torch.ones_like(y), y, z, None, None, got[1], torch.tensor(0.0), R.NONE,
+                                    True, False, g, a)
+        assert gx.isfinite().all() and len(fallbacks) == loss_fallbacks + 1
+        assert_close(gx, _reference.sigmoid_ce_bwd(torch.ones_like(y), y, z, None, None, got[1], torch.tensor(0.0),
+                                                   R.NONE, True, False, g, a)[0])
+
+
+def test_focal_nan_in_nan_out_and_zero_weight_masks():
+    x = torch.tensor([[float("nan"), 1.0, -float("inf"), 2.0]], requires_grad=True)
+    z = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
+    w = torch.tensor([1.0, 1.0, 0.0, 1.0])
+    loss = fs.sigmoid_focal_loss(x, z, reduction="none", weight=w)
+    assert loss[0, 0].isnan() and loss[0, 1:].isfinite().all() and loss[0, 2] == 0
+    (gx,) = torch.autograd.grad(loss[0, 1:].sum(), x)
+    assert gx[0, 2] == 0 and gx[0, 1:].isfinite().all()
+
+
+def test_focal_variants_the_pieces_leave_to_the_reference(monkeypatch):
+    # pos_weight, a labels gradient and class-index labels: the reference's.
+    seen = []
+    ref_fwd = _reference.sigmoid_ce_fwd
+    monkeypatch.setattr(_reference, "sigmoid_ce_fwd", lambda *a: seen.append(a) or ref_fwd(*a))
+    x, z, _, p, s = _case((3, 13), weight=None)
+    g = torch.tensor(2.0)
+    _cpu.sigmoid_ce_fwd(x, z, None, None, s, R.SUM, torch.float32, True, False, g, None)
+    assert seen == []
+    _cpu.sigmoid_ce_fwd(x, z, None, p, s, R.SUM, torch.float32, True, False, g, None)
+    _cpu.sigmoid_ce_fwd(x, z, None, None, s, R.SUM, torch.float32, True, True, g, None)
+    _cpu.sigmoid_ce_fwd(x, torch.tensor([0, 13, 2]), None, None, s, R.SUM, torch.float32, True, False, g, None)
+    assert len(seen) == 3
