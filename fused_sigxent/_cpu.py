@@ -109,6 +109,10 @@ def _fast_piece(x, z, w, p, pm1, gw, label_factor, scratch, want_loss, loss_out,
         if loss_out is not None and loss_out is not loss:
             loss_out.copy_(loss)
     if gx_out is not None:
+        if check is not None and check.item() != check.item():
+            # The reference redoes this piece: leave gx_out alone, since it
+            # may be the logits themselves (`grad_logits_out`).
+            return check
         # The loss is summed by now, so its buffer can hold the gradient.
         g = gx_out if gx_out.dtype == x.dtype else scratch("ls", x)
         torch.sigmoid(x, out=g)
@@ -323,18 +327,28 @@ def sigmoid_ce_fwd(
     gamma: Tensor | None = None,
     alpha: Tensor | None = None,
     hard_labels: bool = False,
+    *,
+    grad_logits_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Same contract as `_reference.sigmoid_ce_fwd`."""
+    """Same contract as `_reference.sigmoid_ce_fwd`, grad_logits_out included
+    (for the plain loss; each piece writes it only once its logits are
+    spent, and only where the fast formulas held, so a piece the reference
+    redoes still finds its logits)."""
     if logits.numel() == 0 or _variant(gamma, labels, pos_weight, grad_labels_in_fwd):
         # Nothing to cut into pieces (the reference's NaN or 0), or a variant
         # the pieces do not implement: the reference runs it.
         return _reference.sigmoid_ce_fwd(logits, labels, weight, pos_weight, label_smoothing, reduction,
                                           out_dtype, grad_logits_in_fwd, grad_labels_in_fwd,
-                                          gamma, alpha, hard_labels)
+                                          gamma, alpha, hard_labels, grad_logits_out=grad_logits_out)
+    if grad_logits_out is not None and gamma is not None:
+        raise ValueError("grad_logits_out is for the plain loss: the focal pieces spend the logits early")
     ct = _reference.compute_dtype(logits.dtype)
     denom, d = _denominator(reduction, weight, logits, ct)
     loss = torch.empty(logits.shape, dtype=out_dtype) if reduction == R.NONE else None
-    grad_logits = torch.empty(logits.shape if grad_logits_in_fwd else (0,), dtype=logits.dtype)
+    if grad_logits_out is not None:
+        grad_logits = grad_logits_out
+    else:
+        grad_logits = torch.empty(logits.shape if grad_logits_in_fwd else (0,), dtype=logits.dtype)
     grad_labels = torch.empty(labels.shape if grad_labels_in_fwd else (0,), dtype=labels.dtype)
     total = _run(logits, labels, weight, pos_weight, float(label_smoothing), _divide(1.0, d, reduction), None,
                  True, loss, grad_logits if grad_logits_in_fwd else None, grad_labels if grad_labels_in_fwd else None,

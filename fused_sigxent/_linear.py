@@ -5,13 +5,14 @@ and `fs.siglip_loss` (SPEC section 7, issue 13).
 Per chunk of `rows` rows of the input, in a fixed order:
   logits = scale * (input[chunk] @ weight.T) + bias          (a matmul; the input dtype,
                                                               fp32 accumulation inside it)
-  loss partial, dlogits = sigmoid_ce_fwd(logits, labels, SUM, gradient in the forward)
+  loss partial = sigmoid_ce_fwd(logits, labels, SUM), and in the same pass
+  dlogits = d(partial)/d(logits) written over the logits chunk itself
   grad_input[chunk] = dlogits @ weight                      (times scale / divisor at the end)
   grad_weight      += dlogits.T @ (scale * input[chunk])    (an fp32 accumulator)
   grad_bias        += column sums of dlogits                (fp32)
   grad_scale       += sum((dlogits @ weight) * input[chunk])  (d/dt of t <x, y>: no extra pass over logits)
 so the (B, C) logits exist one chunk at a time: the peak above the inputs
-is about rows * C * (2 logits-sized tensors + 1 byte of labels) plus the
+is about rows * C * (1 logits-sized buffer + 1 byte of labels) plus the
 gradients themselves (an fp32 (C, H) accumulator), never O(B * C). The
 backward only multiplies those gradients by the incoming gradient.
 
@@ -25,9 +26,12 @@ correction), so writing the positives into it costs no extra bytes, and
 each positive's loss is computed once from its own label, with no
 cancellation of (loss at 1) - (loss at 0) against a large row sum.
 
-The per-chunk loss and gradient are the existing op (`sigmoid_ce_fwd`,
-FUSED_SIGXENT_BACKEND picks its reference, CPU or Triton implementation).
-Everything here is PyTorch ops and that op: no host reads on CUDA tensors
+The per-chunk loss and gradient are the existing op's implementation
+(`sigmoid_ce_fwd`, FUSED_SIGXENT_BACKEND picks its reference, CPU or
+Triton one), given the logits chunk as its gradient output
+(`grad_logits_out`): each element's gradient is written where its logit
+was, after that logit is read. Everything here is PyTorch ops and that
+implementation: no host reads on CUDA tensors
 (the class-index range check is `torch._assert_async` there), and the chunk
 order is fixed, so results are bitwise reproducible.
 """
@@ -35,9 +39,8 @@ order is fixed, so results are bitwise reproducible.
 import torch
 from torch import Tensor
 
-from . import _op  # noqa: F401  (registers fused_sigxent::sigmoid_ce_fwd, called per chunk)
+from . import _backend, _dispatch, _reference, _validate
 from . import _reduction as R
-from . import _reference, _validate
 
 # How the summed loss (and every gradient) is divided; the op's `reduction` argument.
 DIVIDE_BY_ONE = 0  # "sum"
@@ -97,6 +100,20 @@ def _scatter_indices(positives: Tensor) -> tuple[Tensor, Tensor]:
     columns = torch.where(positives >= 0, positives, row_max.clamp_min(0))
     values = (positives >= 0) | (row_max >= 0)
     return columns, values
+
+
+def _loss_and_grad_in_place(logits, labels, pos_weight, label_smoothing, ct, want_grad: bool) -> Tensor:
+    """A chunk's summed loss (0-d, ct) by the loss op's implementation (the
+    backend's: Triton, CPU path or reference); with `want_grad`, its
+    gradient d(sum)/d(logits) replaces the logits in place. Called from
+    inside this op's own implementation, so nothing traces or transforms
+    the call, and the dispatcher's wrapper, which allows no output to alias
+    an input, is not needed."""
+    impl = _dispatch.implementation("sigmoid_ce_fwd", logits.device)
+    out = {"grad_logits_out": logits} if want_grad else {}
+    with _backend.on_device(logits.device):
+        total, _, _, _ = impl(logits, labels, None, pos_weight, label_smoothing, R.SUM, ct, want_grad, False, **out)
+    return total
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -171,13 +188,13 @@ def run_chunks(
         else:
             columns, values = _scatter_indices(positives[start:end])
             labels = labels_buffer[: end - start].scatter_(1, columns, values)
-        # The chunk's summed loss and, in the same pass, d(sum)/d(logits).
-        total, _, dlogits, _ = torch.ops.fused_sigxent.sigmoid_ce_fwd(
-            logits, labels, None, pos_weight, label_smoothing, R.SUM, ct, any_grad, False)
-        partial_sums.append(total)
-        if need_grad_pos_weight:
+        if need_grad_pos_weight:  # from the logits, before their gradient replaces them
             z = _reference.smoothed_labels(labels, label_smoothing, ct)
             acc_pos_weight += _reference.grad_wrt_pos_weight(logits.to(ct), z).sum(0)
+        # The chunk's summed loss and, in the same pass, d(sum)/d(logits)
+        # written over the logits themselves (no second chunk-sized buffer).
+        partial_sums.append(_loss_and_grad_in_place(logits, labels, pos_weight, label_smoothing, ct, any_grad))
+        dlogits = logits
         if target is None:
             labels.scatter_(1, columns, False)  # the buffer is all zeros again for the next chunk
         if need_grad_input or need_grad_scale:

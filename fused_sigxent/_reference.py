@@ -254,10 +254,16 @@ def sigmoid_ce_fwd(
     gamma: Tensor | None = None,
     alpha: Tensor | None = None,
     hard_labels: bool = False,
+    *,
+    grad_logits_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Loss (reduced, or elementwise for NONE), its denominator, and, when
     asked, the gradients of the loss for an incoming gradient of 1 (which the
     backward then only scales). Unasked gradients come back empty.
+
+    grad_logits_out (not part of the op; for the chunked linear engine): a
+    tensor of the logits' shape and dtype, possibly the logits themselves,
+    that receives the logits gradient and is returned as it.
 
     gamma (0-d): the focal loss (SPEC section 6) with that gamma and alpha
     (0-d, or None for no alpha_t); None: sigmoid cross entropy. hard_labels:
@@ -279,6 +285,8 @@ def sigmoid_ce_fwd(
             x, z, w, p, divide(one, denom, reduction), label_smoothing, logits, labels,
             grad_logits_in_fwd, grad_labels_in_fwd, focal,
         )
+        if grad_logits_out is not None:
+            grad_logits = grad_logits_out.copy_(grad_logits)
     return loss.to(out_dtype).contiguous(), denom, grad_logits, grad_labels
 
 

@@ -224,10 +224,16 @@ def sigmoid_ce_fwd(
     gamma: torch.Tensor | None = None,
     alpha: torch.Tensor | None = None,
     hard_labels: bool = False,
+    *,
+    grad_logits_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The op `fused_sigxent::sigmoid_ce_fwd` on validated tensors; same
-    contract as `_reference.sigmoid_ce_fwd`."""
+    contract as `_reference.sigmoid_ce_fwd`. grad_logits_out may be the
+    (contiguous) logits themselves: each element's gradient is stored by
+    the program that loaded its logit, after that load and from its value."""
     device = logits.device
+    if grad_logits_out is not None and not (grad_logits_out.is_contiguous() and grad_logits_out.shape == logits.shape):
+        raise ValueError(f"grad_logits_out must be contiguous and of the logits' shape {tuple(logits.shape)}")
     x, z = _layout.contiguous(logits), _layout.contiguous(labels)
     n = x.numel()
     ct = compute_dtype(logits.dtype)
@@ -241,7 +247,10 @@ def sigmoid_ce_fwd(
 
     loss = torch.empty(x.shape if reduction == R.NONE else (), dtype=out_dtype, device=device)
     denom = torch.empty((), dtype=ct, device=device)
-    grad_logits = torch.empty(x.shape if grad_logits_in_fwd else (0,), dtype=logits.dtype, device=device)
+    if grad_logits_out is not None:
+        grad_logits = grad_logits_out
+    else:
+        grad_logits = torch.empty(x.shape if grad_logits_in_fwd else (0,), dtype=logits.dtype, device=device)
     grad_labels = torch.empty(x.shape if grad_labels_in_fwd else (0,), dtype=labels.dtype, device=device)
     ticket, partials = _layout.workspace(device)
     if ct == torch.float32:

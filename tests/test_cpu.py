@@ -426,7 +426,7 @@ def test_focal_variants_the_pieces_leave_to_the_reference(monkeypatch):
     # pos_weight, a labels gradient and class-index labels: the reference's.
     seen = []
     ref_fwd = _reference.sigmoid_ce_fwd
-    monkeypatch.setattr(_reference, "sigmoid_ce_fwd", lambda *a: seen.append(a) or ref_fwd(*a))
+    monkeypatch.setattr(_reference, "sigmoid_ce_fwd", lambda *a, **k: seen.append(a) or ref_fwd(*a, **k))
     x, z, _, p, s = _case((3, 13), weight=None)
     g = torch.tensor(2.0)
     _cpu.sigmoid_ce_fwd(x, z, None, None, s, R.SUM, torch.float32, True, False, g, None)

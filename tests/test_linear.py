@@ -211,6 +211,67 @@ def test_sparse_targets_never_dense(kind):
     assert 0 < mode.largest <= max(chunk * C, B * H, C * H) < B * C
 
 
+@pytest.mark.parametrize("kind", ["float", "int64_k"])
+def test_gradient_is_written_over_the_logits_chunk(cpu_backend, kind, monkeypatch):
+    # The design: the loss writes d(loss)/d(logits) in place over the
+    # chunk's logits (one chunk-sized float buffer serves every chunk), and
+    # every gradient still matches the composition.
+    from fused_sigxent import _dispatch
+    B, H, C, chunk = 10, 6, 30, 4
+    x, w, b, p, target, dense = make_case(kind, B=B, H=H, C=C)
+    dense_target = None if kind.startswith("int64") else target
+    positives = target.reshape(B, -1) if kind.startswith("int64") else None
+    calls = []
+    implementation = _dispatch.implementation
+
+    def recording(name, device):
+        impl = implementation(name, device)
+
+        def run(logits, *args, **kwargs):
+            out = impl(logits, *args, **kwargs)
+            calls.append((logits.data_ptr(), out[2].data_ptr(), logits.shape))
+            return out
+        return run
+
+    monkeypatch.setattr(_dispatch, "implementation", recording)
+    got = _linear.run_chunks(x, w, b, None, dense_target, positives, p, torch.tensor(0.1, dtype=torch.float64),
+                             _linear.DIVIDE_BY_NUMEL, chunk, True, True, True, False, True)
+    assert [shape[0] for _, _, shape in calls] == [4, 4, 2]
+    assert all(logits == grad for logits, grad, _ in calls)
+    assert len({logits for logits, _, _ in calls}) == 1  # one buffer, reused
+    xg, wg, bg, pg = (t.clone().requires_grad_() for t in (x, w, b, p))
+    expected = oracle(xg, wg, bg, pg, dense, 0.1, "mean")
+    want = torch.autograd.grad(expected, (xg, wg, bg, pg))
+    torch.testing.assert_close(got[0], expected.detach(), **F64)
+    for g, e in zip((got[1], got[2], got[3], got[5]), want):
+        torch.testing.assert_close(g, e, **F64)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto", "triton"])
+def test_loss_writes_its_gradient_over_its_logits(backend, monkeypatch):
+    # `grad_logits_out=logits`, what the engine passes: the gradient lands in
+    # the logits tensor, equal to the one a separate output gets; on the CPU
+    # path a piece the fast formulas fail (an infinite logit) is redone by
+    # the reference from logits still intact.
+    monkeypatch.setenv("FUSED_SIGXENT_BACKEND", backend)
+    from fused_sigxent import _cpu, _dispatch
+    monkeypatch.setattr(_cpu, "PIECE", 16)
+    impl = _dispatch.implementation("sigmoid_ce_fwd", torch.device("cpu"))
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (torch.randn(5, 13) * 4).to(dtype)
+        logits[2, 3] = float("inf")
+        labels = (torch.rand(5, 13) > 0.5).to(torch.uint8)
+        pw = torch.rand(13) + 0.5
+        s = torch.tensor(0.1)
+        loss, _, grad, _ = impl(logits, labels, None, pw, s, 1, torch.float32, True, False)
+        buffer = logits.clone()
+        loss_in_place, _, grad_in_place, _ = impl(buffer, labels, None, pw, s, 1, torch.float32, True, False,
+                                                  grad_logits_out=buffer)
+        assert grad_in_place.data_ptr() == buffer.data_ptr()
+        torch.testing.assert_close(loss_in_place, loss, rtol=0, atol=0)
+        torch.testing.assert_close(buffer, grad, rtol=0, atol=0, equal_nan=True)
+
+
 def test_chunk_heuristic():
     cpu = torch.device("cpu")
     assert _linear.chunk_rows(8192, 32768, cpu) == 256  # 8M elements / C
