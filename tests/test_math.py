@@ -1,13 +1,14 @@
-"""kernels/_math.py: the compiled float32 path's formulas, run under the
-interpreter with the SFU approximations it uses emulated at their error
-bounds; the log1p polynomial; and every way a coefficient is read, against
-float64."""
+"""kernels/_math.py: the compiled float32 path's formulas (the cross
+entropy's and the focal loss's), run under the interpreter with the SFU
+approximations it uses emulated at their error bounds; the log1p polynomial;
+and every way a coefficient is read, against float64."""
 
 import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -233,3 +234,277 @@ def test_half_precision_logits_with_stepped_weights():
     want = oracle_reduce(oracle_elementwise(xd, z.double(), p, 0.1), w, "torch_mean")
     assert_close(loss, want, torch.bfloat16)
     assert_close(torch.autograd.grad(loss, x)[0], torch.autograd.grad(want, xd)[0], torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------
+# The focal loss's FAST_MATH formulas (`_math.focal_soft_labels`: lg2 of
+# 1 - p_t and ex2 of the power; `_math.focal_hard_labels`: ex2), on the cross
+# entropy's terms (ex2, rcp), run exactly as the kernels run them, in float32
+# under the interpreter, each SFU approximation emulated at its documented
+# worst case, either way, against torchvision's formula in float64.
+#
+# lg2.approx.ftz.f32 (PTX ISA; CUDA's __log2f): absolute error <= 2**-22 for
+# a in [0.5, 2], 2 ulp (relative 2**-22) elsewhere: emulated as log2(a) off
+# by 2**-22 max(1, |log2 a|), which covers both. .ftz: a subnormal a reads
+# as 0, so its log2 is -inf (an ex2 result below FLT_MIN is 0: `_flush`).
+LG2_ERR = 2.0**-22
+LG2_ERR_C = tl.constexpr(LG2_ERR)
+FLT_MAX_C = tl.constexpr(3.4028234663852886e38)
+U = 2.0**-24  # float32's unit roundoff
+FLT_MIN_F = 2.0**-126
+
+
+@triton.jit
+def _lg2_off(a, sign):
+    res = tl.log2(tl.where((a > 0) & (a < FLT_MIN), 0.0, a))
+    # Finite results off by the bound; -inf (a = 0 or subnormal), +inf and NaN stay.
+    return tl.where(tl.abs(res) <= FLT_MAX_C, res + sign * (LG2_ERR_C * tl.maximum(tl.abs(res), 1.0)), res)
+
+
+@triton.jit
+def lg2_up(a):
+    return _lg2_off(a, 1.0)
+
+
+@triton.jit
+def lg2_down(a):
+    return _lg2_off(a, -1.0)
+
+
+@triton.jit
+def _focal_kernel(x_ptr, z_ptr, gamma_ptr, alpha_ptr, out_ptr, n,
+                  HAS_ALPHA: tl.constexpr, HARD_LABELS: tl.constexpr, BLOCK: tl.constexpr):
+    """The kernels' elementwise step with FAST_MATH on and no weight or
+    pos_weight (`_math.weighted_loss_and_grads`): the focal loss, dL/dx and
+    dL/dz', and the cross entropy's l, dl/dx, dl/dz' beside them. gamma and
+    alpha per element (a kernel reads one of each: the same arithmetic), so
+    one launch takes every gamma."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    z = tl.load(z_ptr + offs, mask=mask, other=0.0)
+    gamma = tl.load(gamma_ptr + offs, mask=mask, other=0.0)
+    alpha = tl.load(alpha_ptr + offs, mask=mask, other=0.0)
+    one = tl.full([BLOCK], 1.0, tl.float32)
+    ce, d_ce, d_ce_z, _, _, _ = _math.ce_terms(x, z, one, False, tl.float32, True)
+    loss, d_x, d_z = _math.weighted_loss_and_grads(x, z, one, one, gamma, alpha, False, False, True, HAS_ALPHA,
+                                                   HARD_LABELS, tl.float32, True)
+    tl.store(out_ptr + offs, loss, mask=mask)
+    tl.store(out_ptr + n + offs, d_x, mask=mask)
+    tl.store(out_ptr + 2 * n + offs, d_z, mask=mask)
+    tl.store(out_ptr + 3 * n + offs, ce, mask=mask)
+    tl.store(out_ptr + 4 * n + offs, d_ce, mask=mask)
+    tl.store(out_ptr + 5 * n + offs, d_ce_z, mask=mask)
+
+
+FOCAL_GAMMAS = [0.0, 0.5, 1.0, 2.0, 5.0]
+# Logits: a dense grid, the stability table's |x| (SPEC section 6), where
+# exp(-|x|) leaves the normals (87.3) and float32 (103.3), and +-inf.
+FOCAL_X = torch.cat([
+    torch.linspace(-40.0, 40.0, 161),
+    torch.tensor([0.0, -0.0, 1e-8, 1.0, 10.0, 30.0, 100.0, 1e4, 0.1, 3.0, 60.0, 87.0, 88.0, 103.0, 104.0, 300.0]),
+    -torch.tensor([1e-8, 1.0, 10.0, 30.0, 100.0, 1e4, 0.1, 3.0, 60.0, 87.0, 88.0, 103.0, 104.0, 300.0]),
+    torch.tensor([math.inf, -math.inf]),
+])
+# Soft labels: exactly 0 and 1, and next to them (1 - 2**-24: the nearest
+# float32 below 1; 1e-30: a normal far below any ulp of 1).
+FOCAL_Z_SOFT = torch.tensor([0.0, 1.0, 0.5, 0.25, 0.75, 0.1, 0.9, 1e-3, 1 - 1e-3, 2.0**-24, 1 - 2.0**-24, 1e-30])
+FOCAL_Z_HARD = torch.tensor([0.0, 1.0])
+# (ex2, lg2, rcp): each approximation's error up (+1) or down (-1).
+EMULATIONS = [(a, b, c) for a in (1, -1) for b in (1, -1) for c in (1, -1)]
+
+
+def _emulate(monkeypatch, signs):
+    ex2_sign, lg2_sign, rcp_sign = signs
+    monkeypatch.setattr(_math, "ex2_approx", ex2_up if ex2_sign > 0 else ex2_down)
+    monkeypatch.setattr(_math, "lg2_approx", lg2_up if lg2_sign > 0 else lg2_down)
+    monkeypatch.setattr(_math, "rcp_approx", rcp_up if rcp_sign > 0 else rcp_down)
+
+
+def _focal_grid(z_values, alphas):
+    """(x, z, gamma, alpha), float32, flat: every combination."""
+    g, a, z, x = torch.meshgrid(torch.tensor(FOCAL_GAMMAS), torch.tensor(alphas), z_values, FOCAL_X, indexing="ij")
+    return x.flatten(), z.flatten(), g.flatten(), a.flatten()
+
+
+def _focal_fast(x, z, gamma, alpha, has_alpha, hard):
+    n = x.numel()
+    out = torch.empty(6, n)
+    block = 4096
+    _focal_kernel[(triton.cdiv(n, block),)](x, z, gamma, alpha, out, n, HAS_ALPHA=has_alpha, HARD_LABELS=hard,
+                                             BLOCK=block)
+    return out.double()
+
+
+def _focal_float64(x, z, gamma, alpha, has_alpha):
+    """torchvision's L = alpha_t (1 - p_t)^gamma ce, p_t = p z + (1 - p)(1 - z),
+    in float64 and in log space, so it is exact to float64's precision at any
+    x (1 - p_t = sigmoid(x) (1 - z) + sigmoid(-x) z: no cancellation), with
+    dL/dx and dL/dz' in closed form, and each one's scale: the sum of its
+    terms' magnitudes, which the float32 errors are relative to (the terms
+    cancel where dl/dx = sigmoid(x) - z is 0). x = +-inf: the limits."""
+    x, z, gamma, alpha = x.double(), z.double(), gamma.double(), alpha.double()
+    finite = torch.isfinite(x)
+    ls, lsn = F.logsigmoid(x), F.logsigmoid(-x)
+    s, sn = ls.exp(), lsn.exp()
+    ce = -(torch.where(z == 0, 0.0, z * ls) + torch.where(z == 1, 0.0, (1 - z) * lsn))
+    log_q = torch.logaddexp(ls + torch.log1p(-z), lsn + torch.log(z))
+    factor = torch.where(gamma == 0, 1.0, torch.exp(gamma * log_q))
+    alpha_t = alpha * z + (1 - alpha) * (1 - z) if has_alpha else torch.ones_like(x)
+    d_alpha_t = 2 * alpha - 1 if has_alpha else torch.zeros_like(x)
+    loss = alpha_t * torch.where(factor == 0, 0.0, factor * ce)
+    # dF/dx = gamma (1 - p_t)^(gamma - 1) s sn (1 - 2 z), dF/dz' = gamma (1 - p_t)^(gamma - 1) (sn - s).
+    # (The scales of the differences 1 - 2 z' and sn - s: 1 + 2 z' and sn + s = 1.)
+    live = finite & (gamma > 0)
+    d_factor_x_scale = torch.where(live, gamma * torch.exp((gamma - 1) * log_q + ls + lsn), 0.0)
+    d_factor_z_scale = torch.where(live, gamma * torch.exp((gamma - 1) * log_q), 0.0)
+    d_factor_x, d_factor_z = (1 - 2 * z) * d_factor_x_scale, (sn - s) * d_factor_z_scale
+    d_ce_x, d_ce_x_scale = (1 - z) * s - z * sn, (1 - z) * s + z * sn
+    ce_finite = torch.where(finite, ce, 0.0)  # ce = inf where dF/dx = 0: the limit's 0
+    d_x = alpha_t * (factor * d_ce_x + ce_finite * d_factor_x)
+    d_x_scale = alpha_t.abs() * (factor * d_ce_x_scale + ce_finite * (1 + 2 * z) * d_factor_x_scale)
+    d_z = alpha_t * (-factor * x + ce * d_factor_z) + d_alpha_t * factor * ce
+    d_z_scale = alpha_t.abs() * (factor * x.abs() + ce * d_factor_z_scale) + d_alpha_t.abs() * factor * ce
+    return dict(loss=loss, d_x=d_x, d_z=d_z, d_x_scale=d_x_scale, d_z_scale=d_z_scale, ce=ce,
+                log2_q=log_q / math.log(2), factor=factor, d_factor_z_scale=d_factor_z_scale)
+
+
+def _focal_rtol(x, gamma, log2_q, lg2):
+    """The relative error bound of the fast focal formulas (lg2: the soft
+    labels' lg2 of 1 - p_t; else the hard labels' closed form), from each
+    step's error to first order, each approximation at its bound, in units of
+    U = 2**-24:
+      e = ex2(-|x| log2(e)): 4U (ex2), and 1.25U |x| (log2(e) rounded, the product rounded, times ln 2);
+      log1p(e) by the polynomial: 10U (`test_log1p_polynomial_error_bound`); ce: that, e's, 3U more;
+      q = 1 - p_t = r a, r = rcp(1 + e): 2U + 1U, a = (1 - y) + y e: 3U and e's;
+      log2 q: lg2's 4U max(1, |log2 q|) (soft labels), and q's relative error / ln 2;
+      the power ex2(g log2 q), g = gamma or gamma - 1: 4U, plus ln 2 |g| times the exponent's
+      absolute error (log2 q's, and the product's rounding, U |g log2 q|);
+      the products alpha_t F ce: 5U.
+    Summed: 40 + 3 |x| + (1 + gamma) (15 + 1.5 |x| + |log2 q| (+ 3 |log2 q| for lg2)).
+    The terms in |x| and |log2 q| are the problem's own conditioning (an exp
+    of a rounded argument), not the approximations'; the gradients' extra
+    products and reciprocal are within the constants' slack."""
+    m = torch.where(torch.isfinite(x), x.abs(), 0.0)
+    lq = torch.where(torch.isfinite(log2_q), log2_q.abs(), 0.0)
+    return U * (40 + 3 * m + (1 + gamma) * (15 + 1.5 * m + (4 if lg2 else 1) * lq))
+
+
+def _check_focal(got, want, x, gamma, lg2, what):
+    """got within the bound where want is finite (the same infinity where it
+    is not); returns the worst error as a fraction of the bound."""
+    gamma = gamma.double()
+    rtol = _focal_rtol(x.double(), gamma, want["log2_q"], lg2)
+    # The floors: below FLT_MIN, ex2.ftz gives 0, so exp(-|x|) (and with it
+    # ce = log1p(e) where the label agrees) is known only to FLT_MIN, and so
+    # is the power (1 - p_t)^g: each times what multiplies it. (dL/dz' has
+    # ce times the unbounded gamma (1 - p_t)^(gamma - 1): relative to dL/dz',
+    # gamma / |x| at 87 < |x| < 104, gamma < 1, where e is subnormal.)
+    ce = want["ce"].where(torch.isfinite(want["ce"]), 0.0)
+    floors = dict(loss=1 + ce, d_x=(1 + gamma) * (1 + ce),
+                  d_z=(1 + gamma) * (1 + ce + x.double().abs() + want["d_factor_z_scale"]))
+    worst = {}
+    for name, scale in [("loss", want["loss"].abs()), ("d_x", want["d_x_scale"]), ("d_z", want["d_z_scale"])]:
+        if name not in got:
+            continue
+        g, w = got[name], want[name]
+        finite = torch.isfinite(w)
+        if name == "d_z":
+            finite &= torch.isfinite(x)  # dL/dz' at x = +-inf: an infinite limit, not checked
+        assert torch.isfinite(g[finite]).all(), f"{what} {name}: not finite at x = {x[finite & ~torch.isfinite(g)]}"
+        # The infinite limits (x = +-inf against the label), but for a factor
+        # (1 - p_t)^gamma that float32 cannot hold (a soft label below
+        # FLT_MIN**(1 / gamma) at x = -inf): 0 times inf is 0 there, as on the
+        # exact float32 path.
+        infinite = torch.isinf(w) & ~((want["factor"] < FLT_MIN_F) & (g == 0))
+        assert torch.equal(g[infinite], w[infinite]), f"{what} {name}: at the infinite limits"
+        allowed = rtol * scale + 4 * FLT_MIN_F * floors[name]
+        err = (g - w).abs()
+        ratio = torch.where(finite, err / allowed, 0.0)
+        i = int(ratio.argmax())
+        assert ratio[i] <= 1, (f"{what} {name}: error {err[i]:.3g} > bound {allowed[i]:.3g} at x = {x[i].item()}, "
+                               f"gamma = {gamma[i].item()}, got {g[i].item()}, want {w[i].item()}")
+        worst[name] = ratio[i].item()
+    return worst
+
+
+# ex2 of a large exponent (lanes whose power the formula then drops) is inf, silently, on the GPU.
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+@pytest.mark.parametrize("labels", ["soft", "hard"])
+def test_focal_fast_math_within_error_bound(monkeypatch, labels):
+    # The focal kernels' FAST_MATH formulas, every emulation sign, against
+    # float64: the loss and dL/dx (and dL/dz' for soft labels) within
+    # `_focal_rtol`, finite wherever torchvision's limit is, NaN in gives NaN
+    # out, and gamma = 0 is the cross entropy times the SFU's 2**0.
+    hard = labels == "hard"
+    z_values = FOCAL_Z_HARD if hard else FOCAL_Z_SOFT
+    emulations = [e for e in EMULATIONS if not hard or e[1] > 0]  # no lg2 for hard labels
+    worst = {}
+    for has_alpha, alphas in [(False, [0.0]), (True, [0.25, 0.75])]:
+        x, z, gamma, alpha = _focal_grid(z_values, alphas)
+        # and two NaN logits
+        x, z = torch.cat([x, torch.full([2], math.nan)]), torch.cat([z, z_values[:2]])
+        gamma, alpha = torch.cat([gamma, torch.tensor([2.0, 0.5])]), torch.cat([alpha, alpha[:2]])
+        want = _focal_float64(x, z, gamma, alpha, has_alpha)
+        for signs in emulations:
+            _emulate(monkeypatch, signs)
+            loss, d_x, d_z, ce, d_ce, d_ce_z = _focal_fast(x, z, gamma, alpha, has_alpha, hard)
+            what = f"{labels}, alpha {has_alpha}, (ex2, lg2, rcp) {signs}"
+            nan = torch.isnan(x)
+            assert torch.isnan(loss[nan]).all() and torch.isnan(d_x[nan]).all(), what
+            got = dict(loss=loss, d_x=d_x) if hard else dict(loss=loss, d_x=d_x, d_z=d_z)
+            ok = ~nan
+            for name, ratio in _check_focal({k: v[ok] for k, v in got.items()}, {k: v[ok] for k, v in want.items()},
+                                            x[ok], gamma[ok], not hard, what).items():
+                worst[name] = max(worst.get(name, 0.0), ratio)
+            if not has_alpha:
+                # gamma = 0: F = ex2(0) exactly where the formula is the cross entropy's.
+                k0 = torch.tensor(1.0 + (EX2_ERR if signs[0] > 0 else -EX2_ERR), dtype=torch.float32).double()
+                zero = (gamma == 0) & ok
+                assert torch.equal(loss[zero], (ce[zero] * k0).float().double()), what
+                assert torch.equal(d_x[zero], (d_ce[zero] * k0).float().double()), what
+                if not hard:
+                    # (At x = +-inf against the label, gamma ce is 0 inf: NaN, where l's is -+inf.)
+                    zero &= torch.isfinite(x)
+                    assert torch.equal(d_z[zero], (d_ce_z[zero] * k0).float().double()), what
+    print(f"\nfocal {labels}: worst error / bound {worst}")
+
+
+def test_focal_oracle_is_torchvisions_formula():
+    # `_focal_float64` against torchvision's formula as written, with
+    # autograd, where that is accurate (|x| <= 8: no cancellation in 1 - p_t
+    # to speak of, and gamma >= 1 or p_t < 1, so pow's derivative is finite).
+    x = torch.linspace(-8, 8, 161, dtype=torch.float64)
+    for gamma in FOCAL_GAMMAS:
+        for alpha in [-1.0, 0.25]:
+            for z0 in [0.0, 0.3, 1.0]:
+                xd = x.clone().requires_grad_()
+                zd = torch.full_like(x, z0, requires_grad=True)
+                p = torch.sigmoid(xd)
+                ce = F.binary_cross_entropy_with_logits(xd, zd, reduction="none")
+                p_t = p * zd + (1 - p) * (1 - zd)
+                loss = ce * (1 - p_t) ** gamma
+                if alpha >= 0:
+                    loss = (alpha * zd + (1 - alpha) * (1 - zd)) * loss
+                d_x, d_z = torch.autograd.grad(loss.sum(), (xd, zd))
+                g, a = torch.full_like(x, gamma), torch.full_like(x, max(alpha, 0.0))
+                want = _focal_float64(x, zd.detach(), g, a, alpha >= 0)
+                torch.testing.assert_close(want["loss"], loss.detach(), rtol=1e-9, atol=1e-12)
+                torch.testing.assert_close(want["d_x"], d_x, rtol=1e-9, atol=1e-12)
+                torch.testing.assert_close(want["d_z"], d_z, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+@pytest.mark.xfail(strict=True, reason="kernels/_math.py: focal_soft_labels takes lg2.approx.ftz of 1 - p_t = a "
+                   "where a soft label z' < FLT_MIN meets an e = exp(-|x|) that ex2.ftz flushed (x < -87.3): "
+                   "the subnormal reads as 0, log2 is -inf, and gamma in (0, 1] gives NaN (the exact path: 0)")
+def test_focal_fast_math_subnormal_soft_labels(monkeypatch):
+    # A soft label below FLT_MIN (float32 or bfloat16 targets) against a
+    # confident logit: the float32 values are 0 or tiny, never NaN.
+    x = torch.tensor([-88.0, -100.0, -1e4, -30.0]).repeat(len(FOCAL_GAMMAS))
+    gamma = torch.tensor(FOCAL_GAMMAS).repeat_interleave(4)
+    z, alpha = torch.full_like(x, 1e-40), torch.zeros_like(x)
+    for signs in EMULATIONS:
+        _emulate(monkeypatch, signs)
+        loss, d_x, d_z = _focal_fast(x, z, gamma, alpha, False, False)[:3]
+        assert torch.isfinite(loss).all() and torch.isfinite(d_x).all() and torch.isfinite(d_z).all(), signs
