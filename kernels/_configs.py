@@ -71,7 +71,7 @@ def launch_options(candidate: dict) -> dict:
     return {**options, "num_stages": candidate.get("num_stages", 1), **COMPILE_OPTIONS}
 
 
-def _decorator(kernel: str, timed: bool):
+def _decorator(kernel: str, timed: bool, overwrites: dict[str, str] | None = None):
     spec = load(kernel)
     if interpreting():
         # The interpreter can time nothing and has no occupancy: the file's
@@ -81,14 +81,15 @@ def _decorator(kernel: str, timed: bool):
     def options(size_class: int, elem_bytes: int) -> list[dict]:
         return [launch_options(c) for c in candidates(kernel, size_class, elem_bytes)]
 
-    return lambda fn: _tuner.Tuned(fn, options, timed=timed, dtype_arg=spec.get("dtype_arg"))
+    return lambda fn: _tuner.Tuned(fn, options, timed=timed, dtype_arg=spec.get("dtype_arg"), overwrites=overwrites)
 
 
-def tuned(kernel: str):
+def tuned(kernel: str, overwrites: dict[str, str] | None = None):
     """Decorator: the file's candidates for the launch's numel class and
     element size, compiled, pruned by spills and occupancy, and timed on the
-    first launch of each variant (kernels/_tuner.py)."""
-    return _decorator(kernel, timed=True)
+    first launch of each variant (kernels/_tuner.py). overwrites: {output
+    pointer: input pointer} that a launch may alias (kept intact by timing)."""
+    return _decorator(kernel, timed=True, overwrites=overwrites)
 
 
 def fixed(kernel: str):

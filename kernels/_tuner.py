@@ -48,7 +48,7 @@ class Tuned(triton.runtime.KernelInterface):
     deterministic run after run."""
 
     def __init__(self, fn, candidates, timed: bool = True, numel_class_arg: str = "numel_class",
-                 dtype_arg: str | None = None):
+                 dtype_arg: str | None = None, overwrites: dict[str, str] | None = None):
         self.fn = fn
         self.name = getattr(fn, "__name__", repr(fn))
         self.arg_names = fn.arg_names
@@ -66,6 +66,10 @@ class Tuned(triton.runtime.KernelInterface):
         self.pointers = operator.itemgetter(*pointers) if len(pointers) > 1 else lambda args: (args[pointers[0]],)
         self.numel_class_pos = self.arg_names.index(numel_class_arg) if numel_class_arg in self.arg_names else None
         self.dtype_pos = self.arg_names.index(dtype_arg) if dtype_arg in self.arg_names else None
+        # {output pointer: input pointer} pairs a launch may pass the same
+        # tensor for (an output written over its input): timing repeats the
+        # launch, so the input is saved first and restored after.
+        self.overwrites = [(self.arg_names.index(o), self.arg_names.index(i)) for o, i in (overwrites or {}).items()]
         # The interpreter's functions have no compiled kernels to look up.
         self.launch_directly = hasattr(fn, "device_caches")
 
@@ -176,8 +180,12 @@ class Tuned(triton.runtime.KernelInterface):
                     grids = [grid.resolve(c.options["BLOCK"], c.per_sm) for c in keep]
                 else:
                     grids = [grid] * len(keep)
+                saved = [(args[i], args[i].clone()) for o, i in self.overwrites
+                         if args[o].data_ptr() == args[i].data_ptr()]
                 times = [time_ms(lambda c=c, g=g: self.fn.run(*args, grid=g, warmup=False, **kwargs, **c.options))
                          for c, g in zip(keep, grids)]
+                for tensor, original in saved:
+                    tensor.copy_(original)
                 choice = keep[times.index(min(times))]
             self.cache[key] = choice
             return choice

@@ -79,7 +79,8 @@ def _fwd_block(
     return acc_loss, acc_weight, acc_nonzero
 
 
-@tuned("sigmoid_ce_fwd")
+# grad_logits_out may be the logits (the linear engine's chunks).
+@tuned("sigmoid_ce_fwd", overwrites={"grad_logits_ptr": "logits_ptr"})
 @triton.jit(do_not_specialize=["n_elements"])
 def _sigmoid_ce_fwd_kernel(
     logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, smoothing_ptr, gamma_ptr, alpha_ptr,

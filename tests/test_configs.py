@@ -202,6 +202,38 @@ def test_an_untimed_kernel_takes_its_first_fitting_candidate(tuner):
     assert timed == [] and fn.launched[-1][1]["BLOCK"] == 1024
 
 
+class InPlaceKernel(StandInKernel):
+    """A launch writes out = 2 x + 1, where out may be x itself (an output
+    written over its input): applied twice, the result is wrong."""
+
+    def run(self, *args, grid, warmup, **kwargs):
+        if warmup:
+            return super().run(*args, grid=grid, warmup=warmup, **kwargs)
+        x, out = args[0], args[1]
+        out.copy_(x * 2 + 1)
+        self.launched.append((grid, kwargs))
+
+
+def test_timing_keeps_an_input_its_output_is_written_over(tuner, monkeypatch):
+    # Tuning times each candidate by launching it again and again on the
+    # call's own tensors; an output aliasing an input (the linear engine's
+    # gradient over its logits) would feed each launch the last one's result.
+    monkeypatch.setattr(_tuner, "time_ms", lambda call: [call() for _ in range(3)] and 1.0)
+    fn = InPlaceKernel()
+    tuned = _tuner.Tuned(fn, lambda size_class, elem_bytes: [_configs.launch_options(c) for c in CANDIDATES],
+                         dtype_arg="x_ptr", overwrites={"out_ptr": "x_ptr"})
+    for flag in (False, True):
+        x = torch.arange(6, dtype=torch.float32)
+        tuned[(1,)](x, x, 6, 1, HAS_WEIGHT=flag, REDUCTION=1)
+        assert len(fn.launched) > 1  # timed, then launched
+        assert torch.equal(x, torch.arange(6, dtype=torch.float32) * 2 + 1), x
+        fn.launched.clear()
+    # a separate output: nothing to save
+    x, out = torch.arange(6, dtype=torch.float32), torch.zeros(6)
+    tuned[(1,)](x, out, 6, 1, HAS_WEIGHT=False, REDUCTION=0)
+    assert torch.equal(out, x * 2 + 1) and torch.equal(x, torch.arange(6, dtype=torch.float32))
+
+
 def test_the_scale_kernel_has_one_fixed_config_per_class():
     spec = _configs.load("sigmoid_ce_scale")
     assert "restore_value" not in spec

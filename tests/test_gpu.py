@@ -254,3 +254,23 @@ def test_in_place_scale_is_never_timed(monkeypatch):
     fs.binary_cross_entropy_with_logits(x, z).backward(torch.tensor(3.0, device="cuda"))
     expected = 3.0 * (torch.sigmoid(x.detach()) - z) / x.numel()
     torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-9)
+
+
+def test_linear_engine_first_call_tunes_without_corrupting_its_logits(monkeypatch):
+    # The engine's loss writes its gradient over the logits chunk; the first
+    # launch of a variant times candidates by launching them again and again,
+    # which must not feed one run's gradient to the next as logits.
+    from fused_sigxent.kernels.sigmoid_ce_fwd import _sigmoid_ce_fwd_kernel
+
+    monkeypatch.setattr(_sigmoid_ce_fwd_kernel, "cache", {})
+    x = torch.randn(300, 64, device="cuda").requires_grad_()
+    w = (torch.randn(5000, 64, device="cuda") / 8).requires_grad_()
+    z = (torch.rand(300, 5000, device="cuda") < 0.1).to(torch.uint8)
+    loss = fs.linear_sigmoid_cross_entropy(x, w, z, chunk_size=128)
+    loss.backward()
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(xd @ wd.T, z.double())
+    expected.backward()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(w.grad.double(), wd.grad, rtol=1e-4, atol=1e-7)
