@@ -132,7 +132,7 @@ def _focal_piece(x, z, w, gamma: float, alpha: float | None, gw, scratch, want_l
     s = sigmoid(x) and s' = sigmoid(-x), each exact where the other rounds
     to 1:
       A = (1 - z') s,  B = z' s',  1 - p_t = A + B,  F = (A + B)^gamma,
-      l = (1 - z') x - logsigmoid(x),  dl/dx = A - B,
+      l = relu(x) - z' x + log1p(exp(-|x|)),  dl/dx = A - B,
       dF/dx = gamma F s s' (1 - 2 z') / (A + B),
     the last never pow's gamma (A + B)^(gamma - 1), which is inf at a
     confident logit for gamma < 1 (torchvision's NaN). Where A + B is 0
@@ -140,20 +140,23 @@ def _focal_piece(x, z, w, gamma: float, alpha: float | None, gw, scratch, want_l
     reference, as for an infinite logit. alpha_t = (1 - alpha) + (2 alpha - 1) z'
     multiplies F once, for the loss and the gradient. s' comes from
     logsigmoid's own exp(-|x|) (its backward's formula, no exp of its own)
-    rather than a second sigmoid pass. l is PyTorch's form, as in
-    `_fast_piece`: at a confident logit its error is absolute, not relative."""
-    # Seven piece-sized buffers at most, each reused once its value is
+    rather than a second sigmoid pass."""
+    # Seven piece-sized buffers, each reused once its value is
     # spent (fresh memory costs a page fault per 4 KiB on every call).
-    ls, e = scratch("ls", x), scratch("e", x)
-    torch.ops.aten.log_sigmoid_forward.output(x, output=ls, buffer=e)
+    # logsigmoid(|x|) = -log1p(e) and its e = exp(-|x|), each without
+    # cancellation; then l = relu(x) - z' x + log1p(e), exact where a hard
+    # label agrees with a confident logit (PyTorch's (1 - z') x - logsigmoid(x)
+    # rounds that loss to 0, and the gradient's ratio below with it).
+    ce, minus_log1p_e, e = scratch("l", x), scratch("-log1p(e)", x), scratch("e", x)
+    torch.ops.aten.log_sigmoid_forward.output(torch.abs(x, out=ce), output=minus_log1p_e, buffer=e)
     s_neg = torch.ops.aten.log_sigmoid_backward.grad_input(
         _ONE[x.dtype].expand(x.shape), x, e, grad_input=scratch("s'", x))
-    ce = torch.sub(x, ls, out=ls).addcmul_(z, x, value=-1)
+    torch.clamp_min(x, 0, out=ce).addcmul_(z, x, value=-1).sub_(minus_log1p_e)
     s = torch.sigmoid(x, out=scratch("s", x))
     a = gx_out if gx_out is not None and gx_out.dtype == x.dtype else scratch("A", x)
     torch.addcmul(s, z, s, value=-1, out=a)
     b = torch.mul(z, s_neg, out=e)
-    q = torch.add(a, b, out=scratch("q", x))
+    q = torch.add(a, b, out=minus_log1p_e)
     factor = torch.pow(q, gamma, out=scratch("F", x))
     if gx_out is not None:
         # gamma l s s' (1 - 2 z') / (A + B) into s; dl/dx = A - B into A.
@@ -174,8 +177,11 @@ def _focal_piece(x, z, w, gamma: float, alpha: float | None, gw, scratch, want_l
     if gx_out is not None:
         a.add_(t, alpha=gamma).mul_(factor)
         _scaled_into(a, gw, gx_out)
-        if not want_loss:
-            check = gx_out.sum()
+        # The ratio is 0/0 where A + B underflows, also where the loss is
+        # fine: a NaN (or inf) gradient sends the piece to the reference too,
+        # while a finite one leaves the loss sum exact (+ 0).
+        grad_sum = gx_out.sum()
+        check = grad_sum if check is None else check + 0 * grad_sum
     return check
 
 
@@ -354,7 +360,8 @@ def sigmoid_ce_fwd(
                  True, loss, grad_logits if grad_logits_in_fwd else None, grad_labels if grad_labels_in_fwd else None,
                  gamma, alpha)
     if loss is None:
-        loss = torch.full((), _divide(total, d, reduction), dtype=ct)
+        # (from float64: a finite sum beyond float32's range is inf, as the reference's)
+        loss = torch.tensor(_divide(total, d, reduction), dtype=torch.float64).to(ct)
         if out_dtype != ct:  # rounded to the compute dtype first, as the reference's result is
             loss = loss.to(out_dtype)
     return loss, denom, grad_logits, grad_labels

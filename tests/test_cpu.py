@@ -435,3 +435,49 @@ def test_focal_variants_the_pieces_leave_to_the_reference(monkeypatch):
     _cpu.sigmoid_ce_fwd(x, z, None, None, s, R.SUM, torch.float32, True, True, g, None)
     _cpu.sigmoid_ce_fwd(x, torch.tensor([0, 13, 2]), None, None, s, R.SUM, torch.float32, True, False, g, None)
     assert len(seen) == 3
+
+
+@pytest.mark.parametrize("reduction", [R.SUM, R.TORCH_MEAN, R.NONE])
+def test_focal_gradient_in_the_forward_falls_back_where_its_ratio_fails(reduction):
+    # A confidently right logit (|x| >= ~104: 1 - p_t underflows) gives a
+    # finite loss but a 0/0 ratio in dF/dx: the piece goes to the reference
+    # also when the forward writes the gradient (a training step's mean).
+    x = torch.tensor([[200.0, -200.0, 1e4, 3.0], [-1e4, 0.5, -2.0, 150.0]], requires_grad=True)
+    z = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.3, 1.0]])
+    for gamma in (0.5, 2.0):
+        loss = _op.sigmoid_ce(x, z, None, None, 0.0, reduction, torch.float32, gamma=gamma, alpha=0.25)
+        (gx,) = torch.autograd.grad(loss.sum(), x)
+        xd = x.double().detach().requires_grad_()
+        expected = oracle_reduce(_reference.pointwise(xd, z.double(), None, (torch.tensor(gamma, dtype=torch.float64),
+                                                                         torch.tensor(0.25, dtype=torch.float64)))["l"],
+                                 None, REDUCTIONS[reduction])
+        (want,) = torch.autograd.grad(expected.sum(), xd)
+        assert gx.isfinite().all(), gx
+        assert_close(loss, expected, torch.float32)
+        assert_close(gx, want, torch.float32)
+
+
+def test_focal_loss_of_confident_logits_is_relatively_accurate():
+    # l = relu(x) - z' x + log1p(exp(-|x|)): where a hard label agrees with
+    # |x| = 17 or 30 the loss is ~1e-8 or ~1e-13, kept to float32's relative
+    # precision (not rounded to 0), and so is the gradient that scales with it.
+    x = torch.tensor([17.0, -17.0, 30.0, -30.0], requires_grad=True)
+    z = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    loss = _op.sigmoid_ce(x, z, None, None, 0.0, R.NONE, torch.float32, gamma=0.5, alpha=0.25)
+    (gx,) = torch.autograd.grad(loss.sum(), x)
+    xd = x.double().detach().requires_grad_()
+    # (the reference's log-space formula in float64: torchvision's own loses
+    # ~1e-3 to cancellation in 1 - p_t here, even in float64)
+    focal = (torch.tensor(0.5, dtype=torch.float64), torch.tensor(0.25, dtype=torch.float64))
+    want = _reference.pointwise(xd, z.double(), None, focal)["l"]
+    (want_gx,) = torch.autograd.grad(want.sum(), xd)
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=0)
+    torch.testing.assert_close(gx.double(), want_gx, rtol=1e-5, atol=0)
+
+
+def test_reduced_loss_beyond_float32_range_is_inf():
+    # Each piece's sum is finite, their float64 total is not a float32.
+    x = torch.full((1 << 12,), -1e36)
+    z = torch.ones(1 << 12)
+    loss, *_ = _cpu.sigmoid_ce_fwd(x, z, None, None, torch.tensor(0.0), R.SUM, torch.float32, False, False)
+    assert loss == float("inf")
