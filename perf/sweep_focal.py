@@ -102,8 +102,8 @@ def main(argv=None):
     if dev.type == "cuda":
         print(f"focal loss sweep on {env['device']}")
     else:
-        print(f"focal loss, CPU-only run (no GPU): {env['device']}; fused_sigxent's CPU path (the reference's "
-              "formulas) against torchvision's formula, eager and under torch.compile")
+        print(f"focal loss, CPU-only run (no GPU): {env['device']}; fused_sigxent's CPU path (its focal pieces) "
+              "against torchvision's formula, eager and under torch.compile")
     copy_bw = _bench.copy_bandwidth_gbps(dev)
     reps = 15 if dev.type == "cpu" else 100
     numels = (GPU_NUMELS if dev.type == "cuda" else CPU_NUMELS)[:1 if args.quick else None]
