@@ -495,12 +495,12 @@ def test_focal_oracle_is_torchvisions_formula():
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
-@pytest.mark.xfail(strict=True, reason="kernels/_math.py: focal_soft_labels takes lg2.approx.ftz of 1 - p_t = a "
-                   "where a soft label z' < FLT_MIN meets an e = exp(-|x|) that ex2.ftz flushed (x < -87.3): "
-                   "the subnormal reads as 0, log2 is -inf, and gamma in (0, 1] gives NaN (the exact path: 0)")
 def test_focal_fast_math_subnormal_soft_labels(monkeypatch):
     # A soft label below FLT_MIN (float32 or bfloat16 targets) against a
-    # confident logit: the float32 values are 0 or tiny, never NaN.
+    # confident logit (e = exp(-|x|) flushed by ex2.ftz): 1 - p_t is that
+    # subnormal label, which lg2.approx.ftz would read as 0 (-inf, then NaN
+    # or inf powers) but for the floor at FLT_MIN; the float32 values are 0
+    # or tiny, never NaN.
     x = torch.tensor([-88.0, -100.0, -1e4, -30.0]).repeat(len(FOCAL_GAMMAS))
     gamma = torch.tensor(FOCAL_GAMMAS).repeat_interleave(4)
     z, alpha = torch.full_like(x, 1e-40), torch.zeros_like(x)

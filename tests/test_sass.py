@@ -65,11 +65,12 @@ def test_focal_factor_with_soft_labels_costs_two_sfu_instructions():
     # is a sum weighted by the label, so log(1 - p_t) is no function of the
     # cross entropy's terms and takes the SFU's lg2, and (1 - p_t)^(gamma - 1)
     # its ex2. No reciprocal: 3 + 2. Within the plain budget plus 15, plus
-    # the 3 that the lanes where y = 1 cost (perf/_sass.py budget).
+    # the 4 that the lanes where y = 1 and the floor under lg2's argument
+    # cost (perf/_sass.py budget).
     for variant in (Variant("fwd", "bf16", "bf16", focal="soft"), Variant("fwd", "fp32", "fp32", focal="soft")):
         for r in rows_of(variant):
             assert 5 <= r["mufu_per_elem"] < 5.5, r
-            assert r["sass_per_elem"] <= r["budget_sass_per_elem"] == 58, r
+            assert r["sass_per_elem"] <= r["budget_sass_per_elem"] == 59, r
 
 
 def test_focal_class_indices_cost_what_hard_labels_do():
