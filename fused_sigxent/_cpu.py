@@ -240,9 +240,10 @@ def _run(logits, labels, weight, pos_weight, s: float, c: float, incoming, want_
     numbers = None if gamma is None else (float(gamma), None if alpha is None else float(alpha))
     x_all, z_all = logits.contiguous(), labels.contiguous()
     # Flat pieces where every coefficient is a single number; else pieces of
-    # whole rows, so that broadcast coefficients are sliced as strided views.
-    # One piece needs neither.
-    flat = (weight is None or weight.numel() == 1) and (pos_weight is None or pos_weight.numel() == 1)
+    # whole rows, so that broadcast coefficients are sliced as strided views
+    # (and class indices, one per row, with their rows). One piece needs neither.
+    flat = ((weight is None or weight.numel() == 1) and (pos_weight is None or pos_weight.numel() == 1)
+            and labels.dtype != torch.int64)
     one_piece = x_all.numel() <= PIECE
     shape = logits.shape if one_piece or not flat else (-1,)
     if not one_piece and flat:
@@ -290,8 +291,13 @@ def _run(logits, labels, weight, pos_weight, s: float, c: float, incoming, want_
 def _piece_inputs(xp, zp, s: float, half_s, ct, scratch):
     """Logits and smoothed labels z' = z (1 - s) + s / 2 of one piece, in the
     compute dtype: the pieces themselves where they already are, else
-    converted into scratch (bool and uint8 labels smoothed in that pass)."""
+    converted into scratch (bool and uint8 labels smoothed in that pass).
+    int64 class indices become the piece's own one-hot rows (NaN rows for
+    an index outside [0, C], as the reference's): a piece's size, never the
+    whole (N, C)."""
     x = xp if xp.dtype == ct else scratch("x", xp).copy_(xp)
+    if zp.dtype == torch.int64:
+        zp = _reference.class_index_labels(zp, xp.shape[-1], ct)
     if not s:
         return x, (zp if zp.dtype == ct else scratch("z", zp).copy_(zp))
     if zp.dtype.is_floating_point and zp.dtype != ct:
@@ -400,9 +406,9 @@ def sigmoid_ce_bwd(
 
 def _variant(gamma: Tensor | None, labels: Tensor, pos_weight: Tensor | None, grad_labels: bool) -> bool:
     """What the pieces do not implement, and the reference runs on CPU
-    tensors: class-index labels, and the focal loss with a pos_weight or a
-    labels gradient (neither is what `fs.sigmoid_focal_loss` asks for)."""
-    return labels.dtype == torch.int64 or (gamma is not None and (pos_weight is not None or grad_labels))
+    tensors: the focal loss with a pos_weight or a labels gradient (neither
+    is what `fs.sigmoid_focal_loss` asks for)."""
+    return gamma is not None and (pos_weight is not None or grad_labels)
 
 
 def sigmoid_ce_scale_(grad: Tensor, grad_logits: Tensor, grad_labels: Tensor) -> None:

@@ -423,7 +423,7 @@ def test_focal_nan_in_nan_out_and_zero_weight_masks():
 
 
 def test_focal_variants_the_pieces_leave_to_the_reference(monkeypatch):
-    # pos_weight, a labels gradient and class-index labels: the reference's.
+    # pos_weight and a labels gradient: the reference's (class indices: pieces).
     seen = []
     ref_fwd = _reference.sigmoid_ce_fwd
     monkeypatch.setattr(_reference, "sigmoid_ce_fwd", lambda *a, **k: seen.append(a) or ref_fwd(*a, **k))
@@ -433,8 +433,9 @@ def test_focal_variants_the_pieces_leave_to_the_reference(monkeypatch):
     assert seen == []
     _cpu.sigmoid_ce_fwd(x, z, None, p, s, R.SUM, torch.float32, True, False, g, None)
     _cpu.sigmoid_ce_fwd(x, z, None, None, s, R.SUM, torch.float32, True, True, g, None)
+    assert len(seen) == 2
     _cpu.sigmoid_ce_fwd(x, torch.tensor([0, 13, 2]), None, None, s, R.SUM, torch.float32, True, False, g, None)
-    assert len(seen) == 3
+    assert len(seen) == 2
 
 
 @pytest.mark.parametrize("reduction", [R.SUM, R.TORCH_MEAN, R.NONE])
@@ -481,3 +482,37 @@ def test_reduced_loss_beyond_float32_range_is_inf():
     z = torch.ones(1 << 12)
     loss, *_ = _cpu.sigmoid_ce_fwd(x, z, None, None, torch.tensor(0.0), R.SUM, torch.float32, False, False)
     assert loss == float("inf")
+
+
+@pytest.mark.parametrize("focal", [False, True])
+def test_class_indices_in_pieces_never_dense(focal):
+    # int64 class indices (C = background; outside [0, C]: that row's loss
+    # NaN) become one-hot rows a piece at a time: agreement with the
+    # reference in every output, and no temporary of the whole (N, C).
+    shape, piece_rows = (40, 13), 257 // 13
+    x = torch.randn(shape) * 4
+    index = torch.randint(0, 14, shape[:-1])
+    index[[3, 30]] = torch.tensor([-1, 14])
+    extra = (torch.tensor(2.0), torch.tensor(0.25), True) if focal else ()
+    s = torch.tensor(0.1)
+    for reduction in (R.NONE, R.SUM, R.TORCH_MEAN):
+        with _Allocations() as allocs:
+            got = _cpu.sigmoid_ce_fwd(x, index, None, None, s, reduction, torch.float32, reduction != R.NONE, False,
+                                      *extra)
+        want = _reference.sigmoid_ce_fwd(x, index, None, None, s, reduction, torch.float32, reduction != R.NONE,
+                                         False, *extra)
+        for u, v in zip(got, want):
+            assert u.shape == v.shape and u.dtype == v.dtype
+            assert_close(u, v, torch.float32)
+        # the only allocations of the whole's size are the outputs (the
+        # elementwise loss, or the gradient written ahead); the rest are a
+        # piece's rows at most
+        full_size_outputs = sum(t.numel() == x.numel() for t in got)
+        assert sorted(allocs.sizes)[-full_size_outputs - 1] <= piece_rows * 13 * 4 < x.numel() * 4, allocs.sizes
+        assert sorted(allocs.sizes)[-full_size_outputs:] == [x.numel() * 4] * full_size_outputs, allocs.sizes
+        if reduction == R.NONE:
+            grad = torch.randn(shape)
+            (gx, _), (want_gx, _) = (f(grad, x, index, None, None, got[1], s, reduction, True, False, *extra)
+                                     for f in (_cpu.sigmoid_ce_bwd, _reference.sigmoid_ce_bwd))
+            assert_close(gx, want_gx)
+        assert got[0].isnan().any() and not got[0].isnan().all() if reduction == R.NONE else got[0].isnan()

@@ -329,9 +329,9 @@ def test_module_is_torchvision_ordered_with_mean_default(backend):
     assert "weight" in module.state_dict() and "gamma=1.0" in repr(module)
 
 
-def test_cpu_auto_runs_focal_in_pieces_and_class_indices_in_the_reference(monkeypatch):
-    # The CPU path's pieces implement the focal loss of dense targets
-    # (tests/test_cpu.py); class-index targets run the reference's formulas.
+def test_cpu_auto_runs_focal_in_pieces(monkeypatch):
+    # The CPU path's pieces implement the focal loss, of dense and of
+    # class-index targets (tests/test_cpu.py): the reference never runs.
     monkeypatch.setenv("FUSED_SIGXENT_BACKEND", "auto")
     seen = []
     ref_fwd = _reference.sigmoid_ce_fwd
@@ -342,9 +342,10 @@ def test_cpu_auto_runs_focal_in_pieces_and_class_indices_in_the_reference(monkey
     assert seen == []
     got = fs.sigmoid_focal_loss(x, z, reduction="sum")
     got_index = fs.sigmoid_focal_loss(x, torch.tensor([0, 13, 2]), reduction="sum")
-    assert seen == [12]
+    assert seen == []
     assert_close(got, torchvision_focal(x, z, 0.25, 2.0, "sum"), torch.float32)
-    assert got_index.isfinite()
+    assert_close(got_index, torchvision_focal(x, one_hot(torch.tensor([0, 13, 2]), 13), 0.25, 2.0, "sum"),
+                 torch.float32)
 
 
 def test_opcheck_focal_op(backend):
