@@ -238,6 +238,7 @@ def _run(logits, labels, weight, pos_weight, s: float, c: float, incoming, want_
     focal = None if gamma is None else _reference._focal(gamma, alpha, ct)
     # Read once (CPU tensors: no sync): numbers for the pieces' primitives.
     numbers = None if gamma is None else (float(gamma), None if alpha is None else float(alpha))
+    soft_labels = labels.dtype.is_floating_point
     x_all, z_all = logits.contiguous(), labels.contiguous()
     # Flat pieces where every coefficient is a single number; else pieces of
     # whole rows, so that broadcast coefficients are sliced as strided views
@@ -277,15 +278,24 @@ def _run(logits, labels, weight, pos_weight, s: float, c: float, incoming, want_
         outs = _at(loss, piece), _at(gx, piece), _at(gz, piece)
         wp, pp = _at(w, piece), _at(p, piece)
         if focal is None:
-            check = _fast_piece(x, z, wp, pp, _at(pm1, piece), gwp, 1 - s, scratch, want_loss, *outs)
+            check = _fast_piece(x, z, wp, pp, _at(pm1, piece), gwp, 1 - s, scratch, want_loss, *outs).item()
+        elif soft_labels and not _in_unit_interval(z):
+            # 1 - p_t < 0: the reference's log gives NaN, where pow would
+            # give a number for an integer gamma.
+            check = float("nan")
         else:
-            check = _focal_piece(x, z, wp, *numbers, gwp, scratch, want_loss, *outs[:2])
-        check = check.item()
+            check = _focal_piece(x, z, wp, *numbers, gwp, scratch, want_loss, *outs[:2]).item()
         if check != check:
             scale = c if incoming is None else _at(incoming, piece).to(ct)
             check = _reference_piece(x, z, wp, pp, scale, s, xp, zp, want_loss, *outs, focal)
         total += check
     return total if want_loss else 0.0
+
+
+def _in_unit_interval(z: Tensor) -> bool:
+    """Every label of a piece in [0, 1] (NaN counts as in: it propagates)."""
+    lo, hi = torch.aminmax(z)
+    return not (lo < 0 or hi > 1)
 
 
 def _piece_inputs(xp, zp, s: float, half_s, ct, scratch):

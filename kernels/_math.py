@@ -37,7 +37,7 @@ LOG2E = tl.constexpr(1.4426950408889634)
 # and 0 times it is 0, not NaN).
 LOG2_FLOOR = tl.constexpr(-1e30)
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
-FLT_MIN = tl.constexpr(1.1754943508222875e-38)
+FLT_MIN_BITS = tl.constexpr(0x00800000)  # FLT_MIN's: below them, as unsigned, +0 and the subnormals
 # log1p(e) for e in [0, 1] as 2 atanh(t), t = e / (2 + e) in [0, 1/3]:
 # 2 atanh(t) = t * P(t^2), P of degree 4 fitted (Lawson's minimax) to
 # 2 atanh(sqrt(s)) / sqrt(s) on s in [0, 1/9]: relative error 8e-9 in exact
@@ -134,6 +134,18 @@ def exp2_any(t, FAST_MATH: tl.constexpr):
     else:
         res = tl.exp2(t)
     return res
+
+
+@triton.jit
+def normal_or_nan(q, FAST_MATH: tl.constexpr):
+    """q for lg2.approx.ftz: a subnormal q (a soft label below FLT_MIN against
+    an e that ex2.ftz flushed) raised to FLT_MIN, which lg2 would read as 0
+    (-inf, then NaN or inf powers). One unsigned max of the bits: a negative
+    q (labels outside [0, 1]) has the sign bit, so it stays, and its log is
+    NaN, as the reference's; so does NaN. The exact path needs none of it."""
+    if FAST_MATH:
+        q = tl.maximum(q.to(tl.uint32, bitcast=True), FLT_MIN_BITS).to(tl.float32, bitcast=True)
+    return q
 
 
 @triton.jit
@@ -427,11 +439,7 @@ def focal_soft_labels(x, z, e, r, log_term, ce, d_ce, d_ce_z, gamma, alpha, HAS_
     if HARD_LABELS:
         log2_q = tl.where(direct, log2_direct, log_term * -LOG2E)  # y = 0: q = r
     else:
-        # q below FLT_MIN (a soft label that small against an e that ex2.ftz
-        # flushed) would read as 0 to lg2.approx.ftz: -inf, then NaN or inf
-        # powers. Floored (NaN kept), the power and F stay finite (and ~0).
-        q_normal = tl.maximum(q, FLT_MIN, propagate_nan=tl.PropagateNan.ALL)
-        log2_q = tl.where(direct, log2_direct, log2_any(q_normal, FAST_MATH))
+        log2_q = tl.where(direct, log2_direct, log2_any(normal_or_nan(q, FAST_MATH), FAST_MATH))
     power = exp2_any(tl.where(direct, gamma, gamma - 1.0) * log2_q, FAST_MATH)
     # F = power q_or_1, dF/dx = gamma (1 - 2 z') power slope
     q_or_1 = tl.where(direct, 1.0, q)

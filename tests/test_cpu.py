@@ -516,3 +516,23 @@ def test_class_indices_in_pieces_never_dense(focal):
                                      for f in (_cpu.sigmoid_ce_bwd, _reference.sigmoid_ce_bwd))
             assert_close(gx, want_gx)
         assert got[0].isnan().any() and not got[0].isnan().all() if reduction == R.NONE else got[0].isnan()
+
+
+def test_focal_labels_outside_the_unit_interval_are_the_references():
+    # Section 2 allows such labels; the focal factor's 1 - p_t is then
+    # negative, which the reference's log space makes NaN. The pieces' pow
+    # would give a number for an integer gamma: such pieces take the reference.
+    x = torch.randn(4, 7)
+    for labels in (torch.full((4, 7), 2.0), torch.full((4, 7), -0.5)):
+        z = torch.rand(4, 7)
+        z[1:3] = labels[1:3]
+        for gamma in (2.0, 0.5):
+            g, a = torch.tensor(gamma), torch.tensor(0.25)
+            for reduction in (R.NONE, R.SUM):
+                got = _cpu.sigmoid_ce_fwd(x, z, None, None, torch.tensor(0.0), reduction, torch.float32, True, False,
+                                          g, a)
+                want = _reference.sigmoid_ce_fwd(x, z, None, None, torch.tensor(0.0), reduction, torch.float32, True,
+                                                 False, g, a)
+                assert want[0].isnan().any()
+                for u, v in zip(got, want):
+                    assert_close(u, v, torch.float32)

@@ -395,3 +395,16 @@ def test_compiles_without_graph_breaks():
 
 def test_tolerances_cover_every_dtype():
     assert set(DTYPES) <= set(TOLERANCES)
+
+
+def test_soft_labels_outside_the_unit_interval_are_nan_where_1_minus_p_t_is_negative(backend):
+    # Section 2 allows such labels; the focal factor's 1 - p_t is then
+    # negative for some logits: NaN there (the log-space definition), the
+    # same numbers elsewhere, on every backend and the CPU path.
+    x = torch.tensor([[-2.0, -0.5, 0.5, 2.0]] * 2)
+    z = torch.tensor([[2.0] * 4, [-0.5] * 4])
+    got = fs.sigmoid_focal_loss(x, z, 0.25, 2.0, "none")
+    want = _reference.sigmoid_ce_fwd(x, z, None, None, torch.tensor(0.0), R.NONE, torch.float32, False, False,
+                                     torch.tensor(2.0), torch.tensor(0.25))[0]
+    assert want.isnan().sum() == 2
+    assert_close(got, want, torch.float32)
