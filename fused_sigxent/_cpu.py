@@ -245,7 +245,8 @@ def _run(logits, labels, weight, pos_weight, s: float, c: float, incoming, want_
     # (and class indices, one per row, with their rows). One piece needs neither.
     flat = ((weight is None or weight.numel() == 1) and (pos_weight is None or pos_weight.numel() == 1)
             and labels.dtype != torch.int64)
-    one_piece = x_all.numel() <= PIECE
+    # (class indices need whole rows: 1-D logits are one row, one piece)
+    one_piece = x_all.numel() <= PIECE or (labels.dtype == torch.int64 and logits.dim() < 2)
     shape = logits.shape if one_piece or not flat else (-1,)
     if not one_piece and flat:
         x_all, z_all = x_all.view(shape), z_all.view(shape)

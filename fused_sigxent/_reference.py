@@ -105,9 +105,12 @@ def focal_factor(x: Tensor, z: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor, T
     """
     ax = x.abs()
     e = torch.exp(-ax)
-    y = torch.where(x >= 0, z, 1 - z)
-    a = (1 - y) + y * e
-    agree = (1 - y) == 0
+    pos = x >= 0
+    # a from z' itself, never from a rounded y: a label a hair below 0 (or
+    # above 1) makes a, and 1 - p_t, negative (log: NaN), as it is; the
+    # kernels form a the same way. y = 1 exactly where z' is 1 (x >= 0) or 0.
+    a = torch.where(pos, (1 - z) + z * e, z + (1 - z) * e)
+    agree = torch.where(pos, z == 1, z == 0)
     # The unselected branch sees a = 1 instead of 0: no inf whose gradient
     # (under create_graph) would be 0 * inf.
     safe_a = torch.where(agree, 1.0, a)
@@ -116,8 +119,9 @@ def focal_factor(x: Tensor, z: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor, T
     factor = torch.exp(mul0(gamma, log_r + log_a))
     e_over_a = torch.where(agree, 1.0, e / safe_a)
     d_x = gamma * factor * torch.sigmoid(ax) * (1 - 2 * z) * e_over_a
-    sign = torch.where(x >= 0, -1.0, 1.0)
-    d_z = gamma * sign * (1 - e) * torch.exp(mul0(gamma, log_r) + mul0(gamma - 1, log_a))
+    sign = torch.where(pos, -1.0, 1.0)
+    # mul0: gamma = 0 gives 0 even where log a is NaN (labels outside [0, 1]).
+    d_z = mul0(gamma, sign * (1 - e) * torch.exp(mul0(gamma, log_r) + mul0(gamma - 1, log_a)))
     return factor, d_x, d_z
 
 

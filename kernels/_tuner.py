@@ -182,10 +182,12 @@ class Tuned(triton.runtime.KernelInterface):
                     grids = [grid] * len(keep)
                 saved = [(args[i], args[i].clone()) for o, i in self.overwrites
                          if args[o].data_ptr() == args[i].data_ptr()]
-                times = [time_ms(lambda c=c, g=g: self.fn.run(*args, grid=g, warmup=False, **kwargs, **c.options))
-                         for c, g in zip(keep, grids)]
-                for tensor, original in saved:
-                    tensor.copy_(original)
+                try:
+                    times = [time_ms(lambda c=c, g=g: self.fn.run(*args, grid=g, warmup=False, **kwargs, **c.options))
+                             for c, g in zip(keep, grids)]
+                finally:  # also when timing fails (out of memory for do_bench's cache flush)
+                    for tensor, original in saved:
+                        tensor.copy_(original)
                 choice = keep[times.index(min(times))]
             self.cache[key] = choice
             return choice

@@ -239,3 +239,24 @@ def test_the_scale_kernel_has_one_fixed_config_per_class():
     assert "restore_value" not in spec
     for size_class in range(len(spec["numel_class_bounds"]) + 1):
         assert len(_configs.candidates("sigmoid_ce_scale", size_class, 2)) == 1
+
+
+def test_an_overwritten_input_is_restored_when_timing_fails(tuner, monkeypatch):
+    # do_bench can run out of memory (its cache flush): the caller's input is
+    # still given back as it was.
+    calls = []
+
+    def failing(call):
+        calls.append(call())
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("out of memory")
+        return 1.0
+
+    monkeypatch.setattr(_tuner, "time_ms", failing)
+    fn = InPlaceKernel()
+    tuned = _tuner.Tuned(fn, lambda size_class, elem_bytes: [_configs.launch_options(c) for c in CANDIDATES],
+                         dtype_arg="x_ptr", overwrites={"out_ptr": "x_ptr"})
+    x = torch.arange(6, dtype=torch.float32)
+    with pytest.raises(torch.OutOfMemoryError):
+        tuned[(1,)](x, x, 6, 1, HAS_WEIGHT=False, REDUCTION=1)
+    assert torch.equal(x, torch.arange(6, dtype=torch.float32))

@@ -536,3 +536,15 @@ def test_focal_labels_outside_the_unit_interval_are_the_references():
                 assert want[0].isnan().any()
                 for u, v in zip(got, want):
                     assert_close(u, v, torch.float32)
+
+
+def test_class_index_of_1d_logits_longer_than_a_piece():
+    # 1-D logits are one row of C classes and a 0-d index: slicing them into
+    # pieces would slice the classes (each piece a one-hot of its own).
+    x = torch.randn(1000) * 3
+    for index in (torch.tensor(3), torch.tensor(700), torch.tensor(1000), torch.tensor(1001)):
+        for reduction in (R.NONE, R.SUM):
+            got = _cpu.sigmoid_ce_fwd(x, index, None, None, torch.tensor(0.0), reduction, torch.float32, False, False)
+            want = _reference.sigmoid_ce_fwd(x, index, None, None, torch.tensor(0.0), reduction, torch.float32,
+                                             False, False)
+            assert_close(got[0], want[0])

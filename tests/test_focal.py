@@ -4,6 +4,7 @@ float64 re-implementation of torchvision's formula, on both backends
 launch counts, argument checks and derivatives off the beaten path."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -408,3 +409,27 @@ def test_soft_labels_outside_the_unit_interval_are_nan_where_1_minus_p_t_is_nega
                                      torch.tensor(2.0), torch.tensor(0.25))[0]
     assert want.isnan().sum() == 2
     assert_close(got, want, torch.float32)
+
+
+def test_labels_a_hair_outside_the_unit_interval_and_gamma_zero_label_gradients(backend):
+    # z' = -1e-9 at x = -25: 1 - p_t < 0, NaN (a formed from z', not from a
+    # rounded 1 - z'), the same on every backend and the CPU path; and
+    # gamma = 0 gives the labels a finite gradient even where log(1 - p_t)
+    # is NaN (alpha_t dce/dz' + (2 alpha - 1) ce).
+    results = []
+    for name in (backend, "auto"):
+        os.environ["FUSED_SIGXENT_BACKEND"] = name
+        x = torch.tensor([[-25.0, 3.0], [-20.0, -1.0]], requires_grad=True)
+        z = torch.tensor([[-1e-9, 1.0], [-3e-8, 0.0]])
+        loss = fs.sigmoid_focal_loss(x, z, reduction="none")
+        (gx,) = torch.autograd.grad(loss.sum(), x)
+        x2 = torch.tensor([[5.0, -5.0, 0.5]], requires_grad=True)
+        z2 = torch.tensor([[1.5, -0.5, 0.5]], requires_grad=True)
+        fs.sigmoid_focal_loss(x2, z2, alpha=0.25, gamma=0.0, reduction="sum").backward()
+        results.append((loss.detach(), gx, z2.grad))
+        assert loss[:, 0].isnan().all() and loss[:, 1].isfinite().all()
+        # x = -5, z' = -0.5: alpha_t = 1, ce = 1.5 x + softplus(5), dce/dz' = -x = 5
+        ce = 1.5 * -5.0 + F.softplus(torch.tensor(5.0)).item()
+        assert_close(z2.grad[0, 1], torch.tensor(5.0 + (2 * 0.25 - 1) * ce), torch.float32)
+    for a, b in zip(*results):
+        assert_close(a, b, torch.float32)
