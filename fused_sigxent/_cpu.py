@@ -21,6 +21,8 @@ Reduced sums accumulate per piece in float64 on the host (one read per
 piece), so the result does not depend on how the pieces fall.
 """
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -71,14 +73,31 @@ def _scaled_into(t: Tensor, factor: Tensor | float, out: Tensor) -> None:
         torch.mul(t, factor, out=out)
 
 
-def _fast_piece(x, z, w, p, pm1, gw, label_factor, scratch, want_loss, loss_out, gx_out, gz_out) -> Tensor:
+def _loss_buffer(loss_out: Tensor | None, x: Tensor, scratch_buffer: Tensor) -> Tensor:
+    """Where a piece's loss is computed: `loss_out` itself when it has the
+    compute dtype, else a scratch buffer (copied out by `_weighted_sum`)."""
+    return loss_out if loss_out is not None and loss_out.dtype == x.dtype else scratch_buffer
+
+
+def _weighted_sum(loss: Tensor, w: Tensor | None, loss_out: Tensor | None) -> float:
+    """Weights a piece's loss (in place), copies it into `loss_out` if asked
+    and not already there, and returns its sum: the piece's one host read."""
+    if w is not None:
+        loss.mul_(w)
+    total = loss.sum().item()
+    if loss_out is not None and loss_out is not loss:
+        loss_out.copy_(loss)
+    return total
+
+
+def _fast_piece(x, z, w, p, pm1, gw, label_factor, scratch, want_loss, loss_out, gx_out, gz_out) -> float:
     """One piece by the fast formulas, into the outputs given (None: not
     asked): the weighted loss (if `want_loss`) into `loss_out` (None: only
     its sum), gw dl/dx into `gx_out`, label_factor gw dl/dz' into `gz_out`.
     x, z' and the pieces of w, p and p - 1 are in the compute dtype; gw is w
-    times the incoming gradient (a tensor, or a number). Returns a 0-d sum:
-    of the loss if asked, else of the gradients. NaN there marks a piece
-    these formulas got wrong.
+    times the incoming gradient (a tensor, or a number). Returns a sum: of
+    the loss if asked, else of the gradients. NaN there marks a piece these
+    formulas got wrong.
 
     With ls = logsigmoid(x) = min(x, 0) - log1p(exp(-|x|)), q = 1 + (p - 1) z':
       l      = (1 - z') x - q ls      (PyTorch's form)
@@ -86,7 +105,7 @@ def _fast_piece(x, z, w, p, pm1, gw, label_factor, scratch, want_loss, loss_out,
       dl/dz' = -x - (p - 1) ls
     Each statement is one pass over the piece, in place where it can be.
     """
-    check = ls = q = None
+    total = ls = q = None
     if want_loss or (gz_out is not None and p is not None):
         ls = torch._C._nn.log_sigmoid(x, out=scratch("ls", x))
     if gz_out is not None:
@@ -96,23 +115,19 @@ def _fast_piece(x, z, w, p, pm1, gw, label_factor, scratch, want_loss, loss_out,
             d = torch.addcmul(x, pm1, ls, out=scratch("dz", x)).mul_(-label_factor)
         _scaled_into(d, gw, gz_out)
         if not want_loss:
-            check = gz_out.sum()
+            total = gz_out.sum().item()
     if p is not None and (want_loss or gx_out is not None):
         q = torch.addcmul(_ONE[x.dtype], pm1, z, out=scratch("q", x))
     if want_loss:
         q_ls = ls if q is None else ls.mul_(q)
-        loss = loss_out if loss_out is not None and loss_out.dtype == x.dtype else q_ls
+        loss = _loss_buffer(loss_out, x, q_ls)
         torch.sub(x, q_ls, out=loss).addcmul_(z, x, value=-1)
-        if w is not None:
-            loss.mul_(w)
-        check = loss.sum()
-        if loss_out is not None and loss_out is not loss:
-            loss_out.copy_(loss)
+        total = _weighted_sum(loss, w, loss_out)
     if gx_out is not None:
-        if check is not None and check.item() != check.item():
+        if total is not None and total != total:
             # The reference redoes this piece: leave gx_out alone, since it
             # may be the logits themselves (`grad_logits_out`).
-            return check
+            return total
         # The loss is summed by now, so its buffer can hold the gradient.
         g = gx_out if gx_out.dtype == x.dtype else scratch("ls", x)
         torch.sigmoid(x, out=g)
@@ -122,11 +137,11 @@ def _fast_piece(x, z, w, p, pm1, gw, label_factor, scratch, want_loss, loss_out,
             g.mul_(q).addcmul_(p, z, value=-1)
         _scaled_into(g, gw, gx_out)
         if not want_loss:
-            check = gx_out.sum() if check is None else check + gx_out.sum()
-    return check
+            total = gx_out.sum().item() + (0.0 if total is None else total)
+    return total
 
 
-def _focal_piece(x, z, w, gamma: float, alpha: float | None, gw, scratch, want_loss, loss_out, gx_out) -> Tensor:
+def _focal_piece(x, z, w, gamma: float, alpha: float | None, gw, scratch, want_loss, loss_out, gx_out) -> float:
     """`_fast_piece` for the focal loss alpha_t (1 - p_t)^gamma l (no
     pos_weight, no labels gradient: those take the reference). With
     s = sigmoid(x) and s' = sigmoid(-x), each exact where the other rounds
@@ -165,24 +180,20 @@ def _focal_piece(x, z, w, gamma: float, alpha: float | None, gw, scratch, want_l
         a.sub_(b)
     if alpha is not None:
         factor.mul_(torch.add(_ONE[x.dtype] * (1 - alpha), z, alpha=2 * alpha - 1, out=s_neg))
-    check = None
+    total = None
     if want_loss:
-        loss = loss_out if loss_out is not None and loss_out.dtype == x.dtype else q
-        torch.mul(factor, ce, out=loss)
-        if w is not None:
-            loss.mul_(w)
-        check = loss.sum()
-        if loss_out is not None and loss_out is not loss:
-            loss_out.copy_(loss)
+        loss = torch.mul(factor, ce, out=_loss_buffer(loss_out, x, q))
+        total = _weighted_sum(loss, w, loss_out)
     if gx_out is not None:
         a.add_(t, alpha=gamma).mul_(factor)
         _scaled_into(a, gw, gx_out)
         # The ratio is 0/0 where A + B underflows, also where the loss is
-        # fine: a NaN (or inf) gradient sends the piece to the reference too,
-        # while a finite one leaves the loss sum exact (+ 0).
-        grad_sum = gx_out.sum()
-        check = grad_sum if check is None else check + 0 * grad_sum
-    return check
+        # fine: a NaN (or inf) gradient sends the piece to the reference too.
+        grad_total = gx_out.sum().item()
+        if not math.isfinite(grad_total):
+            return math.nan
+        total = grad_total if total is None else total
+    return total
 
 
 def _reference_piece(x, z, w, p, scale, smoothing, x_raw, z_raw, want_loss, loss_out, gx_out, gz_out,
@@ -279,13 +290,13 @@ def _run(logits, labels, weight, pos_weight, s: float, c: float, incoming, want_
         outs = _at(loss, piece), _at(gx, piece), _at(gz, piece)
         wp, pp = _at(w, piece), _at(p, piece)
         if focal is None:
-            check = _fast_piece(x, z, wp, pp, _at(pm1, piece), gwp, 1 - s, scratch, want_loss, *outs).item()
+            check = _fast_piece(x, z, wp, pp, _at(pm1, piece), gwp, 1 - s, scratch, want_loss, *outs)
         elif soft_labels and not _in_unit_interval(z):
             # 1 - p_t < 0: the reference's log gives NaN, where pow would
             # give a number for an integer gamma.
-            check = float("nan")
+            check = math.nan
         else:
-            check = _focal_piece(x, z, wp, *numbers, gwp, scratch, want_loss, *outs[:2]).item()
+            check = _focal_piece(x, z, wp, *numbers, gwp, scratch, want_loss, *outs[:2])
         if check != check:
             scale = c if incoming is None else _at(incoming, piece).to(ct)
             check = _reference_piece(x, z, wp, pp, scale, s, xp, zp, want_loss, *outs, focal)

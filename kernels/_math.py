@@ -137,22 +137,15 @@ def exp2_any(t, FAST_MATH: tl.constexpr):
 
 
 @triton.jit
-def normal_or_nan(q, FAST_MATH: tl.constexpr):
-    """q for lg2.approx.ftz: a subnormal q (a soft label below FLT_MIN against
-    an e that ex2.ftz flushed) raised to FLT_MIN, which lg2 would read as 0
-    (-inf, then NaN or inf powers). One unsigned max of the bits: a negative
-    q (labels outside [0, 1]) has the sign bit, so it stays, and its log is
-    NaN, as the reference's; so does NaN. The exact path needs none of it."""
-    if FAST_MATH:
-        q = tl.maximum(q.to(tl.uint32, bitcast=True), FLT_MIN_BITS).to(tl.float32, bitcast=True)
-    return q
-
-
-@triton.jit
 def log2_any(a, FAST_MATH: tl.constexpr):
-    """log2(a) for a normal a > 0."""
+    """log2(a) for a >= 0 (NaN for a < 0 or NaN). lg2.approx.ftz reads a
+    subnormal a (a soft label below FLT_MIN against an e that ex2.ftz
+    flushed) as 0: -inf, then NaN or inf powers. So a is first raised to
+    FLT_MIN by one unsigned max of its bits, which leaves a negative a
+    (labels outside [0, 1]) negative and NaN NaN: their log is NaN, as the
+    reference's. The exact path needs none of it."""
     if FAST_MATH:
-        res = lg2_approx(a)
+        res = lg2_approx(tl.maximum(a.to(tl.uint32, bitcast=True), FLT_MIN_BITS).to(tl.float32, bitcast=True))
     else:
         res = tl.log2(a)
     return res
@@ -439,7 +432,7 @@ def focal_soft_labels(x, z, e, r, log_term, ce, d_ce, d_ce_z, gamma, alpha, HAS_
     if HARD_LABELS:
         log2_q = tl.where(direct, log2_direct, log_term * -LOG2E)  # y = 0: q = r
     else:
-        log2_q = tl.where(direct, log2_direct, log2_any(normal_or_nan(q, FAST_MATH), FAST_MATH))
+        log2_q = tl.where(direct, log2_direct, log2_any(q, FAST_MATH))
     power = exp2_any(tl.where(direct, gamma, gamma - 1.0) * log2_q, FAST_MATH)
     # F = power q_or_1, dF/dx = gamma (1 - 2 z') power slope
     q_or_1 = tl.where(direct, 1.0, q)

@@ -10,6 +10,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 HAS_GPU = torch.cuda.is_available()
 
@@ -105,3 +106,18 @@ def launches(monkeypatch):
 
     monkeypatch.setattr(InterpretedFunction, "run", counting_run)
     return counts
+
+
+def torchvision_focal(x, z, alpha, gamma, reduction="none", weight=None, label_smoothing=0.0):
+    """torchvision.ops.sigmoid_focal_loss, re-implemented in float64 (plus weight and smoothing)."""
+    x, z = x.double(), z.double()
+    z = z * (1 - label_smoothing) + 0.5 * label_smoothing
+    p = torch.sigmoid(x)
+    ce = F.binary_cross_entropy_with_logits(x, z, reduction="none")
+    p_t = p * z + (1 - p) * (1 - z)
+    loss = ce * ((1 - p_t) ** gamma)
+    if alpha >= 0:
+        loss = (alpha * z + (1 - alpha) * (1 - z)) * loss
+    if weight is not None:
+        loss = loss * weight.double()
+    return {"none": loss, "mean": loss.mean(), "sum": loss.sum()}[reduction]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_sigxent as fs
-from conftest import assert_close, oracle_elementwise, oracle_reduce
+from conftest import assert_close, oracle_elementwise, oracle_reduce, torchvision_focal
 from fused_sigxent import _cpu, _op, _reference
 from fused_sigxent import _reduction as R
 
@@ -333,15 +333,6 @@ def test_temporaries_are_piece_sized(shape, weight, dtype, label_dtype):
         assert max(temporaries) <= piece * 4, (reduction, temporaries)
 
 
-def _torchvision_focal(x, z, alpha, gamma, smoothing=0.0):
-    """torchvision.ops.sigmoid_focal_loss's elementwise formula in float64 (plus smoothing)."""
-    x, z = x.double(), z.double() * (1 - smoothing) + 0.5 * smoothing
-    p = torch.sigmoid(x)
-    p_t = p * z + (1 - p) * (1 - z)
-    loss = F.binary_cross_entropy_with_logits(x, z, reduction="none") * (1 - p_t) ** gamma
-    return loss if alpha is None else (alpha * z + (1 - alpha) * (1 - z)) * loss
-
-
 @pytest.mark.parametrize("gamma,alpha", [(0.5, None), (1.0, 0.25), (2.0, 0.75), (5.0, None)])
 @pytest.mark.parametrize("dtype,label_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.uint8),
                                                (torch.float64, torch.float64), (torch.float32, torch.bool)])
@@ -359,7 +350,8 @@ def test_focal_pieces_against_float64(poisoned, gamma, alpha, dtype, label_dtype
             x.requires_grad_()
             loss = _op.sigmoid_ce(x, z, w, None, s, reduction, dtype, gamma=gamma, alpha=alpha)
             xd = x.double().detach().requires_grad_()
-            expected = oracle_reduce(_torchvision_focal(xd, z, alpha, gamma, s), w, name)
+            expected = oracle_reduce(torchvision_focal(xd, z, -1.0 if alpha is None else alpha, gamma,
+                                                        label_smoothing=s), w, name)
             assert_close(loss, expected, dtype, msg=where)
             grad = torch.randn(loss.shape, dtype=torch.float64)
             (gx,) = torch.autograd.grad(loss, x, grad.to(loss.dtype))

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOLERANCES, assert_close
+from conftest import TOLERANCES, assert_close, torchvision_focal
 
 import fused_sigxent as fs
 from fused_sigxent import _cpu, _dispatch, _reference
@@ -21,21 +21,6 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 # 3 rows of 13 classes: a prime width (no chunk of 8 divides it, so the
 # kernels' ragged paths run) in a size the interpreter takes quickly.
 SHAPE = (3, 13)
-
-
-def torchvision_focal(x, z, alpha, gamma, reduction="none", weight=None, label_smoothing=0.0):
-    """torchvision.ops.sigmoid_focal_loss, re-implemented in float64 (plus weight and smoothing)."""
-    x, z = x.double(), z.double()
-    z = z * (1 - label_smoothing) + 0.5 * label_smoothing
-    p = torch.sigmoid(x)
-    ce = F.binary_cross_entropy_with_logits(x, z, reduction="none")
-    p_t = p * z + (1 - p) * (1 - z)
-    loss = ce * ((1 - p_t) ** gamma)
-    if alpha >= 0:
-        loss = (alpha * z + (1 - alpha) * (1 - z)) * loss
-    if weight is not None:
-        loss = loss * weight.double()
-    return {"none": loss, "mean": loss.mean(), "sum": loss.sum()}[reduction]
 
 
 def one_hot(index, n_classes):
