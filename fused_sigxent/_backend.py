@@ -1,6 +1,7 @@
 """Which implementation runs: FUSED_SIGXENT_BACKEND, read at every call."""
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -11,9 +12,15 @@ ENV = "FUSED_SIGXENT_BACKEND"
 
 def backend() -> str:
     """The chosen backend name; ValueError for anything but `BACKENDS`."""
-    name = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    return _parse(os.environ.get(ENV, "auto"))
+
+
+@functools.lru_cache(maxsize=16)
+def _parse(value: str) -> str:
+    # Read several times per call: parsed once per distinct value.
+    name = value.strip().lower() or "auto"
     if name not in BACKENDS:
-        raise ValueError(f"{ENV}={os.environ[ENV]!r} is not one of {', '.join(BACKENDS)}")
+        raise ValueError(f"{ENV}={value!r} is not one of {', '.join(BACKENDS)}")
     return name
 
 

@@ -388,8 +388,9 @@ def sigmoid_ce_fwd(
                  True, loss, grad_logits if grad_logits_in_fwd else None, grad_labels if grad_labels_in_fwd else None,
                  gamma, alpha)
     if loss is None:
-        # (from float64: a finite sum beyond float32's range is inf, as the reference's)
-        loss = torch.tensor(_divide(total, d, reduction), dtype=torch.float64).to(ct)
+        # From the float64 total (a finite sum beyond float32's range is inf,
+        # as the reference's), rounded once to the compute dtype.
+        loss = torch.tensor(_divide(total, d, reduction), dtype=ct)
         if out_dtype != ct:  # rounded to the compute dtype first, as the reference's result is
             loss = loss.to(out_dtype)
     return loss, denom, grad_logits, grad_labels

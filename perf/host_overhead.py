@@ -1,6 +1,7 @@
 """`python -m perf.host_overhead`: host time per loss call (fwd, fwd+bwd) of
 fused_sigxent's CUDA path with nothing run on a device, against PyTorch
-eager's whole call, on tiny CPU tensors; one tidy CSV row per measurement."""
+eager's whole call and the floor of any Python autograd.Function, on tiny
+CPU tensors; one tidy CSV row per measurement."""
 
 import argparse
 import contextlib
@@ -138,9 +139,33 @@ def make_case(feature, dtype):
     return x, z, w, p, f["label_smoothing"]
 
 
+class _Floor(torch.autograd.Function):
+    """The least a loss written as a Python autograd.Function can cost: a
+    forward that only allocates its loss and gradient, a backward that only
+    hands that gradient back, applied as ours is (C++ apply, no Python
+    prelude). No validation, no computation, no launch."""
+
+    @staticmethod
+    def forward(x):
+        return x.new_zeros(()), torch.empty_like(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])
+        ctx.grad = output[1]
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        return ctx.grad
+
+
+_floor_apply = super(torch.autograd.Function, _Floor).apply
+
+
 def calls(x, z, w, p, s):
-    """{provider: loss function}: ours (the same front end a user calls) and
-    PyTorch eager (smoothing as its own op, since PyTorch has none)."""
+    """{provider: loss function}: ours (the same front end a user calls),
+    PyTorch eager (smoothing as its own op, since PyTorch has none), and
+    the floor of any Python autograd.Function (`_Floor`)."""
     import fused_sigxent as fs
 
     def ours():
@@ -150,7 +175,10 @@ def calls(x, z, w, p, s):
         target = z * (1 - s) + 0.5 * s if s else z
         return F.binary_cross_entropy_with_logits(x, target, w, pos_weight=p)
 
-    return {"fused_sigxent": ours, "torch_eager": eager}
+    def floor():
+        return _floor_apply(x)[0]
+
+    return {"fused_sigxent": ours, "torch_eager": eager, "python_function_floor": floor}
 
 
 def step(loss_fn, x, mode):
@@ -230,10 +258,11 @@ def main(argv=None):
                         print(f"{feature:15s} {rows[-1]['dtype']:9s} {mode:8s} {provider:14s} "
                               f"{p50:8.1f} us  (p20 {p20:.1f}, p80 {p80:.1f})", flush=True)
     frame = pd.DataFrame(rows, columns=COLUMNS)
-    ratio = frame.pivot_table(index=["op", "dtype", "mode"], columns="provider", values="p50")
-    ratio = (ratio["fused_sigxent"] / ratio["torch_eager"]).groupby("mode").median()
-    for mode, r in ratio.items():
-        print(f"median ours / eager host time, {mode}: {r:.2f}")
+    times = frame.pivot_table(index=["op", "dtype", "mode"], columns="provider", values="p50")
+    for provider, name in (("fused_sigxent", "ours"), ("python_function_floor", "floor")):
+        ratio = (times[provider] / times["torch_eager"]).groupby("mode").median()
+        for mode, r in ratio.items():
+            print(f"median {name} / eager host time, {mode}: {r:.2f}")
     out = args.out or _bench.results_csv("host_overhead-", torch.device("cpu"))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     frame.to_csv(out, index=False)

@@ -130,7 +130,8 @@ def test_host_overhead_runs_through_triton_launch_path(tmp_path):
     assert "TRITON_DEFAULT_FP_FUSION" not in run.stderr
     frame = pd.read_csv(out)
     assert list(frame.columns) == host_overhead.COLUMNS
-    assert set(frame["provider"]) == {"fused_sigxent", "torch_eager"}
-    assert set(frame["mode"]) == {"fwd", "fwd+bwd"} and len(frame) == 4
+    assert set(frame["provider"]) == {"fused_sigxent", "torch_eager", "python_function_floor"}
+    assert set(frame["mode"]) == {"fwd", "fwd+bwd"} and len(frame) == 6
     assert (frame["p50"] > 0).all() and (frame["unit"] == "us").all()
     assert "median ours / eager host time, fwd+bwd" in run.stdout
+    assert "median floor / eager host time, fwd+bwd" in run.stdout
