@@ -121,12 +121,14 @@ def budget(v: Variant) -> float | None:
         # backward skips. Soft labels need a log too (two SFU instructions
         # more, the fewest: _math.focal_soft_labels), the selects of the
         # lanes where y = 1 and the floor that keeps lg2.approx.ftz off a
-        # subnormal 1 - p_t; they measure 54.6-58.4 on sm_90, four over
-        # issue 12's 55 (still under the 59 of copy bandwidth at 6 bytes per
-        # element): that is their budget, recorded, not the goal met.
+        # subnormal 1 - p_t; they measure 54.6-58.4 on sm_90 with Triton 3.9
+        # and up to 59.1 with 3.6 (its ptxas), four over issue 12's 55. Their
+        # budget is the most that still keeps pace with copy bandwidth at
+        # bf16 logits, labels and gradient (6 bytes per element): recorded,
+        # not the goal met.
         if v.weight or v.pos_weight or not v.grads:
             return None
-        return 40.0 + 15.0 + (4.0 if v.focal == "soft" else 0.0)
+        return 6 * ISSUE_RATE / COPY_BW if v.focal == "soft" else 40.0 + 15.0
     if v.kernel == "fwd" and v.grads and not v.weight and not v.pos_weight:
         return 40.0
     if v.kernel == "bwd" and not v.weight and not v.pos_weight:

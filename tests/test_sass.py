@@ -64,13 +64,14 @@ def test_focal_factor_with_soft_labels_costs_two_sfu_instructions():
     # fewer (_math.focal_soft_labels): 1 - p_t = sigmoid(|x|) ((1 - y) + y e)
     # is a sum weighted by the label, so log(1 - p_t) is no function of the
     # cross entropy's terms and takes the SFU's lg2, and (1 - p_t)^(gamma - 1)
-    # its ex2. No reciprocal: 3 + 2. Within the plain budget plus 15, plus
-    # the 4 that the lanes where y = 1 and the floor under lg2's argument
-    # cost (perf/_sass.py budget).
+    # its ex2. No reciprocal: 3 + 2. Within what keeps pace with copy
+    # bandwidth at 6 bytes per element (perf/_sass.py budget): about the
+    # plain budget plus 15, plus 4 for the lanes where y = 1 and the floor
+    # under lg2's argument.
     for variant in (Variant("fwd", "bf16", "bf16", focal="soft"), Variant("fwd", "fp32", "fp32", focal="soft")):
         for r in rows_of(variant):
             assert 5 <= r["mufu_per_elem"] < 5.5, r
-            assert r["sass_per_elem"] <= r["budget_sass_per_elem"] == 59, r
+            assert r["sass_per_elem"] <= r["budget_sass_per_elem"] < 59.5, r
 
 
 def test_focal_class_indices_cost_what_hard_labels_do():
