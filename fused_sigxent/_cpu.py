@@ -26,7 +26,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import _reference
+from . import _cpu_loop, _reference
 from . import _reduction as R
 
 # Elements per piece: a few float32 temporaries of 256K elements (1 MiB each)
@@ -245,6 +245,9 @@ def _run(logits, labels, weight, pos_weight, s: float, c: float, incoming, want_
     formulas run first, and a piece where they fail (NaN in their sum) is
     redone by the reference's. Returns the sum of the weighted loss,
     accumulated over pieces in float64 (0 when not asked)."""
+    if _cpu_loop.serves(logits, labels, gamma) and (lib := _cpu_loop.library()) is not None:
+        total = _cpu_loop.run(lib, logits, labels, weight, pos_weight, s, c, incoming, want_loss, loss, gx, gz)
+        return total if want_loss else 0.0
     ct = _reference.compute_dtype(logits.dtype)
     focal = None if gamma is None else _reference._focal(gamma, alpha, ct)
     # Read once (CPU tensors: no sync): numbers for the pieces' primitives.

@@ -1,0 +1,330 @@
+// The CPU loop: sigmoid cross entropy, its reduction and its gradients in one
+// pass over the data, vectorized by ATen's at::vec and split over ATen's
+// threads. The formulas are kernels/_math.py's `ce_terms` and
+// `weighted_loss_and_grads` (no focal factor), term for term, so the limits
+// (infinite logits, zero weights masking) come out as the Triton kernels'
+// and the reference's. Built on first use by fused_sigxent/_cpu_loop.py,
+// which passes `Args` and reads the returned sum.
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+// Dtype codes (fused_sigxent/_cpu_loop.py DTYPE_CODES).
+enum : int32_t { F32 = 0, F64 = 1, BF16 = 2, F16 = 3, U8 = 4 };
+
+// Elements per chunk: the unit of a thread's work and of the reduction's
+// partial sums, fixed so that the sum does not depend on the thread count.
+constexpr int64_t CHUNK = 16384;
+
+// log1p(e) for e in [0, 1] as 2 atanh(e / (2 + e)): kernels/_math.py's
+// LOG1P_P0..P4 (tests/test_cpu_loop.py checks they are the same).
+constexpr float LOG1P_P0 = 2.0f, LOG1P_P1 = 0.66666314f, LOG1P_P2 = 0.4002491f, LOG1P_P3 = 0.27960604f,
+                LOG1P_P4 = 0.28178334f;
+
+struct Args {
+  const void* x;         // logits, contiguous
+  const void* z;         // labels, contiguous (bool read as uint8)
+  const void* w;         // weight or null, strided over `sizes`
+  const void* p;         // pos_weight or null, strided over `sizes`
+  const void* incoming;  // elementwise incoming gradient (reduction none's backward), contiguous, or null
+  void* loss;            // elementwise loss out, or null (its sum only)
+  void* gx;              // gradient of the logits out (the logits' dtype), or null
+  void* gz;              // gradient of the labels out (the labels' dtype), or null
+  int64_t sizes[4];      // the logits' shape collapsed to four dimensions (kernels/_layout.collapse)
+  int64_t w_strides[4];
+  int64_t p_strides[4];
+  int64_t n;
+  double smoothing;
+  double scale;  // chain-rule factor: the incoming gradient over the denominator
+  int32_t x_dtype, z_dtype, w_dtype, p_dtype, incoming_dtype, loss_dtype;
+  int32_t want_loss;
+};
+
+template <typename CT>
+constexpr int32_t code() {
+  return std::is_same_v<CT, double> ? F64 : F32;
+}
+
+// bfloat16 <-> float as integer ops the compiler vectorizes (c10's are
+// per-element calls): the float is the bf16's bits shifted up; a float
+// rounds to nearest even, NaN to bf16's quiet NaN, as c10::BFloat16(float).
+inline float widen(c10::BFloat16 b) {
+  uint32_t bits = uint32_t(b.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline uint16_t bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return f != f ? uint16_t(0x7FC0) : uint16_t(rounded);
+}
+
+template <typename CT, typename T>
+inline CT to_compute(T v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return static_cast<CT>(widen(v));
+  } else {
+    return static_cast<CT>(v);
+  }
+}
+
+template <typename CT, typename T>
+inline void gather(CT* buf, const T* src, int64_t stride, int64_t count) {
+  if (stride == 1) {
+    for (int64_t k = 0; k < count; ++k) buf[k] = to_compute<CT>(src[k]);
+  } else {
+    for (int64_t k = 0; k < count; ++k) buf[k] = to_compute<CT>(src[k * stride]);
+  }
+}
+
+template <typename CT>
+inline CT load_one(const void* src, int32_t dtype) {
+  switch (dtype) {
+    case F32: return static_cast<CT>(*static_cast<const float*>(src));
+    case F64: return static_cast<CT>(*static_cast<const double*>(src));
+    case BF16: return static_cast<CT>(*static_cast<const c10::BFloat16*>(src));
+    case F16: return static_cast<CT>(*static_cast<const c10::Half*>(src));
+    default: return static_cast<CT>(*static_cast<const uint8_t*>(src));
+  }
+}
+
+// `count` elements of a tensor of dtype `dtype` from `src` (element stride
+// `stride`), converted to CT; lanes past `count` are 0.
+template <typename CT, bool FULL>
+inline at::vec::Vectorized<CT> load(const void* src, int32_t dtype, int64_t stride, int64_t n) {
+  using Vec = at::vec::Vectorized<CT>;
+  // A constant count for whole vectors: the conversions below vectorize.
+  const int64_t count = FULL ? Vec::size() : n;
+  if (stride == 0) {
+    return Vec(load_one<CT>(src, dtype));
+  }
+  if (dtype == code<CT>() && stride == 1) return Vec::loadu(src, count);
+  if constexpr (std::is_same_v<CT, float>) {
+    // Half-width vectors widened by at::vec's own conversions.
+    if (dtype == BF16 && stride == 1) {
+      return std::get<0>(at::vec::convert_to_float<c10::BFloat16>(at::vec::Vectorized<c10::BFloat16>::loadu(src, count)));
+    }
+    if (dtype == U8 && stride == 1) {
+      auto bytes = at::vec::Vectorized<uint8_t>::loadu(src, count);
+      return at::vec::convert<float>(at::vec::convert<int32_t>(bytes));
+    }
+    if (dtype == F16 && stride == 1) {
+      return std::get<0>(at::vec::convert_to_float<c10::Half>(at::vec::Vectorized<c10::Half>::loadu(src, count)));
+    }
+  }
+  alignas(64) CT buf[Vec::size()] = {};
+  switch (dtype) {
+    case F32: gather(buf, static_cast<const float*>(src), stride, count); break;
+    case F64: gather(buf, static_cast<const double*>(src), stride, count); break;
+    case BF16: gather(buf, static_cast<const c10::BFloat16*>(src), stride, count); break;
+    case F16: gather(buf, static_cast<const c10::Half*>(src), stride, count); break;
+    default: gather(buf, static_cast<const uint8_t*>(src), stride, count); break;
+  }
+  return Vec::loadu(buf);
+}
+
+template <typename CT, typename T>
+inline void scatter(T* dst, const CT* buf, int64_t count) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    uint16_t* bits = reinterpret_cast<uint16_t*>(dst);
+    for (int64_t k = 0; k < count; ++k) bits[k] = bf16_bits(static_cast<float>(buf[k]));
+  } else {
+    for (int64_t k = 0; k < count; ++k) dst[k] = static_cast<T>(buf[k]);
+  }
+}
+
+// Stores `count` lanes of v, rounded once to `dtype`.
+template <typename CT, bool FULL>
+inline void store(void* dst, int32_t dtype, const at::vec::Vectorized<CT>& v, int64_t n) {
+  const int64_t count = FULL ? at::vec::Vectorized<CT>::size() : n;
+  if (dtype == code<CT>()) return v.store(dst, count);
+  if constexpr (std::is_same_v<CT, float>) {
+    // Rounded to nearest even (NaN kept) by at::vec, as c10's conversions do.
+    if (dtype == BF16) return at::vec::convert_from_float<c10::BFloat16>(v, v).store(dst, count);
+    if (dtype == F16) return at::vec::convert_from_float<c10::Half>(v, v).store(dst, count);
+  }
+  alignas(64) CT buf[at::vec::Vectorized<CT>::size()];
+  v.store(buf);
+  switch (dtype) {
+    case F32: scatter(static_cast<float*>(dst), buf, count); break;
+    case F64: scatter(static_cast<double*>(dst), buf, count); break;
+    case BF16: scatter(static_cast<c10::BFloat16*>(dst), buf, count); break;
+    case F16: scatter(static_cast<c10::Half*>(dst), buf, count); break;
+    default: break;
+  }
+}
+
+inline int64_t element_size(int32_t dtype) {
+  return dtype == F64 ? 8 : dtype == F32 ? 4 : dtype == U8 ? 1 : 2;
+}
+
+inline const void* at_offset(const void* base, int32_t dtype, int64_t offset) {
+  return static_cast<const char*>(base) + offset * element_size(dtype);
+}
+
+inline void* at_offset(void* base, int32_t dtype, int64_t offset) {
+  return static_cast<char*>(base) + offset * element_size(dtype);
+}
+
+// log(1 + e) for e in [0, 1]: float by _math.log1p_unit's polynomial, double by Sleef.
+inline at::vec::Vectorized<float> log1p_unit(const at::vec::Vectorized<float>& e) {
+  using Vec = at::vec::Vectorized<float>;
+  Vec t = e / (Vec(2.0f) + e);
+  Vec s = t * t;
+  Vec poly = at::vec::fmadd(s, Vec(LOG1P_P4), Vec(LOG1P_P3));
+  poly = at::vec::fmadd(s, poly, Vec(LOG1P_P2));
+  poly = at::vec::fmadd(s, poly, Vec(LOG1P_P1));
+  poly = at::vec::fmadd(s, poly, Vec(LOG1P_P0));
+  return t * poly;
+}
+
+inline at::vec::Vectorized<double> log1p_unit(const at::vec::Vectorized<double>& e) { return e.log1p(); }
+
+// a * b, 0 where a is 0 (a zero weight masks an infinite or NaN term): _math.mul0.
+template <typename Vec>
+inline Vec mul0(const Vec& a, const Vec& b) {
+  return Vec::blendv(a * b, Vec(0), a == Vec(0));
+}
+
+// One block of `count` (<= a vector) elements at flat offset i, whose
+// coefficients start at w_row / p_row with inner strides w_s / p_s. Returns
+// the weighted loss of the block's lanes (0 past count).
+template <typename CT, bool FULL>
+inline at::vec::Vectorized<CT> block(const Args& a, int64_t i, int64_t count, const void* w_row, int64_t w_s,
+                                     const void* p_row, int64_t p_s) {
+  using Vec = at::vec::Vectorized<CT>;
+  const Vec zero(0), one(1);
+  Vec x = load<CT, FULL>(at_offset(a.x, a.x_dtype, i), a.x_dtype, 1, count);
+  Vec z = load<CT, FULL>(at_offset(a.z, a.z_dtype, i), a.z_dtype, 1, count);
+  if (a.smoothing != 0) z = z * Vec(CT(1 - a.smoothing)) + Vec(CT(0.5 * a.smoothing));
+  // _math.ce_terms: one exp serves both sigmoids and the log term.
+  Vec e = x.abs().neg().exp();
+  Vec r = one / (one + e);
+  Vec log_term = log1p_unit(e);
+  Vec pos = x >= zero;
+  Vec one_minus_z = one - z;
+  Vec pz = z, q_log = log_term, d_labels;
+  const bool has_p = p_row != nullptr, has_w = w_row != nullptr;
+  Vec pw;
+  if (has_p) {
+    pw = load<CT, FULL>(p_row, a.p_dtype, p_s, count);
+    pz = pw * z;
+    q_log = (one + (pw - one) * z) * log_term;
+  }
+  Vec c = Vec::blendv(zero - pz, one_minus_z, pos);
+  Vec loss = Vec::blendv(c * x + q_log, q_log, c == zero);
+  Vec d_logits = r * Vec::blendv(one_minus_z * e - pz, one_minus_z - pz * e, pos);
+  Vec w;
+  if (has_w) {
+    w = load<CT, FULL>(w_row, a.w_dtype, w_s, count);
+    loss = mul0(w, loss);
+    d_logits = mul0(w, d_logits);
+  }
+  Vec scale(CT(a.scale));
+  if (a.incoming != nullptr) scale = load<CT, FULL>(at_offset(a.incoming, a.incoming_dtype, i), a.incoming_dtype, 1, count);
+  if (a.gx != nullptr) store<CT, FULL>(at_offset(a.gx, a.x_dtype, i), a.x_dtype, d_logits * scale, count);
+  if (a.gz != nullptr) {
+    if (has_p) {
+      Vec k = Vec::blendv(pw, one, pos);
+      d_labels = Vec::blendv(zero - k * x, zero, k == zero) + (pw - one) * log_term;
+    } else {
+      d_labels = zero - x;
+    }
+    if (has_w) d_labels = mul0(w, d_labels);
+    store<CT, FULL>(at_offset(a.gz, a.z_dtype, i), a.z_dtype, d_labels * (Vec(CT(1 - a.smoothing)) * scale), count);
+  }
+  if (a.loss != nullptr) store<CT, FULL>(at_offset(a.loss, a.loss_dtype, i), a.loss_dtype, loss, count);
+  if (!FULL) loss = Vec::set(zero, loss, count);
+  return loss;
+}
+
+// The sum of a vector's lanes, in double.
+template <typename CT>
+inline double lanes_sum(const at::vec::Vectorized<CT>& v) {
+  alignas(64) CT buf[at::vec::Vectorized<CT>::size()];
+  v.store(buf);
+  double total = 0;
+  for (int64_t k = 0; k < at::vec::Vectorized<CT>::size(); ++k) total += buf[k];
+  return total;
+}
+
+// Elements [begin, end): segments that stay within one row of the collapsed
+// shape, so each coefficient's row offset is found once per segment.
+template <typename CT>
+double chunk(const Args& a, int64_t begin, int64_t end) {
+  using Vec = at::vec::Vectorized<CT>;
+  constexpr int64_t V = Vec::size();
+  // Lane sums are flushed to double every FLUSH vectors: float error stays
+  // that of a short sum.
+  constexpr int64_t FLUSH = 32;
+  const int64_t d1 = a.sizes[1], d2 = a.sizes[2], d3 = a.sizes[3];
+  double total = 0;
+  int64_t i = begin;
+  while (i < end) {
+    const int64_t row = i / d3, col = i % d3;
+    const int64_t len = std::min(d3 - col, end - i);
+    const int64_t r0 = row / (d1 * d2), r1 = (row / d2) % d1, r2 = row % d2;
+    const void* w_row = nullptr;
+    const void* p_row = nullptr;
+    if (a.w != nullptr) {
+      const int64_t* s = a.w_strides;
+      w_row = at_offset(a.w, a.w_dtype, r0 * s[0] + r1 * s[1] + r2 * s[2] + col * s[3]);
+    }
+    if (a.p != nullptr) {
+      const int64_t* s = a.p_strides;
+      p_row = at_offset(a.p, a.p_dtype, r0 * s[0] + r1 * s[1] + r2 * s[2] + col * s[3]);
+    }
+    Vec acc(0);
+    int64_t k = 0, pending = 0;
+    for (; k + V <= len; k += V) {
+      acc = acc + block<CT, true>(a, i + k, V, w_row ? at_offset(w_row, a.w_dtype, k * a.w_strides[3]) : nullptr,
+                            a.w_strides[3], p_row ? at_offset(p_row, a.p_dtype, k * a.p_strides[3]) : nullptr,
+                            a.p_strides[3]);
+      if (++pending == FLUSH) {
+        total += lanes_sum(acc);
+        acc = Vec(0);
+        pending = 0;
+      }
+    }
+    if (k < len) {
+      acc = acc + block<CT, false>(a, i + k, len - k, w_row ? at_offset(w_row, a.w_dtype, k * a.w_strides[3]) : nullptr,
+                            a.w_strides[3], p_row ? at_offset(p_row, a.p_dtype, k * a.p_strides[3]) : nullptr,
+                            a.p_strides[3]);
+    }
+    total += lanes_sum(acc);
+    i += len;
+  }
+  return total;
+}
+
+template <typename CT>
+double run(const Args& a) {
+  const int64_t n_chunks = (a.n + CHUNK - 1) / CHUNK;
+  std::vector<double> partial(n_chunks, 0.0);
+  at::parallel_for(0, n_chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) partial[c] = chunk<CT>(a, c * CHUNK, std::min(a.n, (c + 1) * CHUNK));
+  });
+  double total = 0;
+  for (double t : partial) total += t;  // in chunk order: the same for any thread count
+  return a.want_loss ? total : 0.0;
+}
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) double fused_sigxent_cpu_loop(const Args* a) {
+  return a->x_dtype == F64 ? run<double>(*a) : run<float>(*a);
+}
+
+extern "C" __attribute__((visibility("default"))) int64_t fused_sigxent_cpu_loop_args_size() { return sizeof(Args); }
