@@ -5,7 +5,8 @@ is (bf16 logits, uint8/bool labels) with no temporaries.
 It is compiled on first use, in ~2 s, by the machine's C++ compiler against
 this torch's own headers and vector math (ATen's at::vec, for the CPU
 capability ATen itself uses), cached per source, torch and flags under
-$FUSED_SIGXENT_CACHE (default ~/.cache/fused_sigxent), and loaded with
+$FUSED_SIGXENT_CACHE (default ~/.cache/fused_sigxent, or a temporary directory where that
+cannot be written), and loaded with
 ctypes. Where it cannot be built (no compiler), `library()` warns once and
 returns None, and _cpu.py's ATen pieces run instead. It implements the
 cross entropy only: the focal loss and class-index labels take the pieces.
@@ -60,8 +61,18 @@ def _command(output: str) -> list[str]:
 
 
 def _cache_dir() -> str:
-    default = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fused_sigxent")
-    return os.environ.get(CACHE_ENV, default)
+    """$FUSED_SIGXENT_CACHE, else ~/.cache/fused_sigxent, else (a home that
+    cannot be written, as on some CI runners) a per-user temporary directory."""
+    if CACHE_ENV in os.environ:
+        return os.environ[CACHE_ENV]
+    home = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fused_sigxent")
+    try:
+        os.makedirs(home, exist_ok=True)
+        if os.access(home, os.W_OK):
+            return home
+    except OSError:
+        pass
+    return os.path.join(tempfile.gettempdir(), f"fused_sigxent-{os.getuid()}")
 
 
 def _build() -> str:

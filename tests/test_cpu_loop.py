@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -100,3 +101,14 @@ def test_without_a_build_the_pieces_run(cxx, message, tmp_path):
     x, z, p = torch.randn(3, 1031), torch.rand(3, 1031), torch.rand(1031) * 3
     expected = fs.binary_cross_entropy_with_logits(x, z, pos_weight=p)  # by the loop, here
     assert float(lines[1]) == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_an_unwritable_cache_home_falls_back_to_a_temporary_directory(tmp_path, monkeypatch):
+    # A cache home that is a file cannot hold the directory (even for root).
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.delenv(_cpu_loop.CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    assert _cpu_loop._cache_dir() == os.path.join(tempfile.gettempdir(), f"fused_sigxent-{os.getuid()}")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert _cpu_loop._cache_dir() == str(tmp_path / "fused_sigxent")
