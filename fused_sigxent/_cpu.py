@@ -1,4 +1,6 @@
-"""The op on CPU tensors: the stable formulas, in cache-sized pieces, with few passes.
+"""The op on CPU tensors: the compiled one-pass loop (`_cpu_loop`) for the
+cross entropy where it is built; else, and for the focal loss and class-index
+labels, the stable formulas as ATen ops in cache-sized pieces, with few passes.
 
 PyTorch eager evaluates a loss as a chain of full-size temporaries, each a
 trip through main memory. Here the loss and its gradient run on pieces of
@@ -246,8 +248,7 @@ def _run(logits, labels, weight, pos_weight, s: float, c: float, incoming, want_
     redone by the reference's. Returns the sum of the weighted loss,
     accumulated over pieces in float64 (0 when not asked)."""
     if _cpu_loop.serves(logits, labels, gamma) and (lib := _cpu_loop.library()) is not None:
-        total = _cpu_loop.run(lib, logits, labels, weight, pos_weight, s, c, incoming, want_loss, loss, gx, gz)
-        return total if want_loss else 0.0
+        return _cpu_loop.run(lib, logits, labels, weight, pos_weight, s, c, incoming, want_loss, loss, gx, gz)
     ct = _reference.compute_dtype(logits.dtype)
     focal = None if gamma is None else _reference._focal(gamma, alpha, ct)
     # Read once (CPU tensors: no sync): numbers for the pieces' primitives.

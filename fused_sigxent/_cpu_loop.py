@@ -131,10 +131,11 @@ def run(lib, logits: Tensor, labels: Tensor, weight: Tensor | None, pos_weight: 
         gz: Tensor | None) -> float:
     """`_cpu._run` for a variant the loop `serves`, on `lib`: the outputs
     given (None: not asked) are written, and the sum of the weighted loss
-    (accumulated in float64 per fixed chunk, in order) is returned."""
-    from .kernels import _layout  # the Triton launchers' collapse of broadcast coefficients
+    (accumulated in float64 per fixed chunk, in order; 0 without
+    `want_loss`) is returned."""
+    from .kernels import _layout  # the Triton launchers' layout: one copy at most, the same collapse
 
-    x, z = logits.contiguous(), labels.contiguous()
+    x, z = _layout.contiguous(logits), _layout.contiguous(labels)
     sizes, (w, p), (w_strides, p_strides) = _layout.collapse(x.shape, [weight, pos_weight])
     if incoming is not None:
         incoming = incoming.expand(x.shape).contiguous()

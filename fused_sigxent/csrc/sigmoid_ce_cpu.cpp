@@ -12,7 +12,6 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -46,7 +45,7 @@ struct Args {
   double smoothing;
   double scale;  // chain-rule factor: the incoming gradient over the denominator
   int32_t x_dtype, z_dtype, w_dtype, p_dtype, incoming_dtype, loss_dtype;
-  int32_t want_loss;
+  int32_t want_loss;     // compute the loss (its elements into `loss` if given, its sum returned)
 };
 
 template <typename CT>
@@ -54,49 +53,22 @@ constexpr int32_t code() {
   return std::is_same_v<CT, double> ? F64 : F32;
 }
 
-// bfloat16 <-> float as integer ops the compiler vectorizes (c10's are
-// per-element calls): the float is the bf16's bits shifted up; a float
-// rounds to nearest even, NaN to bf16's quiet NaN, as c10::BFloat16(float).
-inline float widen(c10::BFloat16 b) {
-  uint32_t bits = uint32_t(b.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-inline uint16_t bf16_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return f != f ? uint16_t(0x7FC0) : uint16_t(rounded);
-}
-
-template <typename CT, typename T>
-inline CT to_compute(T v) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    return static_cast<CT>(widen(v));
-  } else {
-    return static_cast<CT>(v);
-  }
-}
-
+// Elements k * stride, k < count, of a tensor of dtype `dtype`, converted to
+// CT (c10's conversions): the paths at::vec does not cover (strided or
+// broadcast coefficients, float64 math on narrower inputs).
 template <typename CT, typename T>
 inline void gather(CT* buf, const T* src, int64_t stride, int64_t count) {
-  if (stride == 1) {
-    for (int64_t k = 0; k < count; ++k) buf[k] = to_compute<CT>(src[k]);
-  } else {
-    for (int64_t k = 0; k < count; ++k) buf[k] = to_compute<CT>(src[k * stride]);
-  }
+  for (int64_t k = 0; k < count; ++k) buf[k] = static_cast<CT>(src[k * stride]);
 }
 
 template <typename CT>
-inline CT load_one(const void* src, int32_t dtype) {
+inline void gather(CT* buf, const void* src, int32_t dtype, int64_t stride, int64_t count) {
   switch (dtype) {
-    case F32: return static_cast<CT>(*static_cast<const float*>(src));
-    case F64: return static_cast<CT>(*static_cast<const double*>(src));
-    case BF16: return static_cast<CT>(*static_cast<const c10::BFloat16*>(src));
-    case F16: return static_cast<CT>(*static_cast<const c10::Half*>(src));
-    default: return static_cast<CT>(*static_cast<const uint8_t*>(src));
+    case F32: gather(buf, static_cast<const float*>(src), stride, count); break;
+    case F64: gather(buf, static_cast<const double*>(src), stride, count); break;
+    case BF16: gather(buf, static_cast<const c10::BFloat16*>(src), stride, count); break;
+    case F16: gather(buf, static_cast<const c10::Half*>(src), stride, count); break;
+    default: gather(buf, static_cast<const uint8_t*>(src), stride, count); break;
   }
 }
 
@@ -108,7 +80,9 @@ inline at::vec::Vectorized<CT> load(const void* src, int32_t dtype, int64_t stri
   // A constant count for whole vectors: the conversions below vectorize.
   const int64_t count = FULL ? Vec::size() : n;
   if (stride == 0) {
-    return Vec(load_one<CT>(src, dtype));
+    CT value;
+    gather(&value, src, dtype, 0, 1);
+    return Vec(value);
   }
   if (dtype == code<CT>() && stride == 1) return Vec::loadu(src, count);
   if constexpr (std::is_same_v<CT, float>) {
@@ -125,24 +99,13 @@ inline at::vec::Vectorized<CT> load(const void* src, int32_t dtype, int64_t stri
     }
   }
   alignas(64) CT buf[Vec::size()] = {};
-  switch (dtype) {
-    case F32: gather(buf, static_cast<const float*>(src), stride, count); break;
-    case F64: gather(buf, static_cast<const double*>(src), stride, count); break;
-    case BF16: gather(buf, static_cast<const c10::BFloat16*>(src), stride, count); break;
-    case F16: gather(buf, static_cast<const c10::Half*>(src), stride, count); break;
-    default: gather(buf, static_cast<const uint8_t*>(src), stride, count); break;
-  }
+  gather(buf, src, dtype, stride, count);
   return Vec::loadu(buf);
 }
 
 template <typename CT, typename T>
 inline void scatter(T* dst, const CT* buf, int64_t count) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    uint16_t* bits = reinterpret_cast<uint16_t*>(dst);
-    for (int64_t k = 0; k < count; ++k) bits[k] = bf16_bits(static_cast<float>(buf[k]));
-  } else {
-    for (int64_t k = 0; k < count; ++k) dst[k] = static_cast<T>(buf[k]);
-  }
+  for (int64_t k = 0; k < count; ++k) dst[k] = static_cast<T>(buf[k]);
 }
 
 // Stores `count` lanes of v, rounded once to `dtype`.
@@ -200,7 +163,8 @@ inline Vec mul0(const Vec& a, const Vec& b) {
 
 // One block of `count` (<= a vector) elements at flat offset i, whose
 // coefficients start at w_row / p_row with inner strides w_s / p_s. Returns
-// the weighted loss of the block's lanes (0 past count).
+// the weighted loss of the block's lanes (0 past count, and 0 when the loss
+// is not asked).
 template <typename CT, bool FULL>
 inline at::vec::Vectorized<CT> block(const Args& a, int64_t i, int64_t count, const void* w_row, int64_t w_s,
                                      const void* p_row, int64_t p_s) {
@@ -209,42 +173,42 @@ inline at::vec::Vectorized<CT> block(const Args& a, int64_t i, int64_t count, co
   Vec x = load<CT, FULL>(at_offset(a.x, a.x_dtype, i), a.x_dtype, 1, count);
   Vec z = load<CT, FULL>(at_offset(a.z, a.z_dtype, i), a.z_dtype, 1, count);
   if (a.smoothing != 0) z = z * Vec(CT(1 - a.smoothing)) + Vec(CT(0.5 * a.smoothing));
-  // _math.ce_terms: one exp serves both sigmoids and the log term.
+  // _math.ce_terms: one exp serves both sigmoids and the log term (taken
+  // only where the loss or a pos_weight's labels gradient needs it: a
+  // backward of the logits needs none).
+  const bool has_p = p_row != nullptr, has_w = w_row != nullptr;
+  const bool want_loss = a.want_loss != 0, need_log = want_loss || (a.gz != nullptr && has_p);
   Vec e = x.abs().neg().exp();
-  Vec r = one / (one + e);
-  Vec log_term = log1p_unit(e);
+  Vec log_term = need_log ? log1p_unit(e) : zero;
   Vec pos = x >= zero;
   Vec one_minus_z = one - z;
-  Vec pz = z, q_log = log_term, d_labels;
-  const bool has_p = p_row != nullptr, has_w = w_row != nullptr;
-  Vec pw;
+  Vec pz = z, pw, w;
   if (has_p) {
     pw = load<CT, FULL>(p_row, a.p_dtype, p_s, count);
     pz = pw * z;
-    q_log = (one + (pw - one) * z) * log_term;
   }
-  Vec c = Vec::blendv(zero - pz, one_minus_z, pos);
-  Vec loss = Vec::blendv(c * x + q_log, q_log, c == zero);
-  Vec d_logits = r * Vec::blendv(one_minus_z * e - pz, one_minus_z - pz * e, pos);
-  Vec w;
-  if (has_w) {
-    w = load<CT, FULL>(w_row, a.w_dtype, w_s, count);
-    loss = mul0(w, loss);
-    d_logits = mul0(w, d_logits);
-  }
+  if (has_w) w = load<CT, FULL>(w_row, a.w_dtype, w_s, count);
   Vec scale(CT(a.scale));
   if (a.incoming != nullptr) scale = load<CT, FULL>(at_offset(a.incoming, a.incoming_dtype, i), a.incoming_dtype, 1, count);
-  if (a.gx != nullptr) store<CT, FULL>(at_offset(a.gx, a.x_dtype, i), a.x_dtype, d_logits * scale, count);
+  if (a.gx != nullptr) {
+    Vec d_logits = (one / (one + e)) * Vec::blendv(one_minus_z * e - pz, one_minus_z - pz * e, pos);
+    if (has_w) d_logits = mul0(w, d_logits);
+    store<CT, FULL>(at_offset(a.gx, a.x_dtype, i), a.x_dtype, d_logits * scale, count);
+  }
   if (a.gz != nullptr) {
+    Vec d_labels = zero - x;
     if (has_p) {
       Vec k = Vec::blendv(pw, one, pos);
       d_labels = Vec::blendv(zero - k * x, zero, k == zero) + (pw - one) * log_term;
-    } else {
-      d_labels = zero - x;
     }
     if (has_w) d_labels = mul0(w, d_labels);
     store<CT, FULL>(at_offset(a.gz, a.z_dtype, i), a.z_dtype, d_labels * (Vec(CT(1 - a.smoothing)) * scale), count);
   }
+  if (!want_loss) return zero;
+  Vec q_log = has_p ? (one + (pw - one) * z) * log_term : log_term;
+  Vec c = Vec::blendv(zero - pz, one_minus_z, pos);
+  Vec loss = Vec::blendv(c * x + q_log, q_log, c == zero);
+  if (has_w) loss = mul0(w, loss);
   if (a.loss != nullptr) store<CT, FULL>(at_offset(a.loss, a.loss_dtype, i), a.loss_dtype, loss, count);
   if (!FULL) loss = Vec::set(zero, loss, count);
   return loss;
@@ -258,6 +222,16 @@ inline double lanes_sum(const at::vec::Vectorized<CT>& v) {
   double total = 0;
   for (int64_t k = 0; k < at::vec::Vectorized<CT>::size(); ++k) total += buf[k];
   return total;
+}
+
+// A coefficient's element at (r0, r1, r2, col) of the collapsed shape, or null (none).
+inline const void* coefficient_at(const void* base, int32_t dtype, const int64_t* s, int64_t r0, int64_t r1,
+                                  int64_t r2, int64_t col) {
+  return base == nullptr ? nullptr : at_offset(base, dtype, r0 * s[0] + r1 * s[1] + r2 * s[2] + col * s[3]);
+}
+
+inline const void* advance(const void* p, int32_t dtype, int64_t offset) {
+  return p == nullptr ? nullptr : at_offset(p, dtype, offset);
 }
 
 // Elements [begin, end): segments that stay within one row of the collapsed
@@ -276,22 +250,14 @@ double chunk(const Args& a, int64_t begin, int64_t end) {
     const int64_t row = i / d3, col = i % d3;
     const int64_t len = std::min(d3 - col, end - i);
     const int64_t r0 = row / (d1 * d2), r1 = (row / d2) % d1, r2 = row % d2;
-    const void* w_row = nullptr;
-    const void* p_row = nullptr;
-    if (a.w != nullptr) {
-      const int64_t* s = a.w_strides;
-      w_row = at_offset(a.w, a.w_dtype, r0 * s[0] + r1 * s[1] + r2 * s[2] + col * s[3]);
-    }
-    if (a.p != nullptr) {
-      const int64_t* s = a.p_strides;
-      p_row = at_offset(a.p, a.p_dtype, r0 * s[0] + r1 * s[1] + r2 * s[2] + col * s[3]);
-    }
+    const void* w_row = coefficient_at(a.w, a.w_dtype, a.w_strides, r0, r1, r2, col);
+    const void* p_row = coefficient_at(a.p, a.p_dtype, a.p_strides, r0, r1, r2, col);
+    const int64_t w_s = a.w_strides[3], p_s = a.p_strides[3];
     Vec acc(0);
     int64_t k = 0, pending = 0;
     for (; k + V <= len; k += V) {
-      acc = acc + block<CT, true>(a, i + k, V, w_row ? at_offset(w_row, a.w_dtype, k * a.w_strides[3]) : nullptr,
-                            a.w_strides[3], p_row ? at_offset(p_row, a.p_dtype, k * a.p_strides[3]) : nullptr,
-                            a.p_strides[3]);
+      acc = acc + block<CT, true>(a, i + k, V, advance(w_row, a.w_dtype, k * w_s), w_s,
+                                  advance(p_row, a.p_dtype, k * p_s), p_s);
       if (++pending == FLUSH) {
         total += lanes_sum(acc);
         acc = Vec(0);
@@ -299,9 +265,8 @@ double chunk(const Args& a, int64_t begin, int64_t end) {
       }
     }
     if (k < len) {
-      acc = acc + block<CT, false>(a, i + k, len - k, w_row ? at_offset(w_row, a.w_dtype, k * a.w_strides[3]) : nullptr,
-                            a.w_strides[3], p_row ? at_offset(p_row, a.p_dtype, k * a.p_strides[3]) : nullptr,
-                            a.p_strides[3]);
+      acc = acc + block<CT, false>(a, i + k, len - k, advance(w_row, a.w_dtype, k * w_s), w_s,
+                                   advance(p_row, a.p_dtype, k * p_s), p_s);
     }
     total += lanes_sum(acc);
     i += len;
@@ -318,7 +283,7 @@ double run(const Args& a) {
   });
   double total = 0;
   for (double t : partial) total += t;  // in chunk order: the same for any thread count
-  return a.want_loss ? total : 0.0;
+  return total;
 }
 
 }  // namespace
