@@ -447,14 +447,3 @@ def sigmoid_ce_scale_(grad: Tensor, grad_logits: Tensor, grad_labels: Tensor) ->
     for g in (grad_logits, grad_labels):
         if g.numel():
             g.mul_(grad.to(_reference.compute_dtype(g.dtype)))
-
-
-def traced_loss(logits, labels, weight, pos_weight, label_smoothing, reduction, out_dtype,
-                gamma=None, alpha=None, hard_labels=False) -> Tensor:
-    """The loss as plain differentiable ops, for a torch.compile'd graph on
-    CPU tensors: Inductor traces and fuses them (forward and backward) into
-    its own loops, where an opaque op would hide the math from it."""
-    loss, _, _, _ = _reference.sigmoid_ce_fwd(
-        logits, labels, weight, pos_weight, label_smoothing, reduction, out_dtype, False, False,
-        gamma, alpha, hard_labels)
-    return loss

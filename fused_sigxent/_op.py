@@ -6,7 +6,7 @@ import contextlib
 import torch
 from torch import Tensor
 
-from . import _autograd, _backend, _cpu, _dispatch, _reference, _validate
+from . import _autograd, _backend, _dispatch, _reference, _traced, _validate
 from . import _reduction as R
 
 
@@ -122,9 +122,6 @@ def sigmoid_ce(
         focal = (_validate.number_as_tensor(gamma, logits, ct),
                  None if alpha is None else _validate.number_as_tensor(alpha, logits, ct), hard)
     dtensor = _validate.is_dtensor(logits, labels, weight, pos_weight)
-    if _compiled_on_cpu(logits) and not dtensor:
-        # Plain ops that Inductor fuses, forward and backward, into its own CPU loops.
-        return _cpu.traced_loss(logits, labels, weight, pos_weight, smoothing, reduction, out_dtype, *focal)
     if dtensor or _compiled_transform():
         # The reference's plain ops, which autograd, DTensor (shard by shard)
         # and torch.func differentiate and batch themselves.
@@ -132,6 +129,9 @@ def sigmoid_ce(
             loss, _, _, _ = _reference.sigmoid_ce_fwd(
                 logits, labels, weight, pos_weight, smoothing, reduction, out_dtype, False, False, *focal)
         return loss
+    if _compiled_on_cpu(logits):
+        # Plain ops that Inductor fuses, forward and backward, into its own CPU loops.
+        return _traced.loss(logits, labels, weight, pos_weight, smoothing, reduction, out_dtype, *focal)
     grad_logits_in_fwd, grad_labels_in_fwd = _autograd.plan_grads_in_forward(logits, labels, weight, reduction)
     # Both routes run the same op with the same derivatives. Dynamo cannot
     # trace an autograd.Function that defines jvp, so a compiled graph calls

@@ -52,6 +52,52 @@ def _scalar(f, reduction):
     return (lambda *a: f(*a, reduction).sum()) if reduction == "none" else (lambda *a: f(*a, reduction))
 
 
+def _gradients(route, f, inputs):
+    """(dL/dx, dL/dz, dL/dw, dL/dp) of the scalar loss f, by one route; for
+    "double backward", the derivatives of sum_i v_i . dL/d(input i) (every
+    second derivative, mixed ones included, through a fixed vector)."""
+    if route == "torch.func":
+        return grad(f, argnums=(0, 1, 2, 3))(*inputs)
+    if route == "compiled torch.func":
+        torch._dynamo.reset()
+        return torch.compile(grad(f, argnums=(0, 1, 2, 3)), fullgraph=True)(*inputs)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    if route == "compiled":
+        torch._dynamo.reset()
+        return torch.autograd.grad(torch.compile(f, fullgraph=True)(*leaves), leaves)
+    if route == "double backward":
+        first = torch.autograd.grad(f(*leaves), leaves, create_graph=True)
+        return torch.autograd.grad(sum((g * torch.linspace(-1, 2, g.numel(), dtype=D).view_as(g)).sum()
+                                       for g in first), leaves)
+    return torch.autograd.grad(f(*leaves), leaves)
+
+
+@pytest.mark.parametrize("backend_name, route", [
+    ("auto", "backward"), ("auto", "compiled"), ("auto", "compiled torch.func"),
+    ("reference", "backward"), ("reference", "double backward"), ("reference", "torch.func"),
+    ("triton", "backward"), ("triton", "double backward"), ("triton", "torch.func"),
+])
+def test_seams_on_every_route(backend_name, route, monkeypatch):
+    # Exact zero logits (a zero-initialized head), hard labels and a zero
+    # weight are where the formulas' pieces meet (relu and |x| at 0, the
+    # masked products at a zero factor). The plain-ops routes (create_graph,
+    # torch.func, DTensor, a compiled graph on CPU tensors) let autograd
+    # differentiate them there; relu's and abs's derivatives at 0 are 0, and
+    # a compiled step once got a logits gradient of 0 at x = 0, not 1/2 - z.
+    monkeypatch.setenv("FUSED_SIGXENT_BACKEND", backend_name)
+    x, z, w, p = _inputs()
+    x.view(-1)[::2] = 0
+    z.view(-1)[1::4], z.view(-1)[3::4] = 0.0, 1.0
+    w[1] = 0
+    got = _gradients(route, lambda x, z, w, p: fs.binary_cross_entropy_with_logits(x, z, w, "mean", p),
+                     (x, z, w, p))
+    # PyTorch's loss has no weight gradient: the float64 definition, smooth everywhere.
+    want = _gradients("double backward" if route == "double backward" else "backward",
+                      lambda x, z, w, p: (w * oracle_elementwise(x, z, p)).mean(), (x, z, w, p))
+    for g, t, name in zip(got, want, "xzwp"):
+        assert_close(g, t, msg=f"d/d{name}")
+
+
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 def test_double_backward_matches_pytorch(backend, reduction):
     # The issue's case: a gradient penalty on top of the loss. "mean" and

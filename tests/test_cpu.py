@@ -168,22 +168,32 @@ def test_peak_memory_is_the_gradient_plus_pieces():
 
 
 def test_compiled_on_cpu_inductor_sees_the_math():
-    # Compiled with `auto` on CPU tensors, the graph holds plain ops (which
-    # Inductor fuses), not the opaque op; values and gradients as eager.
-    torch._dynamo.reset()
-    graphs = []
+    # Compiled with `auto` on CPU tensors, the forward and backward graphs
+    # that Inductor gets hold plain ops, not the opaque op; the backward is
+    # the gradient's formula (one exp, one reciprocal: `_reference.sigmoids`),
+    # not autograd's derivative of the loss (its log1p, relus and masks).
+    # Values and gradients as eager.
+    from torch._dynamo.backends.common import aot_autograd
 
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
+    torch._dynamo.reset()
+    graphs = {}
+
+    def keep(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind] = [str(node.target) for node in gm.graph.nodes if node.op == "call_function"]
+            return gm.forward
+        return compiler
 
     x = torch.randn(6, 11, requires_grad=True)
     z, p = torch.rand(6, 11), torch.rand(11) + 0.5
     step = torch.compile(lambda x: fs.binary_cross_entropy_with_logits(x, z, pos_weight=p, label_smoothing=0.1),
-                         backend=backend, fullgraph=True)
+                         backend=aot_autograd(fw_compiler=keep("fwd"), bw_compiler=keep("bwd")), fullgraph=True)
     loss = step(x)
     (g,) = torch.autograd.grad(loss, x)
-    assert not any("fused_sigxent" in str(node.target) for gm in graphs for node in gm.graph.nodes)
+    assert not any("fused_sigxent" in target for targets in graphs.values() for target in targets)
+    assert graphs["bwd"].count("aten.exp.default") == 1, graphs["bwd"]
+    assert graphs["bwd"].count("aten.reciprocal.default") == 1, graphs["bwd"]
+    assert not {"aten.log1p.default", "aten.sign.default", "aten.abs.default"} & set(graphs["bwd"]), graphs["bwd"]
     smoothed = z * 0.9 + 0.05
     expected = F.binary_cross_entropy_with_logits(x, smoothed, pos_weight=p)
     assert_close(loss, expected)

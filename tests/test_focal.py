@@ -362,6 +362,42 @@ def test_double_backward_forward_ad_and_vmap(backend):
     assert_close(grads, xd.grad, torch.float64)
 
 
+@pytest.mark.parametrize("route", ["compiled", "double backward", "torch.func"])
+def test_exact_zero_logits_on_the_plain_ops_routes(route, monkeypatch):
+    # A zero-initialized head's logits are exactly 0, where the focal factor's
+    # |x| and the loss's relu terms meet: autograd differentiates them there
+    # on these routes (test_autograd.py's twin test has the cross entropy).
+    monkeypatch.setenv("FUSED_SIGXENT_BACKEND", "auto")
+    x = torch.randn(SHAPE, dtype=torch.float64) * 2
+    x.view(-1)[::2] = 0
+    z, w = torch.rand(SHAPE, dtype=torch.float64), torch.rand(SHAPE[-1], dtype=torch.float64) + 0.1
+    leaves = [t.clone().requires_grad_() for t in (x, z, w)]
+
+    def ours(x, z, w):
+        return fs.sigmoid_focal_loss(x, z, 0.25, 2.0, "mean", weight=w, label_smoothing=0.1)
+
+    def oracle(x, z, w):
+        return torchvision_focal(x, z, 0.25, 2.0, "mean", weight=w, label_smoothing=0.1)
+
+    def second(f, leaves):
+        # Every second derivative through a fixed vector per input.
+        first = torch.autograd.grad(f(*leaves), leaves, create_graph=True)
+        return torch.autograd.grad(sum((g * torch.linspace(-1, 2, g.numel(), dtype=g.dtype).view_as(g)).sum()
+                                       for g in first), leaves)
+
+    if route == "double backward":
+        got, want = second(ours, leaves), second(oracle, leaves)
+    else:
+        torch._dynamo.reset()
+        if route == "compiled":
+            got = torch.autograd.grad(torch.compile(ours, fullgraph=True)(*leaves), leaves)
+        else:
+            got = torch.compile(torch.func.grad(ours, argnums=(0, 1, 2)), fullgraph=True)(x, z, w)
+        want = torch.autograd.grad(oracle(*leaves), leaves)
+    for g, t, name in zip(got, want, "xzw"):
+        assert_close(g, t, torch.float64, msg=f"d/d{name}")
+
+
 def test_compiles_without_graph_breaks():
     # The CPU path under torch.compile: plain ops Inductor fuses.
     x = torch.randn(SHAPE, requires_grad=True)
