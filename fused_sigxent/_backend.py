@@ -12,16 +12,20 @@ ENV = "FUSED_SIGXENT_BACKEND"
 
 def backend() -> str:
     """The chosen backend name; ValueError for anything but `BACKENDS`."""
-    return _parse(os.environ.get(ENV, "auto"))
+    value = os.environ.get(ENV, "auto")
+    # Dynamo traces through a cache wrapper, with a warning: it folds the parse into the graph anyway.
+    return _parse(value) if torch.compiler.is_compiling() else _parse_once(value)
 
 
-@functools.lru_cache(maxsize=16)
 def _parse(value: str) -> str:
-    # Read several times per call: parsed once per distinct value.
     name = value.strip().lower() or "auto"
     if name not in BACKENDS:
         raise ValueError(f"{ENV}={value!r} is not one of {', '.join(BACKENDS)}")
     return name
+
+
+# Read several times per call: parsed once per distinct value.
+_parse_once = functools.lru_cache(maxsize=16)(_parse)
 
 
 def interpreting() -> bool:
