@@ -10,8 +10,6 @@ import time
 
 import torch
 
-from . import _memory
-
 COLUMNS = [
     "device", "torch_version", "triton_version", "commit", "impl", "case", "dtype", "label_dtype",
     "weight", "pos_weight", "label_smoothing", "reduction", "numel", "shape", "pass",
@@ -100,33 +98,34 @@ def _loop_ms(fn, setup, k: int, dev: torch.device) -> float:
 
 
 @functools.cache
-def fix_mmap_threshold() -> None:
-    """glibc's mmap threshold fixed at 128 KiB in this process, as in the
-    memory children (perf/_memory.py), where the C library is glibc.
+def settle_allocator() -> None:
+    """glibc's allocator put in the state a long-running process reaches, where
+    the C library is glibc: mmap threshold 32 MiB, trim threshold 64 MiB.
 
-    By default glibc raises the threshold (up to 32 MiB) whenever a block
-    above it is freed, and from then on serves blocks below it from freed
-    heap, with no page faults. When that happens depends on what the process
-    allocated before, so implementations timed one after another got
-    different allocators: in one sweep torch.compile's 16M-element bf16
-    backward took 4.7 ms, 10 ms in a fresh process. Fixed, every block of
-    128 KiB or more is a fresh mapping whose pages are faulted in on first
-    touch, for every implementation alike (as any block over 32 MiB is anyway)."""
+    glibc starts at 128 KiB and raises the threshold (up to 32 MiB, the trim
+    threshold to twice that) whenever a block above it is freed; from then on
+    blocks below it come from freed heap, with no page faults. When that
+    happens depends on what the process allocated before, so implementations
+    timed one after another got different allocators: in one sweep
+    torch.compile's 16M-element bf16 backward took 4.7 ms after eager ran,
+    10 ms in a fresh process. Settled first, every implementation is timed
+    against the same allocator, the one a training loop has after its first
+    step (blocks over 32 MiB are mapped afresh every call, as ever)."""
     try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return
-    M_MMAP_THRESHOLD = -3
-    mallopt(M_MMAP_THRESHOLD, int(_memory.CHILD_ENV["MALLOC_MMAP_THRESHOLD_"]))
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    mallopt(M_TRIM_THRESHOLD, 64 << 20)
 
 
 def time_loop_ms(fn, dev: torch.device, reps: int, setup=None) -> tuple[float, float, float]:
     """(median, p20, p80) per-call ms of `fn()`, or of `fn(setup())` with each
     call's `setup()` made untimed (a backward needs a fresh graph per call).
     Wall-clock time, host and device: what the caller waits for. The
-    allocator's state is fixed first (`fix_mmap_threshold`)."""
-    fix_mmap_threshold()
+    allocator's state is settled first (`settle_allocator`)."""
+    settle_allocator()
     _loop_ms(fn, setup, 1, dev)  # warm-up: first-call costs (compilation, caches)
     estimate = _loop_ms(fn, setup, 1, dev)
     k = max(1, math.ceil(MIN_SAMPLE_MS / max(estimate, 1e-4)))
