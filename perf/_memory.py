@@ -107,23 +107,25 @@ def memory_child(allocate_mib=0):
     return {"peak": rss_peak(lambda: torch.ones(allocate_mib << 18) if allocate_mib else None)}
 
 
-def child_command(module: str, spec: dict) -> list[str]:
-    return [sys.executable, "-m", "perf._memory", module, json.dumps(spec)]
+def child_command(module: str, spec: dict, entry: str = "memory_child") -> list[str]:
+    return [sys.executable, "-m", "perf._memory", module, json.dumps(spec), entry]
 
 
-def run_child(module: str, spec: dict) -> dict:
-    """`perf.MODULE.memory_child(**spec)` in a fresh process with CHILD_ENV;
-    its dict, or {} (and a printed reason) if the child failed."""
-    env = dict(os.environ, **CHILD_ENV)
+def run_child(module: str, spec: dict, entry: str = "memory_child", env: dict | None = None) -> dict:
+    """`perf.MODULE.<entry>(**spec)` in a fresh process with `env` added to
+    this one's (default CHILD_ENV); its dict, or {} (and a printed reason) if
+    the child failed. `entry` "timing_child": a sweep's timing, which must not
+    inherit the allocator the parent's earlier cases left (`perf/_bench.py`)."""
+    env = dict(os.environ, **(CHILD_ENV if env is None else env))
     try:
-        done = subprocess.run(child_command(module, spec), cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=CHILD_TIMEOUT_S)
+        done = subprocess.run(child_command(module, spec, entry), cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=CHILD_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        print(f"memory child {module} {spec} timed out")
+        print(f"child {module}.{entry} {spec} timed out")
         return {}
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
-        print(f"memory child {module} {spec} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+        print(f"child {module}.{entry} {spec} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
         return {}
     return json.loads(lines[-1])
 
@@ -140,9 +142,10 @@ def run_children(module: str, specs: list[dict], workers: int | None = None) -> 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     module, spec = argv[0], json.loads(argv[1])
+    entry = argv[2] if len(argv) > 2 else "memory_child"
     import importlib
 
-    result = importlib.import_module(f"perf.{module}").memory_child(**spec)
+    result = getattr(importlib.import_module(f"perf.{module}"), entry)(**spec)
     print(json.dumps(result), flush=True)
 
 

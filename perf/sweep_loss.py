@@ -187,6 +187,19 @@ def measure(fn, x, z, w, p, s, reduction, dev, reps):
     }
 
 
+def timing_child(impl, numel, classes, dtype, label_dtype, feature, reduction, reps, device="cpu"):
+    """In a fresh process (perf._memory.run_child): one implementation's
+    `measure` of one case, {pass: [median, p20, p80]}. On the CPU a call's
+    time depends on what the process allocated before it (glibc serves a
+    large block from freed heap, or maps and faults it in afresh): timed in
+    the sweep's own process, torch.compile's 16M-element bf16 backward read
+    4.7 ms after some cases and 10 ms after others."""
+    dev = torch.device(device)
+    x, z, w, p, s = make_inputs(numel, classes, getattr(torch, dtype), getattr(torch, label_dtype), feature, dev)
+    fn = implementations(dev, [impl])[impl]
+    return {pass_: list(t) for pass_, t in measure(fn, x, z, w, p, s, reduction, dev, reps).items()}
+
+
 def memory_child(impl, numel, classes, dtype, label_dtype, feature, reduction, device="cpu"):
     """In a fresh process (perf._memory): the case's peak memory above its
     inputs per pass, {pass: bytes}."""
@@ -265,15 +278,20 @@ def main(argv=None):
         expected = reference(x, z, w, p, s, reduction)
         for name, fn in implementations(dev, impl_names).items():
             check(name, fn, x, z, w, p, s, reduction, expected)
-            timed = measure(fn, x, z, w, p, s, reduction, dev, reps)
+            spec = dict(impl=name, numel=numel, classes=c, dtype=str(dtype).replace("torch.", ""),
+                        label_dtype=str(label_dtype).replace("torch.", ""), feature=feature, reduction=reduction)
+            if dev.type == "cuda":
+                timed = measure(fn, x, z, w, p, s, reduction, dev, reps)
+            else:
+                timed = _memory.run_child("sweep_loss", dict(spec, reps=reps), "timing_child", env={})
+                if not timed:
+                    raise RuntimeError(f"timing child for {name} {case} failed")
             peaks = {}
             if memory and dev.type == "cuda":
                 forward, backward, _, _, reset = passes(fn, x, z, w, p, s, reduction)
                 peaks = _memory.pass_peaks(forward, backward, reset, dev)
             elif memory:
-                children.append((len(rows), dict(
-                    impl=name, numel=numel, classes=c, dtype=str(dtype).replace("torch.", ""),
-                    label_dtype=str(label_dtype).replace("torch.", ""), feature=feature, reduction=reduction)))
+                children.append((len(rows), spec))
             print(f"    {name:22}" + "  ".join(f"{pass_} {med:.3f} ms" for pass_, (med, _, _) in timed.items()),
                   flush=True)
             for pass_, (med, p20, p80) in timed.items():
