@@ -179,8 +179,8 @@ def page(frame: pd.DataFrame, csv_names: list[str], pngs: list[str]) -> str:
         "Times are the median per call of what the caller waits for: `fwd` is the forward building the graph, "
         "`bwd` is `loss.backward()` itself, autograd engine included, on a fresh graph per call (built untimed), "
         "`fwd+bwd` both"
-        + (" (wall clock around loops of calls lasting ≥ 2 ms, glibc's allocator settled first as a training loop "
-           "has it after one step, so no implementation inherits a state another left). " if cpu else
+        + (" (wall clock around loops of calls lasting ≥ 2 ms, in a fresh process per implementation × case, "
+           "glibc's allocator settled first as a training loop has it after one step). " if cpu else
            " (`fwd` and `fwd+bwd` as device time, CUDA graphs under 1 ms; `bwd` as wall clock). ")
         + ("Peak memory is resident memory above the inputs (VmHWM after a reset, in a fresh process per "
            "implementation × case, glibc's mmap threshold at 128 KiB so freed blocks leave RSS; "

@@ -266,7 +266,10 @@ def main(argv=None):
     copy_bw = _bench.copy_bandwidth_gbps(dev)
     print(f"copy bandwidth: {copy_bw:.1f} GB/s")
     # Samples per measurement, at most (CPU: fewer for long calls; see _bench).
-    reps = 15 if dev.type == "cpu" else 100
+    # 45 on the CPU: 15 samples of a 64K-element call span 30 ms, and one
+    # sweep read a compiled step at 0.248 ms where it reads 0.14 ms with
+    # fwd and bwd timed at 0.081 and 0.048 just before (a burst of other load).
+    reps = 45 if dev.type == "cpu" else 100
     memory = not args.no_memory and (dev.type == "cuda" or _memory.rss_available())
     rows, children = [], []
     k_part, n_parts = map(int, args.part.split("/"))
