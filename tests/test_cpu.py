@@ -200,6 +200,46 @@ def test_compiled_on_cpu_inductor_sees_the_math():
     assert_close(g, torch.autograd.grad(expected, x)[0])
 
 
+@pytest.mark.parametrize("front_end", ["torch mean", "torch none", "tf MEAN", "tf SUM_BY_NONZERO_WEIGHTS",
+                                       "tf zero weights"])
+def test_compiled_on_cpu_keeps_every_semantic(front_end):
+    # The compiled CPU route (`_traced.TracedCE`) against the eager op, loss
+    # and all four gradients: +-inf logits with agreeing and disagreeing
+    # labels, a NaN logit under a zero weight, TF's reductions and their
+    # no-NaN division (every weight zero: loss and gradients 0).
+    x = torch.randn(4, 7) * 3
+    x[0, :4] = torch.tensor([float("inf"), float("inf"), -float("inf"), -float("inf")])
+    z = torch.rand(4, 7)
+    z[0, :4] = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    w, p = torch.rand(4, 7) + 0.1, torch.rand(7) + 0.5
+    w[2, 3], x[2, 3] = 0.0, float("nan")
+    if front_end == "tf zero weights":
+        w.zero_()
+
+    def loss(x, z, w, p):
+        if front_end.startswith("torch"):
+            out = fs.binary_cross_entropy_with_logits(x, z, w, front_end.split()[1], p, label_smoothing=0.1)
+            return out.sum() if front_end == "torch none" else out
+        reduction = fs.Reduction.MEAN if front_end == "tf MEAN" else fs.Reduction.SUM_BY_NONZERO_WEIGHTS
+        return fs.sigmoid_cross_entropy(z, x, w, 0.1, reduction)
+
+    results = []
+    for f in (loss, torch.compile(loss, fullgraph=True)):
+        torch._dynamo.reset()
+        leaves = [t.clone().requires_grad_() for t in (x, z, w, p)]
+        value = f(*leaves)
+        grads = torch.autograd.grad(value, [t for t in leaves if t is not leaves[3] or front_end.startswith("torch")],
+                                    allow_unused=True)
+        results.append((value, *grads))
+    for got, want in zip(results[1], results[0]):
+        if want is None:
+            assert got is None
+            continue
+        assert_close(got, want)
+    if front_end == "tf zero weights":  # the loss and the logits and labels gradients
+        assert all(torch.count_nonzero(t) == 0 for t in results[1][:3]), results[1][:3]
+
+
 def test_opcheck_on_the_cpu_path(impl):
     # The registrations hold for the CPU path as for the other two
     # (test_op.py runs the same checks through `reference` and `triton`).
