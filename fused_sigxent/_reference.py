@@ -48,18 +48,19 @@ def smoothed_labels(labels: Tensor, label_smoothing: Tensor | float, dtype: torc
     return labels.to(dtype) * (1.0 - label_smoothing) + 0.5 * label_smoothing
 
 
-def split_at_zero(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(relu(x), relu(-x), |x|), each a where on x >= 0.
+def split_at_zero(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(x >= 0, |x|), |x| a where on the first; the formulas here write
+    relu(x) and relu(-x) as where(pos, x, 0) and where(pos, 0, -x) alike.
 
     Autograd (double backward, torch.func, DTensor, a compiled graph)
     differentiates these formulas, and at x = 0 it differentiates each piece
-    by its x >= 0 branch (1, 0 and 1). On that branch every formula here is
-    the function itself, so its derivatives at 0 come out exact, to every
-    order. torch.relu's and abs()'s derivatives at 0 are 0: the loss's
-    would be 0 there instead of 1/2 - z', which a zero-initialized head gives
-    every element of its first step."""
+    by its x >= 0 branch (1 for |x| and relu(x), 0 for relu(-x)). On that
+    branch every formula here is the function itself, so its derivatives at
+    0 come out exact, to every order. torch.relu's and abs()'s derivatives
+    at 0 are 0: the loss's would be 0 there instead of 1/2 - z', which a
+    zero-initialized head gives every element of its first step."""
     pos = x >= 0
-    return torch.where(pos, x, 0.0), torch.where(pos, 0.0, -x), torch.where(pos, x, -x)
+    return pos, torch.where(pos, x, -x)
 
 
 def elementwise_loss(x: Tensor, z: Tensor, p: Tensor | None) -> Tensor:
@@ -71,7 +72,8 @@ def elementwise_loss(x: Tensor, z: Tensor, p: Tensor | None) -> Tensor:
     The relu terms are masked products, so x = +-inf gives the limit
     (0 where the label agrees, inf where it does not), never NaN.
     """
-    relu, relu_neg, ax = split_at_zero(x)
+    pos, ax = split_at_zero(x)
+    relu, relu_neg = torch.where(pos, x, 0.0), torch.where(pos, 0.0, -x)
     log_term = torch.log1p(torch.exp(-ax))
     if p is None:
         return mul0(1 - z, relu) + mul0(z, relu_neg) + log_term
@@ -84,11 +86,10 @@ def sigmoids(x: Tensor) -> tuple[Tensor, Tensor]:
     with e = exp(-|x|) and r = 1 / (1 + e), (r, e r) for x >= 0 and (e r, r)
     below. Two torch.sigmoid calls would cost a compiled graph two exps and
     two divisions per element."""
-    _, _, ax = split_at_zero(x)
+    pos, ax = split_at_zero(x)
     e = torch.exp(-ax)
     r = torch.reciprocal(1 + e)
     er = e * r
-    pos = x >= 0
     return torch.where(pos, r, er), torch.where(pos, er, r)
 
 
@@ -107,14 +108,14 @@ def grad_wrt_smoothed_labels(x: Tensor, p: Tensor | None) -> Tensor:
     """dl/dz' = -x + (p - 1) softplus(-x) = -relu(x) + p relu(-x) + (p - 1) log1p(exp(-|x|))."""
     if p is None:
         return -x
-    relu, relu_neg, ax = split_at_zero(x)
-    return -relu + mul0(p, relu_neg) + (p - 1) * torch.log1p(torch.exp(-ax))
+    pos, ax = split_at_zero(x)
+    return -torch.where(pos, x, 0.0) + mul0(p, torch.where(pos, 0.0, -x)) + (p - 1) * torch.log1p(torch.exp(-ax))
 
 
 def grad_wrt_pos_weight(x: Tensor, z: Tensor) -> Tensor:
     """dl/dp = z' softplus(-x) = z' relu(-x) + z' log1p(exp(-|x|))."""
-    _, relu_neg, ax = split_at_zero(x)
-    return mul0(z, relu_neg) + z * torch.log1p(torch.exp(-ax))
+    pos, ax = split_at_zero(x)
+    return mul0(z, torch.where(pos, 0.0, -x)) + z * torch.log1p(torch.exp(-ax))
 
 
 def class_index_labels(index: Tensor, n_classes: int, dtype: torch.dtype) -> Tensor:
@@ -143,9 +144,8 @@ def focal_factor(x: Tensor, z: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor, T
     derivative gamma (1 - p_t)^(gamma - 1) is inf there, times 0: NaN in
     torchvision). gamma = 0 gives F = 1 and dF = 0 exactly (0 * log 0 = 0).
     """
-    _, _, ax = split_at_zero(x)
+    pos, ax = split_at_zero(x)
     e = torch.exp(-ax)
-    pos = x >= 0
     # a from z' itself, never from a rounded y: a label a hair below 0 (or
     # above 1) makes a, and 1 - p_t, negative (log: NaN), as it is; the
     # kernels form a the same way. y = 1 exactly where z' is 1 (x >= 0) or 0.

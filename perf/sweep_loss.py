@@ -189,7 +189,7 @@ def measure(fn, x, z, w, p, s, reduction, dev, reps):
 
 def timing_child(impl, numel, classes, dtype, label_dtype, feature, reduction, reps, device="cpu"):
     """In a fresh process (perf._memory.run_child): one implementation's
-    `measure` of one case, {pass: [median, p20, p80]}. On the CPU a call's
+    `check` and `measure` of one case, {pass: [median, p20, p80]}. On the CPU a call's
     time depends on what the process allocated before it (glibc serves a
     large block from freed heap, or maps and faults it in afresh): timed in
     the sweep's own process, torch.compile's 16M-element bf16 backward read
@@ -197,6 +197,7 @@ def timing_child(impl, numel, classes, dtype, label_dtype, feature, reduction, r
     dev = torch.device(device)
     x, z, w, p, s = make_inputs(numel, classes, getattr(torch, dtype), getattr(torch, label_dtype), feature, dev)
     fn = implementations(dev, [impl])[impl]
+    check(impl, fn, x, z, w, p, s, reduction, reference(x, z, w, p, s, reduction))
     return {pass_: list(t) for pass_, t in measure(fn, x, z, w, p, s, reduction, dev, reps).items()}
 
 
@@ -278,14 +279,14 @@ def main(argv=None):
         x, z, w, p, s = make_inputs(numel, c, dtype, label_dtype, feature, dev)
         case = f"{feature}/{reduction}/C={c}"
         print(f"[{k + 1}/{len(all_cases)}] {case} numel={numel} {dtype} labels={label_dtype}", flush=True)
-        expected = reference(x, z, w, p, s, reduction)
+        expected = reference(x, z, w, p, s, reduction) if dev.type == "cuda" else None
         for name, fn in implementations(dev, impl_names).items():
-            check(name, fn, x, z, w, p, s, reduction, expected)
             spec = dict(impl=name, numel=numel, classes=c, dtype=str(dtype).replace("torch.", ""),
                         label_dtype=str(label_dtype).replace("torch.", ""), feature=feature, reduction=reduction)
             if dev.type == "cuda":
+                check(name, fn, x, z, w, p, s, reduction, expected)
                 timed = measure(fn, x, z, w, p, s, reduction, dev, reps)
-            else:
+            else:  # checked and timed in a process of its own, compiled there once
                 timed = _memory.run_child("sweep_loss", dict(spec, reps=reps), "timing_child", env={})
                 if not timed:
                     raise RuntimeError(f"timing child for {name} {case} failed")

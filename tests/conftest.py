@@ -46,6 +46,14 @@ def oracle_elementwise(x, z, pos_weight=None, label_smoothing=0.0):
     return p * z * torch.logaddexp(zero, -x) + (1 - z) * torch.logaddexp(zero, x)
 
 
+def second_derivatives(f, leaves):
+    """d/d(leaves) of sum_i v_i . df/d(leaf i), v_i a fixed vector per leaf:
+    every second derivative of the scalar f, mixed ones included, at once."""
+    first = torch.autograd.grad(f(*leaves), leaves, create_graph=True)
+    return torch.autograd.grad(
+        sum((g * torch.linspace(-1, 2, g.numel(), dtype=g.dtype).view_as(g)).sum() for g in first), leaves)
+
+
 def oracle_reduce(loss, weight, reduction):
     """TF/PyTorch reductions (SPEC section 2) in float64, on an elementwise loss."""
     w = torch.ones_like(loss) if weight is None else weight.double().expand(loss.shape)

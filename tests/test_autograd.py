@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.func import grad, grad_and_value, hessian, jacfwd, jacrev, jvp, vjp, vmap
 
 import fused_sigxent as fs
-from conftest import assert_close, oracle_elementwise, oracle_reduce
+from conftest import assert_close, oracle_elementwise, oracle_reduce, second_derivatives
 
 D = torch.float64
 SMOOTHING = 0.1
@@ -54,8 +54,7 @@ def _scalar(f, reduction):
 
 def _gradients(route, f, inputs):
     """(dL/dx, dL/dz, dL/dw, dL/dp) of the scalar loss f, by one route; for
-    "double backward", the derivatives of sum_i v_i . dL/d(input i) (every
-    second derivative, mixed ones included, through a fixed vector)."""
+    "double backward", conftest's `second_derivatives`."""
     if route == "torch.func":
         return grad(f, argnums=(0, 1, 2, 3))(*inputs)
     if route == "compiled torch.func":
@@ -66,9 +65,7 @@ def _gradients(route, f, inputs):
         torch._dynamo.reset()
         return torch.autograd.grad(torch.compile(f, fullgraph=True)(*leaves), leaves)
     if route == "double backward":
-        first = torch.autograd.grad(f(*leaves), leaves, create_graph=True)
-        return torch.autograd.grad(sum((g * torch.linspace(-1, 2, g.numel(), dtype=D).view_as(g)).sum()
-                                       for g in first), leaves)
+        return second_derivatives(f, leaves)
     return torch.autograd.grad(f(*leaves), leaves)
 
 

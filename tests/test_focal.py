@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOLERANCES, assert_close, torchvision_focal
+from conftest import TOLERANCES, assert_close, second_derivatives, torchvision_focal
 
 import fused_sigxent as fs
 from fused_sigxent import _cpu, _dispatch, _reference
@@ -379,14 +379,8 @@ def test_exact_zero_logits_on_the_plain_ops_routes(route, monkeypatch):
     def oracle(x, z, w):
         return torchvision_focal(x, z, 0.25, 2.0, "mean", weight=w, label_smoothing=0.1)
 
-    def second(f, leaves):
-        # Every second derivative through a fixed vector per input.
-        first = torch.autograd.grad(f(*leaves), leaves, create_graph=True)
-        return torch.autograd.grad(sum((g * torch.linspace(-1, 2, g.numel(), dtype=g.dtype).view_as(g)).sum()
-                                       for g in first), leaves)
-
     if route == "double backward":
-        got, want = second(ours, leaves), second(oracle, leaves)
+        got, want = second_derivatives(ours, leaves), second_derivatives(oracle, leaves)
     else:
         torch._dynamo.reset()
         if route == "compiled":
