@@ -152,7 +152,15 @@ def _compiled_transform() -> bool:
     """A torch.func transform inside a torch.compile'd function. There the op
     is called directly (Dynamo cannot trace `SigmoidCE`), and a custom op
     without a forward-mode formula would give a zero tangent without a word."""
-    return torch.compiler.is_compiling() and torch._C._functorch.get_dynamic_layer_stack_depth() > 0
+    return torch.compiler.is_compiling() and _functorch_depth() > 0
+
+
+@torch._dynamo.assume_constant_result
+def _functorch_depth() -> int:
+    # A fact of the trace (a transform makes a graph of its own). Dynamo
+    # calls this while tracing and keeps the number: torch 2.11's Dynamo
+    # cannot trace the pybind builtin and broke the graph there.
+    return torch._C._functorch.get_dynamic_layer_stack_depth()
 
 
 def _compiled_on_cpu(logits: Tensor) -> bool:

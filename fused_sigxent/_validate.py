@@ -96,8 +96,9 @@ def number_as_tensor(value, x: Tensor, dtype: torch.dtype = torch.float32) -> Te
     Inside a CUDA graph capture it is made anew: a tensor made there is filled
     only when the graph replays and lives in the graph's pool, so it must
     never be cached for eager calls."""
-    capturing = x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if torch.compiler.is_compiling() or capturing:
+    # is_compiling first: Dynamo cannot trace is_current_stream_capturing
+    # (torch 2.11 breaks the graph there).
+    if torch.compiler.is_compiling() or (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return torch.full((), value, dtype=dtype, device=x.device)
     return _constant(float(value), dtype, x.device)
 
