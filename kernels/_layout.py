@@ -3,6 +3,7 @@ coefficients collapsed to at most four strided dimensions, index width, the
 persistent grid, and the per-stream workspace of the one-launch reduction."""
 
 import functools
+import threading
 
 import torch
 from torch import Tensor
@@ -167,11 +168,53 @@ def partial_slots(device: torch.device) -> int:
 _WORKSPACES: dict[tuple, tuple[Tensor, Tensor]] = {}
 
 
-def _new_workspace(device: torch.device) -> tuple[Tensor, Tensor]:
+def _allocate_workspace(device: torch.device) -> tuple[Tensor, Tensor]:
     return (
         torch.zeros(1, dtype=torch.int32, device=device),
         torch.empty(3 * partial_slots(device), dtype=torch.float64, device=device),
     )
+
+
+def _new_workspace(device: torch.device) -> tuple[Tensor, Tensor]:
+    """A workspace that lives outside any memory pool the calling thread
+    allocates to. torch.compile's CUDA graphs run each graph's first call
+    (a warm-up, not a capture, on a stream of their own) with every
+    allocation of the thread routed to the graph's pool; a workspace made
+    there would stay alive in memory the graphs hand to other tensors. A
+    pool takes only its own thread's allocations, so a CUDA workspace is
+    made on a thread of its own."""
+    if device.type != "cuda":
+        return _allocate_workspace(device)
+    return on_own_thread(_allocate_cuda_workspace, device)
+
+
+def _allocate_cuda_workspace(device: torch.device) -> tuple[Tensor, Tensor]:
+    with torch.cuda.device(device):
+        made = _allocate_workspace(device)
+        # The ticket's zeros are written on this thread's stream: done
+        # before any launch on the caller's stream reads them.
+        torch.cuda.current_stream(device).synchronize()
+    return made
+
+
+def on_own_thread(fn, *args):
+    """fn(*args) run on a new thread, its result or exception returned or
+    raised here."""
+    outcome: list = []
+
+    def target():
+        try:
+            outcome.append((True, fn(*args)))
+        except BaseException as error:
+            outcome.append((False, error))
+
+    thread = threading.Thread(target=target, name="fused_sigxent-workspace")
+    thread.start()
+    thread.join()
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
 
 
 def workspace(device: torch.device) -> tuple[Tensor, Tensor]:

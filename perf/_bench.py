@@ -47,11 +47,14 @@ def environment(dev: torch.device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = ""
+    # PERF_COMMIT names the commit where the checkout's .git cannot (a copy
+    # of the working tree whose .git is another commit's).
+    commit = os.environ.get("PERF_COMMIT", "")
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(__file__)).stdout.strip()
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                          cwd=os.path.dirname(__file__)).stdout.strip()
     except OSError:
-        commit = ""
+        pass
     return dict(device=device_name(dev), torch_version=torch.__version__, triton_version=triton_version,
                 commit=commit)
 

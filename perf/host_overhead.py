@@ -1,7 +1,14 @@
 """`python -m perf.host_overhead`: host time per loss call (fwd, fwd+bwd) of
-fused_sigxent's CUDA path with nothing run on a device, against PyTorch
-eager's whole call and the floor of any Python autograd.Function, on tiny
-CPU tensors; one tidy CSV row per measurement."""
+fused_sigxent's CUDA path, against PyTorch eager's whole call and the floor
+of any Python autograd.Function, on tiny tensors; one tidy CSV row per
+measurement.
+
+Without a GPU (the default, `--device cpu`) our CUDA path runs on CPU
+tensors with nothing run on a device (see `stubbed_launches`). With
+`--device cuda` every call launches for real on tiny CUDA tensors: the
+kernels then take a few microseconds, so calls queue faster than the GPU
+drains them only if the host is the slower side, and the time per call is
+the host's."""
 
 import argparse
 import contextlib
@@ -130,12 +137,12 @@ def stubbed_launches(launch: str):
         driver._active = saved_driver
 
 
-def make_case(feature, dtype):
+def make_case(feature, dtype, device="cpu"):
     f = CASES[feature]
-    x = torch.randn(SHAPE, dtype=dtype, requires_grad=True)
-    z = (torch.rand(SHAPE) > 0.5).to(dtype)
-    w = torch.rand(SHAPE[1], dtype=dtype) if f["weight"] else None
-    p = (torch.rand(SHAPE[1]) * 3).to(dtype) if f["pos_weight"] else None
+    x = torch.randn(SHAPE, dtype=dtype).to(device).requires_grad_()
+    z = (torch.rand(SHAPE) > 0.5).to(dtype).to(device)
+    w = torch.rand(SHAPE[1], dtype=dtype).to(device) if f["weight"] else None
+    p = (torch.rand(SHAPE[1]) * 3).to(dtype).to(device) if f["pos_weight"] else None
     return x, z, w, p, f["label_smoothing"]
 
 
@@ -190,14 +197,17 @@ def step(loss_fn, x, mode):
     return run
 
 
-def per_call_us(fn, repeat: int, rounds: int) -> tuple[float, float, float]:
-    """(median, p20, p80) over `rounds` of the mean time of `repeat` calls, in µs."""
+def per_call_us(fn, repeat: int, rounds: int, sync=lambda: None) -> tuple[float, float, float]:
+    """(median, p20, p80) over `rounds` of the mean time of `repeat` calls, in µs,
+    each round ended by `sync` (the device's queue drained)."""
     fn()
+    sync()
     samples = []
     for _ in range(rounds):
         start = time.perf_counter()
         for _ in range(repeat):
             fn()
+        sync()
         samples.append((time.perf_counter() - start) / repeat * 1e6)
     q = torch.tensor(samples, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
     return tuple(q.tolist())
@@ -227,34 +237,44 @@ def main(argv=None):
                         help="triton: Triton's launch path against a stand-in sm_90 driver (compiles on first use); "
                         "stub: Triton's launch replaced by a no-op")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of our fwd+bwd (pos_weight, bf16)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cpu: our CUDA path on CPU tensors, launches as --launch says; "
+                        "cuda: real launches on CUDA tensors (--launch is ignored)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("run without TRITON_INTERPRET: the kernels must be decorated as for a GPU")
+    gpu = args.device == "cuda"
+    if gpu and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
     torch.manual_seed(0)
     # One thread: a tiny call has nothing to split, and idle intra-op threads
     # spinning against other processes (2 shared cores here) add milliseconds.
     torch.set_num_threads(1)
-    env = _bench.environment(torch.device("cpu"))
-    print(f"host time per call, {SHAPE[0]}x{SHAPE[1]} CPU tensors, {env['device']}; fused_sigxent's launches: "
-          + ("Triton's launch path, stand-in sm_90 driver" if args.launch == "triton" else "stubbed"))
+    device = torch.device(args.device)
+    env = _bench.environment(device)
+    launch = "cuda" if gpu else args.launch
+    print(f"host time per call, {SHAPE[0]}x{SHAPE[1]} {args.device.upper()} tensors, {env['device']}; "
+          "fused_sigxent's launches: " + {"cuda": "real", "triton": "Triton's launch path, stand-in sm_90 driver",
+                                         "stub": "stubbed"}[launch])
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
     rows = []
-    with stubbed_launches(args.launch):
+    with contextlib.nullcontext() if gpu else stubbed_launches(args.launch):
         if args.profile:
-            x, z, w, p, s = make_case("pos_weight", torch.bfloat16)
+            x, z, w, p, s = make_case("pos_weight", torch.bfloat16, device)
             profile(step(calls(x, z, w, p, s)["fused_sigxent"], x, "fwd+bwd"), args.repeat, 30)
         for feature in ["pos_weight"] if args.quick else CASES:
             for dtype in DTYPES[:1] if args.quick else DTYPES:
-                x, z, w, p, s = make_case(feature, dtype)
+                x, z, w, p, s = make_case(feature, dtype, device)
                 for provider, fn in calls(x, z, w, p, s).items():
                     for mode in ["fwd", "fwd+bwd"]:
-                        p50, p20, p80 = per_call_us(step(fn, x, mode), args.repeat, args.rounds)
+                        p50, p20, p80 = per_call_us(step(fn, x, mode), args.repeat, args.rounds, sync)
                         rows.append(dict(
                             op=f"bce_with_logits/{feature}", provider=provider, mode=mode,
                             dtype=str(dtype).replace("torch.", ""), n_rows=SHAPE[0], n_cols=SHAPE[1],
                             metric="host_time", unit="us", p50=p50, p20=p20, p80=p80, device_name=env["device"],
                             timestamp=datetime.datetime.now().isoformat(timespec="seconds"),
                             package_version=f"torch {env['torch_version']}, triton {env['triton_version']}",
-                            config=json.dumps({"commit": env["commit"], "launch": args.launch})))
+                            config=json.dumps({"commit": env["commit"], "launch": launch})))
                         print(f"{feature:15s} {rows[-1]['dtype']:9s} {mode:8s} {provider:14s} "
                               f"{p50:8.1f} us  (p20 {p20:.1f}, p80 {p80:.1f})", flush=True)
     frame = pd.DataFrame(rows, columns=COLUMNS)
@@ -263,7 +283,7 @@ def main(argv=None):
         ratio = (times[provider] / times["torch_eager"]).groupby("mode").median()
         for mode, r in ratio.items():
             print(f"median {name} / eager host time, {mode}: {r:.2f}")
-    out = args.out or _bench.results_csv("host_overhead-", torch.device("cpu"))
+    out = args.out or _bench.results_csv("host_overhead-", device)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     frame.to_csv(out, index=False)
     print(f"wrote {len(frame)} rows to {out}")

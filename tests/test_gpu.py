@@ -184,6 +184,50 @@ def test_torch_compile_with_cuda_graphs():
         torch.testing.assert_close(model.weight.grad, expected_grad, rtol=1e-4, atol=1e-7)
 
 
+def test_workspace_is_not_made_in_a_pool_the_caller_allocates_to():
+    # What torch.compile's CUDA graphs do on a graph's first call: the
+    # thread's allocations go to the graph's pool, on a stream of their own.
+    # The loss's temporaries are freed; nothing of ours may stay there.
+    x, z = torch.randn(64, 33, device="cuda"), torch.rand(64, 33, device="cuda")
+    pool, stream = torch.cuda.MemPool(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.cuda.use_mem_pool(pool), torch.no_grad():
+        loss = fs.binary_cross_entropy_with_logits(x, z).cpu()
+    torch.cuda.synchronize()
+    live = [block for segment in pool.snapshot() for block in segment["blocks"]
+            if block["state"] == "active_allocated"]
+    assert live == []
+    torch.testing.assert_close(loss, torch.nn.functional.binary_cross_entropy_with_logits(x, z).cpu())
+
+
+def test_torch_compile_fullgraph_on_cuda():
+    # No graph break anywhere on the CUDA route (torch 2.11's Dynamo broke the
+    # graph on the capture check and the functorch depth), smoothing
+    # values changing from call to call.
+    torch.manual_seed(0)
+    x = torch.randn(300, 1000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    z = (torch.rand(300, 1000, device="cuda") < 0.3).to(torch.uint8)
+    w, p = torch.rand(1000, device="cuda"), torch.rand(1000, device="cuda") * 3
+
+    def loss_fn(x, z, s):
+        return fs.binary_cross_entropy_with_logits(x, z, w, pos_weight=p, label_smoothing=s)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    for s in [0.1, 0.2, 0.0]:
+        x.grad = None
+        loss = compiled(x, z, s)
+        loss.backward()
+        got = (loss.detach().clone(), x.grad.clone())
+        x.grad = None
+        expected = loss_fn(x, z, s)
+        expected.backward()
+        torch.testing.assert_close(got[0], expected.detach())
+        torch.testing.assert_close(got[1], x.grad)
+    explained = torch._dynamo.explain(loss_fn)(x, z, 0.3)
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_a_second_device_while_the_first_is_current():
     # Triton launches on the current device: the op must switch to the

@@ -79,3 +79,29 @@ def test_no_workspace_is_allocated_during_a_capture(monkeypatch):
     _layout._WORKSPACES[("cuda", 0, "graph")] = ready
     assert _layout.workspace(CUDA0) is ready
     assert allocated == []
+
+
+def test_cuda_workspaces_are_made_on_a_thread_of_their_own(monkeypatch):
+    # torch.compile's CUDA graphs route every allocation of the calling
+    # thread to a graph's pool during its warm-up call; a workspace made
+    # there would stay alive in memory the graphs give to other tensors.
+    import threading
+
+    callers = []
+
+    def allocate(device):
+        callers.append((threading.get_ident(), device))
+        return "workspace"
+
+    monkeypatch.setattr(_layout, "_allocate_cuda_workspace", allocate)
+    assert _layout._new_workspace(CUDA0) == "workspace"
+    assert len(callers) == 1 and callers[0][0] != threading.get_ident() and callers[0][1] == CUDA0
+
+    def fail(device):
+        raise torch.OutOfMemoryError("no room")
+
+    monkeypatch.setattr(_layout, "_allocate_cuda_workspace", fail)
+    with pytest.raises(torch.OutOfMemoryError, match="no room"):
+        _layout._new_workspace(CUDA0)
+    cpu_workspace = _layout._new_workspace(torch.device("cpu"))  # the interpreter's: made right here
+    assert cpu_workspace[0].tolist() == [0] and cpu_workspace[1].numel() == 3 * _layout.partial_slots(torch.device("cpu"))
