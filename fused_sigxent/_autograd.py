@@ -207,8 +207,14 @@ def plan_grads_in_forward(logits: Tensor, labels: Tensor, weight: Tensor | None,
     NONE the incoming gradient is a full tensor, so there is nothing to save.
     Under a torch.func transform the backward is built from differentiable
     ops instead, so nothing is written ahead.
+
+    Under torch.compile the in-place scale cannot return at once: AOTAutograd
+    makes it functional, and Inductor copies the saved gradient before
+    scaling it (+ 2 e_x even for an incoming 1: 9 bytes an element for bf16
+    logits and byte labels where recompute reads and writes 8). A compiled
+    backward recomputes.
     """
-    if reduction == R.NONE or not torch.is_grad_enabled():
+    if reduction == R.NONE or not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return False, False
     if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(logits):
         return False, False

@@ -181,7 +181,9 @@ def page(frame: pd.DataFrame, csv_names: list[str], pngs: list[str]) -> str:
         "`fwd+bwd` both"
         + (" (wall clock around loops of calls lasting ≥ 2 ms, in a fresh process per implementation × case, "
            "glibc's allocator settled first as a training loop has it after one step). " if cpu else
-           " (`fwd` and `fwd+bwd` as device time, CUDA graphs under 1 ms; `bwd` as wall clock). ")
+           " (`fwd` and `fwd+bwd` as device time: CUDA graph replays where those take under 1 ms, else CUDA "
+           "events with the L2 flushed before each call; `bwd` as wall clock; host time per call is "
+           "`perf.host_overhead`'s). ")
         + ("Peak memory is resident memory above the inputs (VmHWM after a reset, in a fresh process per "
            "implementation × case, glibc's mmap threshold at 128 KiB so freed blocks leave RSS; "
            f"peaks under {MEM_FLOOR_BYTES >> 10} KiB count as that in ratios). " if cpu else

@@ -43,7 +43,9 @@ def test_large_sizes_against_float64(numel):
 def test_no_host_sync_in_a_training_step():
     x = torch.randn(512, 1000, device="cuda", requires_grad=True)
     z, w = torch.rand(512, 1000, device="cuda"), torch.rand(1000, device="cuda")
+    compiled = torch.compile(_step)
     steps = [lambda: _step(x, z, w),
+             lambda: compiled(x, z, w),
              lambda: fs.sigmoid_cross_entropy(z, x, w[None], 0.1, fs.Reduction.MEAN).backward(),
              lambda: fs.sigmoid_cross_entropy(z, x, 2.0).backward(),
              lambda: fs.sigmoid_cross_entropy_with_logits(labels=z, logits=x).sum().backward(),
