@@ -216,7 +216,7 @@ def plan_grads_in_forward(logits: Tensor, labels: Tensor, weight: Tensor | None,
     """
     if reduction == R.NONE or not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return False, False
-    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(logits):
+    if torch._C._functorch.is_functorch_wrapped_tensor(logits):
         return False, False
     if not R.denominator_is_static(reduction, None if weight is None else weight.numel()):
         return False, False

@@ -185,7 +185,7 @@ def _new_workspace(device: torch.device) -> tuple[Tensor, Tensor]:
     made on a thread of its own."""
     if device.type != "cuda":
         return _allocate_workspace(device)
-    return on_own_thread(_allocate_cuda_workspace, device)
+    return _on_own_thread(_allocate_cuda_workspace, device)
 
 
 def _allocate_cuda_workspace(device: torch.device) -> tuple[Tensor, Tensor]:
@@ -197,7 +197,7 @@ def _allocate_cuda_workspace(device: torch.device) -> tuple[Tensor, Tensor]:
     return made
 
 
-def on_own_thread(fn, *args):
+def _on_own_thread(fn, *args):
     """fn(*args) run on a new thread, its result or exception returned or
     raised here."""
     outcome: list = []
@@ -208,7 +208,7 @@ def on_own_thread(fn, *args):
         except BaseException as error:
             outcome.append((False, error))
 
-    thread = threading.Thread(target=target, name="fused_sigxent-workspace")
+    thread = threading.Thread(target=target, name=f"fused_sigxent-{fn.__name__}")
     thread.start()
     thread.join()
     ok, value = outcome[0]

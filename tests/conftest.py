@@ -54,6 +54,23 @@ def second_derivatives(f, leaves):
         sum((g * torch.linspace(-1, 2, g.numel(), dtype=g.dtype).view_as(g)).sum() for g in first), leaves)
 
 
+def aot_graphs():
+    """(backend, graphs): a torch.compile backend that keeps the call_function
+    nodes of the forward and backward graphs AOTAutograd hands its compilers,
+    in graphs["fwd"] and graphs["bwd"], and runs them as they are."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {}
+
+    def keep(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind] = [node for node in gm.graph.nodes if node.op == "call_function"]
+            return gm.forward
+        return compiler
+
+    return aot_autograd(fw_compiler=keep("fwd"), bw_compiler=keep("bwd")), graphs
+
+
 def oracle_reduce(loss, weight, reduction):
     """TF/PyTorch reductions (SPEC section 2) in float64, on an elementwise loss."""
     w = torch.ones_like(loss) if weight is None else weight.double().expand(loss.shape)

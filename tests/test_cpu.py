@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_sigxent as fs
-from conftest import assert_close, oracle_elementwise, oracle_reduce, torchvision_focal
+from conftest import aot_graphs, assert_close, oracle_elementwise, oracle_reduce, torchvision_focal
 from fused_sigxent import _cpu, _cpu_loop, _op, _reference
 from fused_sigxent import _reduction as R
 
@@ -173,23 +173,15 @@ def test_compiled_on_cpu_inductor_sees_the_math():
     # the gradient's formula (one exp, one reciprocal: `_reference.sigmoids`),
     # not autograd's derivative of the loss (its log1p, relus and masks).
     # Values and gradients as eager.
-    from torch._dynamo.backends.common import aot_autograd
-
     torch._dynamo.reset()
-    graphs = {}
-
-    def keep(kind):
-        def compiler(gm, example_inputs):
-            graphs[kind] = [str(node.target) for node in gm.graph.nodes if node.op == "call_function"]
-            return gm.forward
-        return compiler
-
+    backend, nodes = aot_graphs()
     x = torch.randn(6, 11, requires_grad=True)
     z, p = torch.rand(6, 11), torch.rand(11) + 0.5
     step = torch.compile(lambda x: fs.binary_cross_entropy_with_logits(x, z, pos_weight=p, label_smoothing=0.1),
-                         backend=aot_autograd(fw_compiler=keep("fwd"), bw_compiler=keep("bwd")), fullgraph=True)
+                         backend=backend, fullgraph=True)
     loss = step(x)
     (g,) = torch.autograd.grad(loss, x)
+    graphs = {kind: [str(node.target) for node in found] for kind, found in nodes.items()}
     assert not any("fused_sigxent" in target for targets in graphs.values() for target in targets)
     assert graphs["bwd"].count("aten.exp.default") == 1, graphs["bwd"]
     assert graphs["bwd"].count("aten.reciprocal.default") == 1, graphs["bwd"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fused_sigxent as fs
-from conftest import assert_close, oracle_elementwise, oracle_reduce
+from conftest import aot_graphs, assert_close, oracle_elementwise, oracle_reduce
 from fused_sigxent import _autograd, _op
 from fused_sigxent import _reduction as R
 
@@ -80,27 +80,17 @@ def test_compiled_graph_recomputes_instead_of_scaling_a_saved_gradient(monkeypat
     # becomes a functional op and Inductor copies the saved gradient first: a
     # pass the recompute does not need. The compiled forward writes no
     # gradient; the backward is one recompute op, nothing functionalized.
-    from torch._dynamo.backends.common import aot_autograd
-
     monkeypatch.setenv("FUSED_SIGXENT_BACKEND", "triton")
-    graphs = {}
-
-    def keep(name):
-        def compiler(gm, example_inputs):
-            graphs[name] = gm
-            return gm
-        return compiler
-
+    backend, graphs = aot_graphs()
     x = torch.randn(5, 7, requires_grad=True)
     z = (torch.rand(5, 7) > 0.5).to(torch.uint8)
     torch._dynamo.reset()
     compiled = torch.compile(lambda x, z: fs.binary_cross_entropy_with_logits(x, z, label_smoothing=0.1),
-                             backend=aot_autograd(fw_compiler=keep("fwd"), bw_compiler=keep("bwd")), fullgraph=True)
+                             backend=backend, fullgraph=True)
     compiled(x, z).backward()
-    calls = {name: [n for n in gm.graph.nodes if n.op == "call_function"] for name, gm in graphs.items()}
-    (fwd,) = [n for n in calls["fwd"] if n.target is torch.ops.fused_sigxent.sigmoid_ce_fwd.default]
+    (fwd,) = [n for n in graphs["fwd"] if n.target is torch.ops.fused_sigxent.sigmoid_ce_fwd.default]
     assert fwd.args[7:9] == (False, False)  # grad_logits_in_fwd, grad_labels_in_fwd
-    targets = [str(n.target) for n in calls["bwd"]]
+    targets = [str(n.target) for n in graphs["bwd"]]
     assert sum("sigmoid_ce_bwd" in t for t in targets) == 1, targets
     assert not any("auto_functionalized" in t or "sigmoid_ce_scale" in t for t in targets), targets
     expected = (torch.sigmoid(x.detach()) - (z * 0.9 + 0.05)) / x.numel()
