@@ -8,10 +8,9 @@ cannot register for a custom op (torch.func transforms, forward-mode AD and
 a batching rule).
 """
 
-import inspect
-
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _forward_ad
 
 from . import _dispatch, _reference
 from . import _reduction as R
@@ -28,7 +27,11 @@ def setup_context(ctx, inputs, output):
     # those outputs: a full-size tensor and a pass over it for grad_logits.
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(logits, labels, weight, pos_weight, smoothing, denom, gamma, alpha)
-    ctx.save_for_forward(logits, labels, weight, pos_weight, smoothing, gamma, alpha)
+    if _forward_ad._current_level >= 0:
+        # jvp runs only where an input has a tangent, which needs a dual
+        # level (forward_ad.dual_level, torch.func.jvp); outside one, saving
+        # for it would only cost host time (~1 us a call).
+        ctx.save_for_forward(logits, labels, weight, pos_weight, smoothing, gamma, alpha)
     ctx.reduction, ctx.out_dtype, ctx.hard_labels = reduction, out_dtype, hard_labels
     # The gradients the forward wrote serve one backward, which scales them in
     # place and hands them to autograd. They are kept out of
@@ -38,14 +41,22 @@ def setup_context(ctx, inputs, output):
 
 
 def backward(ctx, grad, _grad_denom, _grad_grad_logits, _grad_grad_labels):
-    logits, labels, weight, pos_weight, smoothing, denom, gamma, alpha = ctx.saved_tensors
+    needs = ctx.needs_input_grad
     # One None for each input past the four differentiable ones (the op's
     # 12, or SigmoidCE.apply's 9 to 12).
-    rest = (None,) * (len(ctx.needs_input_grad) - 4)
+    rest = (None,) * (len(needs) - 4)
     grads_from_fwd, ctx.grads_from_fwd = ctx.grads_from_fwd, None
     if grad is None:  # no gradient reached the loss (grads are not materialized)
         return (None,) * 4 + rest
-    if torch.is_grad_enabled() or _is_batched(grad):
+    differentiable = torch.is_grad_enabled() or _is_batched(grad)
+    if grads_from_fwd is not None and not (differentiable or needs[2] or needs[3]):
+        # The forward wrote the gradients: scaled in place (one launch that
+        # returns at once when `grad` is 1), no saved tensor read.
+        grad_logits, grad_labels = grads_from_fwd
+        _dispatch.call("sigmoid_ce_scale_", grad_logits.device, grad, grad_logits, grad_labels)
+        return (grad_logits if needs[0] else None, grad_labels if needs[1] else None, None, None, *rest)
+    logits, labels, weight, pos_weight, smoothing, denom, gamma, alpha = ctx.saved_tensors
+    if differentiable:
         # create_graph=True, or a torch.func transform: the gradient must
         # itself be differentiable, so it is built from plain PyTorch ops
         # (the reference formulas), with the denominator recomputed from the
@@ -53,10 +64,10 @@ def backward(ctx, grad, _grad_denom, _grad_grad_logits, _grad_grad_labels):
         # incoming gradients (jacobian(vectorize=True), is_grads_batched)
         # needs ops with batching rules: the same plain ops.
         grads = _differentiable_grads(grad, logits, labels, weight, pos_weight, smoothing, ctx.reduction,
-                                      ctx.needs_input_grad[:4], gamma, alpha)
+                                      needs[:4], gamma, alpha)
     else:
         grads = _fused_grads(grad, logits, labels, weight, pos_weight, smoothing, denom, ctx.reduction,
-                             ctx.needs_input_grad[:4], grads_from_fwd, gamma, alpha, ctx.hard_labels)
+                             needs[:4], grads_from_fwd, gamma, alpha, ctx.hard_labels)
     return (*grads, *rest)
 
 
@@ -68,9 +79,9 @@ def _is_batched(t: Tensor) -> bool:
 
 def _fused_grads(grad, logits, labels, weight, pos_weight, smoothing, denom, reduction, needs, grads_from_fwd,
                  gamma=None, alpha=None, hard_labels=False):
-    """First-order gradients: the forward's, scaled in place (one launch that
-    returns at once when `grad` is 1), or one recompute launch; weight and
-    pos_weight gradients on the slower reference path."""
+    """First-order gradients: the forward's, scaled in place, or one
+    recompute launch; weight and pos_weight gradients on the slower
+    reference path."""
     need_logits, need_labels, need_weight, need_pos_weight = needs
     grad_logits = grad_labels = None
     if grads_from_fwd is not None and (need_logits or need_labels):
@@ -168,28 +179,27 @@ class SigmoidCE(torch.autograd.Function):
         return (total.to(out_dtype), denom, empty_logits, empty_labels), (0, 0, None, None)
 
 
-# Function.apply binds its arguments to forward's signature on every call
-# (for setup_context); inspect.signature reads a precomputed __signature__
-# instead of parsing the function again (~35 us of a ~160 us forward, 2-core CPU,
-# python -m perf.host_overhead --launch stub).
-SigmoidCE.forward.__signature__ = inspect.signature(SigmoidCE.forward)
-# What Function.apply calls once it has bound the arguments and found no
-# functorch transform to serve.
-_apply_unbound = super(torch.autograd.Function, SigmoidCE).apply
+class _PlainSigmoidCE(SigmoidCE):
+    """SigmoidCE as plain eager code applies it, once `_dispatch.plain_eager`
+    has held for its inputs: the forward runs the implementation without
+    asking again (the dispatcher's layers would only add time, see
+    `_dispatch.call`). Its backward still asks: a profiler or a mode may be
+    on by the time it runs."""
+
+    @staticmethod
+    def forward(logits, labels, weight, pos_weight, smoothing, reduction, out_dtype,
+                grad_logits_in_fwd, grad_labels_in_fwd, gamma=None, alpha=None, hard_labels=False):
+        focal = () if gamma is None else (gamma, alpha, hard_labels)
+        return _dispatch.run(
+            "sigmoid_ce_fwd", logits.device, logits, labels, weight, pos_weight, smoothing, reduction, out_dtype,
+            grad_logits_in_fwd, grad_labels_in_fwd, *focal,
+        )
 
 
-def apply(logits, labels, weight, pos_weight, smoothing, reduction, out_dtype, grad_logits_in_fwd, grad_labels_in_fwd,
-          *focal):
-    """`SigmoidCE.apply`, every argument given (focal: gamma, alpha,
-    hard_labels, or nothing). In plain eager code (see
-    `_dispatch.plain_eager`) Function.apply's Python prelude (binding the
-    arguments to forward's signature, unwrapping dead functorch wrappers)
-    has nothing to do, and its C++ core is called directly."""
-    args = (logits, labels, weight, pos_weight, smoothing, reduction, out_dtype, grad_logits_in_fwd, grad_labels_in_fwd,
-            *focal)
-    if _dispatch.plain_eager(logits.device, args):
-        return _apply_unbound(*args)
-    return SigmoidCE.apply(*args)
+# Function.apply's Python prelude binds the arguments to forward's signature
+# (for setup_context) and unwraps dead functorch wrappers; in plain eager
+# code it has nothing to do, and its C++ core is called directly.
+apply_plain = super(torch.autograd.Function, _PlainSigmoidCE).apply
 
 
 def plan_grads_in_forward(logits: Tensor, labels: Tensor, weight: Tensor | None, reduction: int) -> tuple[bool, bool]:

@@ -121,6 +121,15 @@ def sigmoid_ce(
                 and not isinstance(label_smoothing, torch.SymFloat) and label_smoothing == 0)
         focal = (_validate.number_as_tensor(gamma, logits, ct),
                  None if alpha is None else _validate.number_as_tensor(alpha, logits, ct), hard)
+    if _dispatch.plain_eager(logits.device, (logits, labels, weight, pos_weight)):
+        # Nothing could observe or transform the call (the common case, and
+        # the one whose host time counts): the Function's C++ apply, its
+        # forward straight to the implementation.
+        grad_logits_in_fwd, grad_labels_in_fwd = _autograd.plan_grads_in_forward(logits, labels, weight, reduction)
+        loss, _, _, _ = _autograd.apply_plain(
+            logits, labels, weight, pos_weight, smoothing, reduction, out_dtype,
+            grad_logits_in_fwd, grad_labels_in_fwd, *focal)
+        return loss
     dtensor = _validate.is_dtensor(logits, labels, weight, pos_weight)
     if dtensor or _compiled_transform():
         # The reference's plain ops, which autograd, DTensor (shard by shard)
@@ -142,7 +151,7 @@ def sigmoid_ce(
             logits, labels, weight, pos_weight, smoothing, reduction, out_dtype,
             grad_logits_in_fwd, grad_labels_in_fwd, *focal)
     else:
-        loss, _, _, _ = _autograd.apply(
+        loss, _, _, _ = _autograd.SigmoidCE.apply(
             logits, labels, weight, pos_weight, smoothing, reduction, out_dtype,
             grad_logits_in_fwd, grad_labels_in_fwd, *focal)
     return loss

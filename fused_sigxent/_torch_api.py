@@ -21,12 +21,17 @@ def binary_cross_entropy_with_logits(
     numel; an empty "mean" is NaN), computed in float32 and returned in
     `input`'s dtype; `target` may also be bool or uint8.
     """
+    x, z, w, p = _validate.cached(_tensors, input, target, weight, pos_weight)
+    s = _validate.label_smoothing(label_smoothing)
+    return _op.sigmoid_ce(x, z, w, p, s, _reduction_code(reduction), _validate.out_dtype(x))
+
+
+def _tensors(input, target, weight, pos_weight):
     x = _validate.logits("input", input)
     z = _validate.labels("target", target, x, "input")
     w = None if weight is None else _validate.coefficient("weight", weight, x, "input")
     p = None if pos_weight is None else _validate.coefficient("pos_weight", pos_weight, x, "input")
-    s = _validate.label_smoothing(label_smoothing)
-    return _op.sigmoid_ce(x, z, w, p, s, _reduction_code(reduction), _validate.out_dtype(x))
+    return x, z, w, p
 
 
 def _reduction_code(reduction) -> int:

@@ -25,6 +25,32 @@ def contiguous(t: Tensor) -> Tensor:
     return t.view(torch.uint8) if t.dtype == torch.bool else t
 
 
+def template(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A 0-d tensor in `dtype` on `device` for `torch.empty_like` to copy.
+    A launch plan keeps its 0-d outputs' templates: `empty_like` of one
+    costs half of `torch.empty` with dtype and device keywords (~0.5 us of
+    ~1 us, 2-core CPU). It is a view of the device's workspace, so making
+    one allocates nothing (an allocation could land in a CUDA graph's pool,
+    see `_new_workspace`)."""
+    return _workspace(device)[1].view(torch.uint8)[:dtype.itemsize].view(dtype)[0]
+
+
+def nothing(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The 0-size tensor an op returns for a gradient it was not asked for.
+    One per plan and output, returned by every call: it has no elements to
+    read or write, and autograd hands a non-differentiable output that does
+    not require grad back as it is (made fresh, it would cost ~1 us a call).
+    A storage of its own (no bytes): a custom op's outputs may not alias
+    each other or its inputs."""
+    return torch.empty(0, dtype=dtype, device=device)
+
+
+def empty_as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """An uninitialized tensor shaped as the contiguous `t` (from `contiguous`),
+    contiguous, in `dtype` (bool labels were read as bytes)."""
+    return torch.empty_like(t) if t.dtype == dtype else torch.empty(t.shape, dtype=dtype, device=t.device)
+
+
 def _broadcast_strides(layout: tuple | None, shape: torch.Size) -> list[int]:
     """A coefficient's c.expand(shape).stride() where it matters (dimensions
     of `shape` other than 1), from its (shape, strides)."""
@@ -65,6 +91,25 @@ def collapse(shape: torch.Size, coefficients: list[Tensor | None],
         return collapse(shape, [c.expand(shape).contiguous() if c is not None else None for c in coefficients])
     sizes, strides = geometry
     return list(sizes), coefficients, [list(st) for st in strides]
+
+
+def collapse_plan(shape: torch.Size, coefficients: list[Tensor | None], classes_apart: bool = False):
+    """`collapse`'s (sizes, coefficients, strides), and None where it used the
+    coefficients as given, else a function that collapses a later call's
+    coefficients of the same shapes and strides (the materialized case)."""
+    sizes, collapsed, strides = collapse(shape, coefficients, classes_apart)
+    if all(c is given for c, given in zip(collapsed, coefficients)):
+        return sizes, collapsed, strides, None
+    return sizes, collapsed, strides, lambda *given: tuple(collapse(shape, list(given), classes_apart)[1])
+
+
+def signature(t: Tensor | None) -> tuple | None:
+    """What a launch plan keys on for an optional tensor argument whose
+    shape and strides are read on the host (a coefficient, a scalar): all
+    of it but its address, of which only the alignment (see `_launch.aligned`)."""
+    if t is None:
+        return None
+    return t.shape, t.stride(), t.dtype, t.data_ptr() % 16
 
 
 # A training loop calls with the same shapes every step: the merge is
@@ -165,17 +210,16 @@ def partial_slots(device: torch.device) -> int:
     return _partial_slots(device)
 
 
-_WORKSPACES: dict[tuple, tuple[Tensor, Tensor]] = {}
+# {(device type, index, stream or "graph"): (ticket, partials, partials as float32)}
+_WORKSPACES: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
 
 
-def _allocate_workspace(device: torch.device) -> tuple[Tensor, Tensor]:
-    return (
-        torch.zeros(1, dtype=torch.int32, device=device),
-        torch.empty(3 * partial_slots(device), dtype=torch.float64, device=device),
-    )
+def _allocate_workspace(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    partials = torch.empty(3 * partial_slots(device), dtype=torch.float64, device=device)
+    return torch.zeros(1, dtype=torch.int32, device=device), partials, partials.view(torch.float32)
 
 
-def _new_workspace(device: torch.device) -> tuple[Tensor, Tensor]:
+def _new_workspace(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """A workspace that lives outside any memory pool the calling thread
     allocates to. torch.compile's CUDA graphs run each graph's first call
     (a warm-up, not a capture, on a stream of their own) with every
@@ -188,7 +232,7 @@ def _new_workspace(device: torch.device) -> tuple[Tensor, Tensor]:
     return _on_own_thread(_allocate_cuda_workspace, device)
 
 
-def _allocate_cuda_workspace(device: torch.device) -> tuple[Tensor, Tensor]:
+def _allocate_cuda_workspace(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     with torch.cuda.device(device):
         made = _allocate_workspace(device)
         # The ticket's zeros are written on this thread's stream: done
@@ -217,10 +261,10 @@ def _on_own_thread(fn, *args):
     return value
 
 
-def workspace(device: torch.device) -> tuple[Tensor, Tensor]:
+def workspace(device: torch.device, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
     """(ticket, partials) for the current stream: an int32 counter that the
     last program of a reduction resets to 0 itself, and room for 3 rows of
-    `partial_slots` sums in float64 (viewed as float32 for float32 math).
+    `partial_slots` sums in float64 (as float32 for `dtype` float32).
 
     One per stream: launches on one stream run in order, so they can share
     it; launches on two streams may overlap, so they cannot. A CUDA graph
@@ -231,6 +275,11 @@ def workspace(device: torch.device) -> tuple[Tensor, Tensor]:
     would not be zeroed at replay). So two graphs replayed at once on two
     streams would share it.
     """
+    made = _workspace(device)
+    return made[0], made[1] if dtype == torch.float64 else made[2]
+
+
+def _workspace(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     if device.type != "cuda":
         key = (device.type, device.index, 0)
     elif torch.cuda.is_current_stream_capturing():
@@ -241,7 +290,8 @@ def workspace(device: torch.device) -> tuple[Tensor, Tensor]:
                 "CUDA graph capture: run the loss once eagerly on this device before capturing")
         return _WORKSPACES[key]
     else:
-        key = (device.type, device.index, torch.cuda.current_stream(device).cuda_stream)
+        # The raw stream handle, as Triton's launcher reads it (no Stream object made).
+        key = (device.type, device.index, torch._C._cuda_getCurrentRawStream(device.index))
     if key not in _WORKSPACES:
         _WORKSPACES[key] = _new_workspace(device)
         if device.type == "cuda":

@@ -70,8 +70,6 @@ class Tuned(triton.runtime.KernelInterface):
         # tensor for (an output written over its input): timing repeats the
         # launch, so the input is saved first and restored after.
         self.overwrites = [(self.arg_names.index(o), self.arg_names.index(i)) for o, i in (overwrites or {}).items()]
-        # The interpreter's functions have no compiled kernels to look up.
-        self.launch_directly = hasattr(fn, "device_caches")
 
     def key(self, args, kwargs) -> tuple:
         """Device, numel class, every constexpr flag, the pointers' dtypes.
@@ -80,49 +78,38 @@ class Tuned(triton.runtime.KernelInterface):
         size_class = args[self.numel_class_pos] if self.numel_class_pos is not None else 0
         return (tensors[0].device, size_class, tuple(map(kwargs.get, self.flag_names)), tuple(map(_DTYPE, tensors)))
 
-    def run(self, *args, grid, warmup=False, **kwargs):
+    def prepare(self, args, kwargs, grid) -> tuple[tuple, dict]:
+        """(grid, keyword arguments) of a launch: the variant's config (tuned
+        on its first launch) added to `kwargs` (not modified), and the grid
+        resolved with that config's occupancy."""
         key = self.key(args, kwargs)
         choice = self.cache.get(key)
         if choice is None:
             choice = self.tune(key, args, grid, kwargs)
         if isinstance(grid, _layout.PersistentGrid):
             grid = grid.resolve(choice.options["BLOCK"], choice.per_sm)
-        kwargs.update(choice.options)
-        if warmup:
-            return self.fn.run(*args, grid=grid, warmup=True, **kwargs)
-        if self.launch_directly:
-            found = self.compiled(args, kwargs)
-            if found is not None:
-                kernel, bound, stream = found
-                return self.launch(kernel, bound, stream, grid)
-        kernel = self.fn.run(*args, grid=grid, warmup=False, **kwargs)
-        self.check_lookup(kernel, args, kwargs)
-        return kernel
+        return grid, {**kwargs, **choice.options}
 
-    # The direct launch. JITFunction.run costs ~25 us of host time per launch
-    # (2-core CPU; ~15 of them comparing the kernel's ~19 constexpr globals,
-    # as Triton objects, with their values at compile time), about half of
-    # PyTorch eager's whole fwd+bwd. The globals here are this package's
-    # constants, so once a kernel is compiled it is found and launched as
-    # JITFunction.run would: Triton's own binder and cache key pick it (so
-    # specialization on alignment and sizes is Triton's), and the same launch
-    # call runs it. `check_lookup` compares that lookup with what
-    # JITFunction.run returned, so a Triton whose run differs from this copy
-    # (another option, a pre-run hook) makes every launch go through
-    # JITFunction.run again instead of launching a wrong kernel.
+    def run(self, *args, grid, warmup=False, **kwargs):
+        grid, kwargs = self.prepare(args, kwargs, grid)
+        return self.fn.run(*args, grid=grid, warmup=warmup, **kwargs)
 
-    def compiled(self, args, kwargs):
-        """(kernel, bound arguments, stream) for a kernel JITFunction.run
-        compiled for these arguments, or None (not compiled yet, or state
-        this copy of its lookup does not handle)."""
+    def lookup(self, args, kwargs):
+        """(compiled kernel, bound arguments, device) that JITFunction.run
+        would pick for these arguments, by Triton's own binder and cache key
+        (so specialization is Triton's); None where this copy of its lookup
+        does not apply (the interpreter, a hook, nothing compiled yet).
+        `_launch.Launch` compares it with what JITFunction.run launched
+        before trusting it."""
         fn = self.fn
-        if self.hooked():
+        if not hasattr(fn, "device_caches") or getattr(knobs.runtime, "add_stages_inspection_hook", None) is not None:
             return None
         device = driver.active.get_current_device()
         caches = fn.device_caches.get(device)
         if caches is None:
             return None
         kernel_cache, kernel_key_cache, _target, _backend, binder = caches
+        kwargs = dict(kwargs)
         kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
         kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
         if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):  # triton >= 3.7
@@ -131,28 +118,7 @@ class Tuned(triton.runtime.KernelInterface):
         kernel = kernel_cache.get(compute_cache_key(kernel_key_cache, specialization, options))
         if kernel is None or hasattr(kernel, "result"):  # absent, or still compiling asynchronously
             return None
-        return kernel, bound, driver.active.get_current_stream(device)
-
-    @staticmethod
-    def launch(kernel, bound, stream, grid):
-        args = bound.values()
-        if callable(grid):
-            grid = grid(bound)
-        enter, exit_ = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
-        metadata = kernel.launch_metadata(grid, stream, *args) if enter is not None else None
-        kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
-                   kernel.function, kernel.packed_metadata, metadata, enter, exit_, *args)
-        return kernel
-
-    def hooked(self) -> bool:
-        """Whether JITFunction.run has hooks to run (which a direct launch would skip)."""
-        return bool(self.fn.pre_run_hooks) or getattr(knobs.runtime, "add_stages_inspection_hook", None) is not None
-
-    def check_lookup(self, kernel, args, kwargs) -> None:
-        if self.launch_directly and not self.hooked():
-            found = self.compiled(args, dict(kwargs))
-            if found is None or found[0] is not kernel:
-                self.launch_directly = False
+        return kernel, bound, device
 
     def tune(self, key, args, grid, kwargs) -> Choice:
         with self.lock:

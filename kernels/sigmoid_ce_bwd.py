@@ -9,6 +9,7 @@ from fused_sigxent._reference import compute_dtype
 from fused_sigxent import _reduction as R
 
 from . import _layout
+from ._launch import PLANS, Launch, aligned
 from ._configs import numel_class, tuned
 from ._math import (
     CHUNK,
@@ -140,35 +141,53 @@ def sigmoid_ce_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The op `fused_sigxent::sigmoid_ce_bwd` on validated tensors; same
     contract as `_reference.sigmoid_ce_bwd`."""
-    device = logits.device
     x, z = _layout.contiguous(logits), _layout.contiguous(labels)
+    device = x.device
     # An expanded incoming gradient (loss.sum().backward() gives one) is made
     # contiguous here: the kernel reads it at the logits' offsets.
     g = _layout.contiguous(grad) if reduction == R.NONE else grad
-    n = x.numel()
-    ct = compute_dtype(logits.dtype)
-    sizes, (w, pw), (stride_w, stride_pw) = _layout.collapse(x.shape, [weight, pos_weight],
-                                                              classes_apart=z.dtype == torch.int64)
-    nd = _layout.ndim(sizes)
-    step_classes, chunk_wraps = classes_stepped(sizes, nd)
-    grad_logits = torch.empty(x.shape if need_grad_logits else (0,), dtype=logits.dtype, device=device)
-    grad_labels = torch.empty(x.shape if need_grad_labels else (0,), dtype=labels.dtype, device=device)
-    if n == 0 or not (need_grad_logits or need_grad_labels):
+    grad_logits = torch.empty_like(x) if need_grad_logits else torch.empty(0, dtype=logits.dtype, device=device)
+    grad_labels = _layout.empty_as(z, labels.dtype) if need_grad_labels else torch.empty(0, dtype=labels.dtype, device=device)
+    if x.numel() == 0 or not (need_grad_logits or need_grad_labels):
         return grad_logits, grad_labels
-
-    n_cols = max(1, x.shape[-1]) if x.dim() else 1
-    focal_ptrs, focal_flags = focal_launch(z, label_smoothing, gamma, alpha, hard_labels)
-
-    _sigmoid_ce_bwd_kernel[_layout.persistent_grid(n, device)](
-        g, x, z, x if w is None else w, x if pw is None else pw, label_smoothing, *focal_ptrs, denom,
+    key = ("sigmoid_ce_bwd", x.shape, x.dtype, z.dtype, device, g.dtype, aligned(g), _layout.signature(weight),
+           _layout.signature(pos_weight), _layout.signature(denom), _layout.signature(label_smoothing),
+           _layout.signature(gamma), _layout.signature(alpha), reduction, need_grad_logits, need_grad_labels,
+           hard_labels, aligned(x), aligned(z))
+    plan = PLANS.get(key)
+    if plan is None:
+        plan = PLANS[key] = _plan(x, z, weight, pos_weight, label_smoothing, reduction, need_grad_logits,
+                                  need_grad_labels, gamma, alpha, hard_labels)
+    launch, collapsed = plan
+    w, pw = (weight, pos_weight) if collapsed is None else collapsed(weight, pos_weight)
+    launch(
+        g, x, z, x if w is None else w, x if pw is None else pw, label_smoothing,
+        label_smoothing if gamma is None else gamma, label_smoothing if alpha is None else alpha, denom,
         grad_logits if need_grad_logits else x, grad_labels if need_grad_labels else x,
-        n, numel_class("sigmoid_ce_bwd", n), sizes[1], sizes[2], sizes[3], n_cols,
-        *stride_w, *stride_pw,
-        REDUCTION=reduction, W_LAYOUT=coefficient_layout(w, stride_w, sizes, nd),
-        PW_LAYOUT=coefficient_layout(pw, stride_pw, sizes, nd), NDIM=nd,
-        STEP_CLASSES=step_classes, CHUNK_WRAPS=chunk_wraps,
-        NEED_GRAD_LOGITS=need_grad_logits, NEED_GRAD_LABELS=need_grad_labels, **focal_flags,
-        INT64=n >= _layout.INT32_LIMIT, CT=tl.float64 if ct == torch.float64 else tl.float32,
-        FAST_MATH=fast_math(ct),
     )
     return grad_logits, grad_labels
+
+
+def _plan(x, z, weight, pos_weight, label_smoothing, reduction, need_grad_logits, need_grad_labels,
+          gamma, alpha, hard_labels) -> tuple:
+    """(Launch, coefficient materializer or None) for every call with this call's signature."""
+    device = x.device
+    n = x.numel()
+    ct = compute_dtype(x.dtype)
+    sizes, (w, pw), (stride_w, stride_pw), collapsed = _layout.collapse_plan(
+        x.shape, [weight, pos_weight], classes_apart=z.dtype == torch.int64)
+    nd = _layout.ndim(sizes)
+    step_classes, chunk_wraps = classes_stepped(sizes, nd)
+    n_cols = max(1, x.shape[-1]) if x.dim() else 1
+    _, focal_flags = focal_launch(z, label_smoothing, gamma, alpha, hard_labels)
+    launch = Launch(
+        _sigmoid_ce_bwd_kernel, _layout.persistent_grid(n, device),
+        (n, numel_class("sigmoid_ce_bwd", n), sizes[1], sizes[2], sizes[3], n_cols, *stride_w, *stride_pw),
+        dict(REDUCTION=reduction, W_LAYOUT=coefficient_layout(w, stride_w, sizes, nd),
+             PW_LAYOUT=coefficient_layout(pw, stride_pw, sizes, nd), NDIM=nd,
+             STEP_CLASSES=step_classes, CHUNK_WRAPS=chunk_wraps,
+             NEED_GRAD_LOGITS=need_grad_logits, NEED_GRAD_LABELS=need_grad_labels, **focal_flags,
+             INT64=n >= _layout.INT32_LIMIT, CT=tl.float64 if ct == torch.float64 else tl.float32,
+             FAST_MATH=fast_math(ct)),
+    )
+    return launch, collapsed

@@ -8,6 +8,7 @@ import triton.language as tl
 from fused_sigxent._reference import compute_dtype
 
 from . import _layout
+from ._launch import PLANS, Launch, aligned
 from ._configs import fixed, numel_class
 from ._math import block_mask, grid_stride
 
@@ -56,15 +57,23 @@ def sigmoid_ce_scale_(grad: torch.Tensor, grad_logits: torch.Tensor, grad_labels
     """The op `fused_sigxent::sigmoid_ce_scale_`: same contract as
     `_reference.sigmoid_ce_scale_`. Both gradients are contiguous (the forward
     allocated them); an empty one is left alone."""
+    n_logits, n_labels = grad_logits.numel(), grad_labels.numel()
+    if n_logits == 0 and n_labels == 0:
+        return
+    key = ("sigmoid_ce_scale_", n_logits, n_labels, grad_logits.dtype, grad_labels.dtype, grad.dtype, grad.device,
+           aligned(grad), aligned(grad_logits), aligned(grad_labels))
+    launch = PLANS.get(key)
+    if launch is None:
+        launch = PLANS[key] = _plan(grad, grad_logits, grad_labels)
+    launch(grad, grad_logits if n_logits else grad_labels, grad_labels if n_labels else grad_logits)
+
+
+def _plan(grad, grad_logits, grad_labels) -> Launch:
     has_logits, has_labels = grad_logits.numel() > 0, grad_labels.numel() > 0
     n = max(grad_logits.numel(), grad_labels.numel())
-    if n == 0:
-        return
     dtype = grad_logits.dtype if has_logits else grad_labels.dtype
-
-    _sigmoid_ce_scale_kernel[_layout.persistent_grid(n, grad.device)](
-        grad, grad_logits if has_logits else grad_labels, grad_labels if has_labels else grad_logits,
-        n, numel_class("sigmoid_ce_scale", n),
-        HAS_GRAD_LOGITS=has_logits, HAS_GRAD_LABELS=has_labels,
-        INT64=n >= _layout.INT32_LIMIT, CT=tl.float64 if compute_dtype(dtype) == torch.float64 else tl.float32,
+    return Launch(
+        _sigmoid_ce_scale_kernel, _layout.persistent_grid(n, grad.device), (n, numel_class("sigmoid_ce_scale", n)),
+        dict(HAS_GRAD_LOGITS=has_logits, HAS_GRAD_LABELS=has_labels, INT64=n >= _layout.INT32_LIMIT,
+             CT=tl.float64 if compute_dtype(dtype) == torch.float64 else tl.float32),
     )

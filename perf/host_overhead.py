@@ -113,28 +113,31 @@ def stubbed_launches(launch: str):
     from triton.runtime.driver import driver
 
     from fused_sigxent import _backend
-    from fused_sigxent.kernels import _tuner
+    from fused_sigxent.kernels import _launch, _tuner
 
     saved = (triton.runtime.jit.JITFunction.run, _backend.use_kernels, _tuner.time_ms)
-    saved_lookup = (_tuner.Tuned.compiled, _tuner.Tuned.check_lookup)
+    saved_lookup = _tuner.Tuned.lookup
     # The driver in use before (None on a machine with no GPU, where Triton
     # finds none: reset_active() would raise there).
     saved_driver = driver._active
     if launch == "stub":
         triton.runtime.jit.JITFunction.run = _stub_run
         # Nothing is compiled, so there is nothing to launch directly.
-        _tuner.Tuned.compiled = lambda self, args, kwargs: None
-        _tuner.Tuned.check_lookup = lambda self, kernel, args, kwargs: None
+        _tuner.Tuned.lookup = lambda self, args, kwargs: None
     else:
         driver.set_active(_StandInDriver())
     _backend.use_kernels = lambda device: True
     _tuner.time_ms = lambda call: 1.0
+    # Launch plans hold the kernels (and the stream getter) of the driver
+    # they were made with: none made before is used here, none made here after.
+    _launch.PLANS.clear()
     try:
         yield
     finally:
         triton.runtime.jit.JITFunction.run, _backend.use_kernels, _tuner.time_ms = saved
-        _tuner.Tuned.compiled, _tuner.Tuned.check_lookup = saved_lookup
+        _tuner.Tuned.lookup = saved_lookup
         driver._active = saved_driver
+        _launch.PLANS.clear()
 
 
 def make_case(feature, dtype, device="cpu"):

@@ -255,7 +255,7 @@ def test_nothing_is_allocated_or_tuned_inside_a_capture(monkeypatch):
     # A capture may not allocate the reduction's workspace (graph-pool memory
     # that torch.compile reuses) or tune a kernel (compiles and timing runs):
     # either asks for an eager call first, which then makes capture work.
-    from fused_sigxent.kernels import _layout
+    from fused_sigxent.kernels import _launch, _layout
     from fused_sigxent.kernels.sigmoid_ce_fwd import _sigmoid_ce_fwd_kernel
 
     x, z = torch.randn(64, 33, device="cuda"), torch.rand(64, 33, device="cuda")
@@ -263,6 +263,8 @@ def test_nothing_is_allocated_or_tuned_inside_a_capture(monkeypatch):
         with torch.no_grad():
             fs.binary_cross_entropy_with_logits(x, z)
         torch.cuda.synchronize()
+        # The launch plans go too: they hold the config a capture would launch.
+        _launch.PLANS.clear()
         if forget == "workspace":
             monkeypatch.setattr(_layout, "_WORKSPACES", {})
         else:

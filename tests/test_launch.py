@@ -1,9 +1,10 @@
-"""The direct launch of compiled kernels (kernels/_tuner.py): once Triton
-has compiled a kernel for a launch's specialization, later launches find it
-through Triton's own binder and cache key and skip JITFunction.run; a new
-specialization (a pointer's alignment), a pre-run hook or a lookup that
-disagrees with Triton goes through JITFunction.run. Checked with the kernels
-compiled for sm_90 and a stand-in driver (tests/launch_probe.py)."""
+"""Launch plans (kernels/_launch.py): a plan's first launch goes through
+Triton's JITFunction.run; once Triton's own binder and cache key name the
+kernel it launched, later launches call that kernel directly. A new
+specialization (a pointer's alignment) makes a plan of its own; a hook, or
+a lookup that disagrees with Triton, keeps launches on JITFunction.run.
+Checked with the kernels compiled for sm_90 and a stand-in driver
+(tests/launch_probe.py)."""
 
 import json
 import os
@@ -27,22 +28,23 @@ def facts():
 
 def test_compiled_kernels_launch_directly(facts):
     # (direct launches, JITFunction.run launches) of a fwd+bwd: forward, scale.
-    # The first call's tuning compiled both, so even it launches directly.
-    assert facts["first_call"] == [2, 0]
+    assert facts["first_call"] == [0, 2]
     assert facts["second_call"] == [2, 0]
     assert facts["direct_enabled"] == [True, True]
 
 
 def test_a_new_alignment_gets_its_own_kernel(facts):
-    assert facts["shifted_first_call"] == [1, 1]  # the forward compiles anew; scale is unchanged
+    assert facts["shifted_first_call"] == [1, 1]  # the forward's new plan goes through Triton; scale is unchanged
     assert facts["shifted_second_call"] == [2, 0]
+    assert facts["fwd_plans"] == 2
     assert facts["shifted_kernel_differs"]
 
 
 def test_a_pre_run_hook_sends_launches_through_triton(facts):
     assert facts["with_hook"] == [1, 1]
+    assert facts["after_hook"] == [2, 0]
 
 
-def test_a_lookup_that_disagrees_with_triton_turns_the_direct_route_off(facts):
+def test_a_lookup_that_disagrees_with_triton_keeps_launches_on_triton(facts):
     assert facts["after_disagreement"] == [True, False]
     assert facts["after_disagreement_call"] == [1, 1]

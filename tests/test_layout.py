@@ -75,9 +75,12 @@ def test_no_workspace_is_allocated_during_a_capture(monkeypatch):
     with pytest.raises(RuntimeError, match="once eagerly"):
         _layout.workspace(CUDA0)
     assert allocated == [] and _layout._WORKSPACES == {}
-    ready = (torch.zeros(1), torch.empty(8))
+    partials = torch.empty(8, dtype=torch.float64)
+    ready = (torch.zeros(1), partials, partials.view(torch.float32))
     _layout._WORKSPACES[("cuda", 0, "graph")] = ready
-    assert _layout.workspace(CUDA0) is ready
+    ticket, found = _layout.workspace(CUDA0)
+    assert ticket is ready[0] and found is ready[1]
+    assert _layout.workspace(CUDA0, torch.float32)[1] is ready[2]
     assert allocated == []
 
 
@@ -105,3 +108,4 @@ def test_cuda_workspaces_are_made_on_a_thread_of_their_own(monkeypatch):
         _layout._new_workspace(CUDA0)
     cpu_workspace = _layout._new_workspace(torch.device("cpu"))  # the interpreter's: made right here
     assert cpu_workspace[0].tolist() == [0] and cpu_workspace[1].numel() == 3 * _layout.partial_slots(torch.device("cpu"))
+    assert cpu_workspace[2].data_ptr() == cpu_workspace[1].data_ptr() and cpu_workspace[2].dtype == torch.float32

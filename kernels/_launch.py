@@ -1,0 +1,106 @@
+"""Launch plans: what a kernel's host function works out once per call
+signature (shapes, dtypes, flags, strides and pointer alignments) and
+replays on every later call with that signature, the new tensors' addresses
+being all that differs.
+
+A training loop calls the loss with the same signature every step. Working
+out the layout, the variant, the config and the grid, then going through
+Triton's JITFunction.run (argument binding, specialization, cache key),
+cost ~40 us of host time per launch (2-core CPU, `python -m
+perf.host_overhead`): more than PyTorch eager's whole loss. A replay is a
+dictionary lookup and one call of the compiled kernel's C launcher.
+"""
+
+from triton import knobs
+from triton.runtime.driver import driver
+
+from . import _tuner
+
+# {(host function, signature): plan}: each host function keeps what it needs
+# to replay a call (the Launch, output shapes). A plan depends only on its
+# key, so two threads that build one at once build equal plans.
+PLANS: dict[tuple, tuple] = {}
+
+
+class Launch:
+    """One kernel launch with everything but its tensor arguments fixed: the
+    grid, the scalar arguments and the constexpr flags.
+
+    The first call goes through `kernel[grid]` (tuning the variant on its
+    first launch, as ever). Then Triton's own lookup (binder and cache key,
+    `_tuner.Tuned.lookup`) is asked which compiled kernel those arguments
+    select; where it names the kernel JITFunction.run just launched, later
+    calls launch that kernel directly, with the arguments JITFunction.run
+    bound. Where it does not (a Triton whose run this lookup does not
+    match), every call keeps going through JITFunction.run. So does any call
+    made while a Triton hook is set (launch hooks, pre-run hooks, a custom
+    pipeline), since only JITFunction.run runs those.
+
+    Tensor arguments must come first in the kernel's parameters (as every
+    kernel here has them), and only their addresses may change between
+    calls: the plan's key holds everything else Triton specializes on,
+    their alignment included (`aligned`).
+    """
+
+    __slots__ = ("kernel", "grid", "scalars", "constexprs", "direct", "compiled", "checked")
+
+    def __init__(self, kernel, grid, scalars: tuple, constexprs: dict):
+        self.kernel, self.grid, self.scalars, self.constexprs = kernel, grid, scalars, constexprs
+        self.direct = None  # what a direct launch needs, once Triton's lookup agreed
+        self.compiled = None  # the compiled kernel it launches
+        self.checked = False
+
+    def __call__(self, *tensors) -> None:
+        direct = self.direct
+        if direct is not None:
+            fn, run, function, metadata, grid_0, grid_1, grid_2, get_stream, device, tail = direct
+            runtime = knobs.runtime
+            enter, exit_ = runtime.launch_enter_hook, runtime.launch_exit_hook
+            if not (fn.pre_run_hooks or _set(enter) or _set(exit_)
+                    or getattr(runtime, "add_stages_inspection_hook", None) is not None):
+                # What JITFunction.run passes when no hook is set: no launch metadata, the hooks as they are.
+                run(grid_0, grid_1, grid_2, get_stream(device), function, metadata, None, enter, exit_,
+                    *tensors, *tail)
+                return
+        self.through_triton(tensors)
+
+    def through_triton(self, tensors) -> None:
+        kernel, args = self.kernel, (*tensors, *self.scalars)
+        if not isinstance(kernel, _tuner.Tuned):  # the interpreter's fixed config
+            kernel[self.grid](*args, **self.constexprs)
+            return
+        grid, kwargs = kernel.prepare(args, self.constexprs, self.grid)
+        compiled = kernel.fn.run(*args, grid=grid, warmup=False, **kwargs)
+        if not self.checked and not _hooked(kernel.fn):
+            self.checked = True
+            found = kernel.lookup(args, kwargs)
+            if found is not None and found[0] is compiled:
+                _, bound, device = found
+                values = tuple(bound.values())
+                if all(a is b for a, b in zip(values, tensors)):
+                    grid = (*grid, 1, 1)
+                    compiled._init_handles()
+                    self.compiled = compiled
+                    self.direct = (kernel.fn, compiled.run, compiled.function, compiled.packed_metadata,
+                                   grid[0], grid[1], grid[2], driver.active.get_current_stream, device,
+                                   values[len(tensors):])
+
+
+def _set(hook) -> bool:
+    """Whether a launch hook is set: a function (Triton 3.6), or a chain
+    with calls in it (Triton >= 3.7 keeps an empty HookChain there)."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def _hooked(fn) -> bool:
+    """Whether JITFunction.run has a hook to run for `fn`, which a direct launch would skip."""
+    runtime = knobs.runtime
+    return (bool(fn.pre_run_hooks) or _set(runtime.launch_enter_hook) or _set(runtime.launch_exit_hook)
+            or getattr(runtime, "add_stages_inspection_hook", None) is not None)
+
+
+def aligned(t) -> int:
+    """A tensor's address modulo 16: Triton specializes a pointer argument on
+    whether it is a multiple of 16, so it is part of a plan's key. Tensors
+    allocated by torch (outputs, workspaces, constants) always are."""
+    return t.data_ptr() % 16
