@@ -17,9 +17,15 @@ from triton.runtime.driver import driver
 from . import _tuner
 
 # {(host function, signature): plan}: each host function keeps what it needs
-# to replay a call (the Launch, output shapes). A plan depends only on its
-# key, so two threads that build one at once build equal plans.
+# to replay a call, its Launch first (output templates and such after). A
+# plan depends only on its key, so two threads that build one at once build
+# equal plans.
 PLANS: dict[tuple, tuple] = {}
+
+
+def launches() -> list[tuple[str, "Launch"]]:
+    """(host function, Launch) of every plan made so far."""
+    return [(key[0], plan[0]) for key, plan in PLANS.items()]
 
 
 class Launch:

@@ -62,10 +62,10 @@ def sigmoid_ce_scale_(grad: torch.Tensor, grad_logits: torch.Tensor, grad_labels
         return
     key = ("sigmoid_ce_scale_", n_logits, n_labels, grad_logits.dtype, grad_labels.dtype, grad.dtype, grad.device,
            aligned(grad), aligned(grad_logits), aligned(grad_labels))
-    launch = PLANS.get(key)
-    if launch is None:
-        launch = PLANS[key] = _plan(grad, grad_logits, grad_labels)
-    launch(grad, grad_logits if n_logits else grad_labels, grad_labels if n_labels else grad_logits)
+    plan = PLANS.get(key)
+    if plan is None:
+        plan = PLANS[key] = (_plan(grad, grad_logits, grad_labels),)
+    plan[0](grad, grad_logits if n_logits else grad_labels, grad_labels if n_labels else grad_logits)
 
 
 def _plan(grad, grad_logits, grad_labels) -> Launch:

@@ -158,7 +158,7 @@ def launch_args(v: Variant) -> tuple[object, tuple, dict]:
     """(kernel, args, kwargs) that the launcher passes for variant `v`,
     captured from a call on CPU tensors of SHAPE (with an H100's number of
     partial-sum slots, not the interpreter's)."""
-    from fused_sigxent.kernels import _layout
+    from fused_sigxent.kernels import _launch, _layout
 
     shape = (SHAPE[0], v.classes)
     x = torch.randn(shape).to(DTYPES[v.logits])
@@ -180,6 +180,9 @@ def launch_args(v: Variant) -> tuple[object, tuple, dict]:
     kernel, recorder = getattr(module, kernel_attr), _Recorder()
     limit = _layout.INT32_LIMIT
     setattr(module, kernel_attr, recorder)
+    # A launch plan holds the kernel (here the recorder) and the int64 choice
+    # it was made with: this capture makes its own, and leaves none behind.
+    _launch.PLANS.clear()
     try:
         if v.int64:
             _layout.INT32_LIMIT = 0
@@ -193,6 +196,7 @@ def launch_args(v: Variant) -> tuple[object, tuple, dict]:
     finally:
         setattr(module, kernel_attr, kernel)
         _layout.INT32_LIMIT = limit
+        _launch.PLANS.clear()
     assert len(recorder.calls) == 1, f"{v.name}: {len(recorder.calls)} launches"
     args, kwargs = recorder.calls[0]
     if "MAX_PROGRAMS" in kwargs:  # the forward's reduction reads that many partial sums

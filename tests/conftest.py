@@ -91,6 +91,18 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_plans():
+    """Launch plans (kernels/_launch.py) made by no other test: a plan keeps
+    what was decided when it was made (FAST_MATH, int64 offsets, the kernel
+    object), and tests patch those."""
+    from fused_sigxent.kernels import _launch
+
+    _launch.PLANS.clear()
+    yield
+    _launch.PLANS.clear()
+
+
 @pytest.fixture(params=["reference", "triton"])
 def backend(request, monkeypatch):
     """Runs a test through the reference path and through the Triton kernels
@@ -106,15 +118,17 @@ def device():
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    """Every torch.empty returns NaN (floats) or -1 (integers), so an output
-    element a kernel fails to write shows up as a mismatch."""
-    empty = torch.empty
+    """Every torch.empty and torch.empty_like returns NaN (floats) or -1
+    (integers), so an output element a kernel fails to write shows up as a
+    mismatch."""
+    def poisoning(make):
+        def poisoned_make(*args, **kwargs):
+            t = make(*args, **kwargs)
+            return t.fill_(math.nan) if t.is_floating_point() else t.fill_(-1 if t.dtype != torch.bool else True)
+        return poisoned_make
 
-    def poisoned_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(math.nan) if t.is_floating_point() else t.fill_(-1 if t.dtype != torch.bool else True)
-
-    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    monkeypatch.setattr(torch, "empty", poisoning(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", poisoning(torch.empty_like))
 
 
 @pytest.fixture

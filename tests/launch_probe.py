@@ -44,8 +44,7 @@ def main():
             return counts["launches"] - counts["triton"], counts["triton"]
 
         def plans(kernel_name):
-            return [p if isinstance(p, _launch.Launch) else p[0]
-                    for k, p in _launch.PLANS.items() if k[0] == kernel_name]
+            return [launch for name, launch in _launch.launches() if name == kernel_name]
 
         x = torch.randn(8, 16, dtype=torch.bfloat16, requires_grad=True)
         z = (torch.rand(8, 16) > 0.5).to(torch.uint8)

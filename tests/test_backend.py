@@ -7,11 +7,14 @@ import fused_sigxent as fs
 from fused_sigxent import _backend
 
 
-def test_launches_run_on_the_tensors_device():
+def test_launches_run_on_the_tensors_device(monkeypatch):
     # Triton launches on the current device: a cuda:1 tensor must make
     # cuda:1 current for the launch (checked on two GPUs in test_gpu.py).
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     guard = _backend.on_device(torch.device("cuda", 1))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    # The current device, or a CPU tensor: nothing to switch.
+    assert not isinstance(_backend.on_device(torch.device("cuda", 0)), torch.cuda.device)
     assert not isinstance(_backend.on_device(torch.device("cpu")), torch.cuda.device)
 
 

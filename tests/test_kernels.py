@@ -9,7 +9,7 @@ import fused_sigxent as fs
 from conftest import HAS_GPU, assert_close, oracle_elementwise, oracle_reduce
 from fused_sigxent import _op
 from fused_sigxent import _reduction as R
-from fused_sigxent.kernels import _layout
+from fused_sigxent.kernels import _launch, _layout
 
 # 1: a single element; 17: under one block; 1000, 4099: ragged tails past
 # several blocks and more blocks than programs (grid-stride loop); (3, 1031):
@@ -187,11 +187,13 @@ def test_int64_offsets_compute_the_same(monkeypatch):
     results = []
     for limit in [_layout.INT32_LIMIT, 0]:
         monkeypatch.setattr(_layout, "INT32_LIMIT", limit)
+        _launch.PLANS.clear()  # plans made with the other limit would be replayed
         for reduction in ["none", "mean"]:
             x.grad = None
             loss = fs.binary_cross_entropy_with_logits(x, z, w, reduction, w, label_smoothing=0.1)
             loss.backward(torch.ones_like(loss) * 0.5)
             results.append((loss.detach(), x.grad.clone()))
+        assert {launch.constexprs["INT64"] for _, launch in _launch.launches()} == {limit == 0}
     for (a, ga), (b, gb) in zip(results[:2], results[2:]):
         assert torch.equal(a, b) and torch.equal(ga, gb)
 

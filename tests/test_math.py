@@ -16,7 +16,7 @@ import fused_sigxent as fs
 from conftest import assert_close, oracle_elementwise, oracle_reduce
 from fused_sigxent import _op
 from fused_sigxent import _reduction as R
-from fused_sigxent.kernels import _layout, _math, sigmoid_ce_bwd, sigmoid_ce_fwd
+from fused_sigxent.kernels import _launch, _layout, _math, sigmoid_ce_bwd, sigmoid_ce_fwd
 
 FLT_MIN = tl.constexpr(1.1754943508222875e-38)  # the smallest normal float32: .ftz flushes below it
 # PTX ISA: ex2.approx.f32 is within 2 ulp (relative 2**-22), rcp.approx.f32
@@ -217,10 +217,12 @@ def test_stepped_layouts_with_int64_offsets(monkeypatch):
     results = []
     for limit in [_layout.INT32_LIMIT, 0]:
         monkeypatch.setattr(_layout, "INT32_LIMIT", limit)
+        _launch.PLANS.clear()  # plans made with the other limit would be replayed
         x.grad = None
         loss = fs.binary_cross_entropy_with_logits(x, z, w, "mean", p)
         loss.backward(torch.tensor(0.5))
         results.append((loss.detach(), x.grad.clone()))
+        assert {launch.constexprs["INT64"] for _, launch in _launch.launches()} == {limit == 0}
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
