@@ -19,13 +19,19 @@ from . import _reduction as R
 def setup_context(ctx, inputs, output):
     (logits, labels, weight, pos_weight, smoothing, reduction, out_dtype, grad_logits_in_fwd, grad_labels_in_fwd,
      *focal) = inputs
-    # (gamma, alpha, hard_labels) of the focal loss; absent (the defaults) when called with nine.
-    gamma, alpha, hard_labels = (*focal, *(None, None, False)[len(focal):])
     _, denom, grad_logits, grad_labels = output
     ctx.mark_non_differentiable(denom, grad_logits, grad_labels)
     # Autograd would otherwise fill a zero "incoming gradient" for each of
     # those outputs: a full-size tensor and a pass over it for grad_logits.
     ctx.set_materialize_grads(False)
+    _save(ctx, logits, labels, weight, pos_weight, smoothing, denom, reduction, out_dtype, focal,
+          (grad_logits, grad_labels) if grad_logits_in_fwd or grad_labels_in_fwd else None)
+
+
+def _save(ctx, logits, labels, weight, pos_weight, smoothing, denom, reduction, out_dtype, focal, grads_from_fwd):
+    """What `backward` and `jvp` read. focal: (gamma, alpha, hard_labels) of
+    the focal loss, or () (the defaults: the cross entropy)."""
+    gamma, alpha, hard_labels = (*focal, *(None, None, False)[len(focal):])
     ctx.save_for_backward(logits, labels, weight, pos_weight, smoothing, denom, gamma, alpha)
     if _forward_ad._current_level >= 0:
         # jvp runs only where an input has a tangent, which needs a dual
@@ -37,7 +43,7 @@ def setup_context(ctx, inputs, output):
     # place and hands them to autograd. They are kept out of
     # save_for_backward on purpose: once handed out, a hook or an optimizer may
     # change them in place, and no later backward reads them (it recomputes).
-    ctx.grads_from_fwd = (grad_logits, grad_labels) if grad_logits_in_fwd or grad_labels_in_fwd else None
+    ctx.grads_from_fwd = grads_from_fwd
 
 
 def backward(ctx, grad, _grad_denom, _grad_grad_logits, _grad_grad_labels):
@@ -53,7 +59,13 @@ def backward(ctx, grad, _grad_denom, _grad_grad_logits, _grad_grad_labels):
         # The forward wrote the gradients: scaled in place (one launch that
         # returns at once when `grad` is 1), no saved tensor read.
         grad_logits, grad_labels = grads_from_fwd
-        _dispatch.call("sigmoid_ce_scale_", grad_logits.device, grad, grad_logits, grad_labels)
+        device = grad_logits.device
+        # The gradients are the forward's own tensors: only the incoming one
+        # can be of a class that observes the call.
+        if _dispatch.plain_eager(device, (grad,)):
+            _dispatch.run("sigmoid_ce_scale_", device, grad, grad_logits, grad_labels)
+        else:
+            torch.ops.fused_sigxent.sigmoid_ce_scale_(grad, grad_logits, grad_labels)
         return (grad_logits if needs[0] else None, grad_labels if needs[1] else None, None, None, *rest)
     logits, labels, weight, pos_weight, smoothing, denom, gamma, alpha = ctx.saved_tensors
     if differentiable:
@@ -179,27 +191,48 @@ class SigmoidCE(torch.autograd.Function):
         return (total.to(out_dtype), denom, empty_logits, empty_labels), (0, 0, None, None)
 
 
-class _PlainSigmoidCE(SigmoidCE):
+class _PlainSigmoidCE(torch.autograd.Function):
     """SigmoidCE as plain eager code applies it, once `_dispatch.plain_eager`
-    has held for its inputs: the forward runs the implementation without
-    asking again (the dispatcher's layers would only add time, see
-    `_dispatch.call`). Its backward still asks: a profiler or a mode may be
-    on by the time it runs."""
+    has held for its inputs, at the least host cost: the forward runs the
+    implementation without asking again (the dispatcher's layers would only
+    add time, see `_dispatch.call`); it returns the loss alone and takes its
+    non-differentiable arguments as one tuple (autograd wraps each output
+    and checks each input: ~1.5 us for the op's 4 and 12); and it saves in
+    the forward itself (the older form, which torch.func does not accept,
+    and none of its transforms comes here). Same derivatives, same backward
+    (which asks the dispatcher again: a profiler or a mode may be on by the
+    time it runs)."""
 
     @staticmethod
-    def forward(logits, labels, weight, pos_weight, smoothing, reduction, out_dtype,
-                grad_logits_in_fwd, grad_labels_in_fwd, gamma=None, alpha=None, hard_labels=False):
-        focal = () if gamma is None else (gamma, alpha, hard_labels)
-        return _dispatch.run(
-            "sigmoid_ce_fwd", logits.device, logits, labels, weight, pos_weight, smoothing, reduction, out_dtype,
-            grad_logits_in_fwd, grad_labels_in_fwd, *focal,
-        )
+    def forward(ctx, logits, labels, weight, pos_weight, options):
+        smoothing, reduction, out_dtype, grad_logits_in_fwd, grad_labels_in_fwd, *focal = options
+        loss, denom, grad_logits, grad_labels = _dispatch.run(
+            "sigmoid_ce_fwd", logits.device, logits, labels, weight, pos_weight, *options)
+        _save(ctx, logits, labels, weight, pos_weight, smoothing, denom, reduction, out_dtype, focal,
+              (grad_logits, grad_labels) if grad_logits_in_fwd or grad_labels_in_fwd else None)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        return backward(ctx, grad, None, None, None)
+
+    @staticmethod
+    def jvp(ctx, t_logits, t_labels, t_weight, t_pos_weight, _):
+        return jvp(ctx, t_logits, t_labels, t_weight, t_pos_weight)[0]
+
+
+def apply_plain(logits, labels, weight, pos_weight, smoothing, reduction, out_dtype, grad_logits_in_fwd,
+                grad_labels_in_fwd, *focal) -> Tensor:
+    """The loss of `SigmoidCE.apply` on the same arguments, for plain eager
+    code (see `_PlainSigmoidCE`)."""
+    return _apply_plain(logits, labels, weight, pos_weight,
+                        (smoothing, reduction, out_dtype, grad_logits_in_fwd, grad_labels_in_fwd, *focal))
 
 
 # Function.apply's Python prelude binds the arguments to forward's signature
 # (for setup_context) and unwraps dead functorch wrappers; in plain eager
 # code it has nothing to do, and its C++ core is called directly.
-apply_plain = super(torch.autograd.Function, _PlainSigmoidCE).apply
+_apply_plain = super(torch.autograd.Function, _PlainSigmoidCE).apply
 
 
 def plan_grads_in_forward(logits: Tensor, labels: Tensor, weight: Tensor | None, reduction: int) -> tuple[bool, bool]:

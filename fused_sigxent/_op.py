@@ -126,10 +126,8 @@ def sigmoid_ce(
         # the one whose host time counts): the Function's C++ apply, its
         # forward straight to the implementation.
         grad_logits_in_fwd, grad_labels_in_fwd = _autograd.plan_grads_in_forward(logits, labels, weight, reduction)
-        loss, _, _, _ = _autograd.apply_plain(
-            logits, labels, weight, pos_weight, smoothing, reduction, out_dtype,
-            grad_logits_in_fwd, grad_labels_in_fwd, *focal)
-        return loss
+        return _autograd.apply_plain(logits, labels, weight, pos_weight, smoothing, reduction, out_dtype,
+                                     grad_logits_in_fwd, grad_labels_in_fwd, *focal)
     dtensor = _validate.is_dtensor(logits, labels, weight, pos_weight)
     if dtensor or _compiled_transform():
         # The reference's plain ops, which autograd, DTensor (shard by shard)

@@ -72,19 +72,15 @@ def cached(check, *args):
     nothing else (and on the backend, which the key holds): arguments of a
     signature that passed unchanged before pass again without a second
     look. Anything but plain tensors and None is checked every time."""
-    key = [check, _backend.backend()]
-    for a in args:
-        if a is None:
-            key.append(None)
-        elif a.__class__ in _PLAIN:
-            key.append((a.shape, a.dtype, a.device))
-        else:
-            return check(*args)
-    key = tuple(key)
-    if key in _PASSED:
-        return args
+    try:
+        key = (check, _backend.backend(), *[None if a is None else (a.__class__, a.shape, a.dtype, a.device)
+                                             for a in args])
+        if key in _PASSED:
+            return args
+    except (AttributeError, TypeError):  # not a tensor: the check says what it is
+        return check(*args)
     checked = check(*args)
-    if all(c is a for c, a in zip(checked, args)):
+    if all(c is a for c, a in zip(checked, args)) and all(a is None or a.__class__ in _PLAIN for a in args):
         _PASSED.add(key)
     return checked
 
@@ -145,6 +141,8 @@ def label_smoothing(value):
     """A real number in [0, 1]. Under torch.compile a float that Dynamo traces
     as a symbol (a smoothing schedule) is checked at run time instead, so a
     new value does not recompile."""
+    if value.__class__ is float and 0.0 <= value <= 1.0:  # the common case, at once
+        return value
     if isinstance(value, torch.SymFloat):
         torch._check(value >= 0.0, lambda: "label_smoothing must be in [0, 1]")
         torch._check(value <= 1.0, lambda: "label_smoothing must be in [0, 1]")

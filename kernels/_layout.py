@@ -276,11 +276,14 @@ def workspace(device: torch.device, dtype: torch.dtype = torch.float64) -> tuple
     streams would share it.
     """
     made = _workspace(device)
-    return made[0], made[1] if dtype == torch.float64 else made[2]
+    return made[0], made[1] if dtype is torch.float64 else made[2]
 
 
 def _workspace(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     if device.type != "cuda":
+        made = _WORKSPACES.get((device.type, device.index, 0))
+        if made is not None:
+            return made
         key = (device.type, device.index, 0)
     elif torch.cuda.is_current_stream_capturing():
         key = (device.type, device.index, "graph")
@@ -292,6 +295,9 @@ def _workspace(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     else:
         # The raw stream handle, as Triton's launcher reads it (no Stream object made).
         key = (device.type, device.index, torch._C._cuda_getCurrentRawStream(device.index))
+        made = _WORKSPACES.get(key)
+        if made is not None:
+            return made
     if key not in _WORKSPACES:
         _WORKSPACES[key] = _new_workspace(device)
         if device.type == "cuda":
