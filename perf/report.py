@@ -214,7 +214,8 @@ def page(frame: pd.DataFrame, csv_names: list[str], pngs: list[str]) -> str:
 def build(*csv_paths: str, stem: str | None = None) -> list[str]:
     """Writes <stem>.md and <stem>-*.png (stem: the first CSV's, by default)
     from one or more CSVs of the same device; returns their paths."""
-    frame = pd.concat([pd.read_csv(p) for p in csv_paths], ignore_index=True)
+    # A short hash such as 946e618 reads as a number (inf) unless told it is text.
+    frame = pd.concat([pd.read_csv(p, dtype={"commit": str}) for p in csv_paths], ignore_index=True)
     stem = stem or os.path.splitext(csv_paths[0])[0]
     pngs = plots(frame, stem)
     with open(f"{stem}.md", "w") as f:

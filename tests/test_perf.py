@@ -53,7 +53,9 @@ def test_report_headline_ratios(tmp_path):
     # Two cases: eager 2 and 4 ms, ours 1 and 8 ms: speed-ups 2 and 0.5
     # (median 1.25, worst 0.5); peaks 1 MiB vs 2 MiB and 4 vs 2: memory ratios
     # 0.5 and 2 (median 1.25, worst 2); compiled 3 / 2 ms both: 1.5.
-    base = dict(device="cpu (2 cores, no GPU)", torch_version="2", triton_version="", commit="abc", case="plain/mean",
+    # A short hash that reads as a number (946e618: 9.46e620, inf) stays text.
+    base = dict(device="cpu (2 cores, no GPU)", torch_version="2", triton_version="", commit="946e618",
+                case="plain/mean",
                 dtype="float32", label_dtype="float32", weight=False, pos_weight=False, label_smoothing=0.0,
                 reduction="mean", shape="", bytes_min=1, gbps=1.0, pct_copy_bw=1.0, p20_ms=0.0, p80_ms=0.0)
     rows = []
@@ -71,6 +73,7 @@ def test_report_headline_ratios(tmp_path):
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells[3:7] == ["2", "1.25 / 0.50", "1.25 / 2.00", "1.50 / 1.50"]
     assert "eager speed, fwd+bwd: median 1.25×, worst 0.50×" in text and "**not met**" in text
+    assert "commit 946e618" in text
 
 
 def test_timing_loop_times_each_call_with_its_own_setup():
