@@ -1,6 +1,5 @@
 """Which implementation runs: FUSED_SIGXENT_BACKEND, read at every call."""
 
-import contextlib
 import functools
 import os
 
@@ -70,15 +69,12 @@ def use_kernels(device: torch.device) -> bool:
     return True
 
 
-def on_device(device: torch.device):
-    """The context a launch runs in: Triton launches on the *current* CUDA
-    device and stream, so a cuda:1 tensor while cuda:0 is current would be
-    read from the wrong device (or race). A no-op for CPU tensors and for
-    the device that is current already (switching costs host time per call)."""
+def on_device(device: torch.device) -> torch.cuda.device | None:
+    """The context a launch must run in, or None where it runs as it is:
+    Triton launches on the *current* CUDA device and stream, so a cuda:1
+    tensor while cuda:0 is current would be read from the wrong device (or
+    race). None for CPU tensors and for the device that is current already
+    (entering even an empty context costs host time on every call)."""
     if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
-        return _STAY
+        return None
     return torch.cuda.device(device)
-
-
-# nullcontext keeps no state: one instance serves every call.
-_STAY = contextlib.nullcontext()

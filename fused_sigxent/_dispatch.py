@@ -30,11 +30,15 @@ def _launcher(name: str):
     return getattr(importlib.import_module(f"fused_sigxent.kernels.{name.rstrip('_')}"), name)
 
 
-def run(name: str, device: torch.device, *args):
-    """Op `name`'s implementation on `args`, as the registered op runs it."""
+def run(name: str, device: torch.device, *args, **kwargs):
+    """Op `name`'s implementation on `args` (`kwargs`: an implementation's
+    own options), as the registered op runs it."""
     impl = implementation(name, device)
-    with _backend.on_device(device):
-        return impl(*args)
+    guard = _backend.on_device(device)
+    if guard is None:
+        return impl(*args, **kwargs)
+    with guard:
+        return impl(*args, **kwargs)
 
 
 def call(name: str, device: torch.device, *args):

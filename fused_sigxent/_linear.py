@@ -39,7 +39,7 @@ order is fixed, so results are bitwise reproducible.
 import torch
 from torch import Tensor
 
-from . import _backend, _dispatch, _reference, _validate
+from . import _dispatch, _reference, _validate
 from . import _reduction as R
 
 # How the summed loss (and every gradient) is divided; the op's `reduction` argument.
@@ -109,10 +109,9 @@ def _loss_and_grad_in_place(logits, labels, pos_weight, label_smoothing, ct, wan
     inside this op's own implementation, so nothing traces or transforms
     the call, and the dispatcher's wrapper, which allows no output to alias
     an input, is not needed."""
-    impl = _dispatch.implementation("sigmoid_ce_fwd", logits.device)
     out = {"grad_logits_out": logits} if want_grad else {}
-    with _backend.on_device(logits.device):
-        total, _, _, _ = impl(logits, labels, None, pos_weight, label_smoothing, R.SUM, ct, want_grad, False, **out)
+    total, _, _, _ = _dispatch.run("sigmoid_ce_fwd", logits.device, logits, labels, None, pos_weight, label_smoothing,
+                                   R.SUM, ct, want_grad, False, **out)
     return total
 
 
