@@ -159,7 +159,7 @@ def not_scripted() -> None:
     """TorchScript would bake this call's Python decisions (whether the
     forward writes the gradient, the backend) into a graph that later runs
     with other inputs: refuse it by name rather than trace a wrong graph."""
-    if torch._C._is_tracing() or torch.jit.is_scripting():  # torch.jit.is_tracing, less a Python call
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
         raise RuntimeError(
             "fused_sigxent does not support TorchScript (torch.jit.trace / torch.jit.script); "
             "use torch.export or torch.compile instead"
@@ -180,8 +180,6 @@ def implicit_replication():
 def out_dtype(x: Tensor) -> torch.dtype:
     """The loss dtype: the logits', except under autocast, where PyTorch's own
     loss runs (and returns) float32 for half-precision logits."""
-    # Any autocast at all first: one C call, where the device's own check builds its name.
-    if (x.dtype in (torch.float16, torch.bfloat16) and torch._C._is_any_autocast_enabled()
-            and torch.is_autocast_enabled(x.device.type)):
+    if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
         return torch.float32
     return x.dtype
