@@ -1,11 +1,12 @@
 """Derivatives of `fused_sigxent::sigmoid_ce_fwd`: reverse mode (first order
 fused; higher order through the reference formulas), forward mode, and vmap.
 
-One set of formulas serves two registrations: the op's own
-(`register_autograd`, for callers of the op) and `SigmoidCE`, the
-autograd.Function every front end applies, which adds what torch.library
+One set of formulas serves three registrations: the op's own
+(`register_autograd`, for callers of the op); `SigmoidCE`, the
+autograd.Function the front ends apply, which adds what torch.library
 cannot register for a custom op (torch.func transforms, forward-mode AD and
-a batching rule).
+a batching rule); and `_PlainSigmoidCE`, the same Function at the least
+host cost, for plain eager code.
 """
 
 import torch

@@ -45,7 +45,8 @@ class Launch:
     Tensor arguments must come first in the kernel's parameters (as every
     kernel here has them), and only their addresses may change between
     calls: the plan's key holds everything else Triton specializes on,
-    their alignment included (`aligned`).
+    their alignment included (`aligned`). Triton's own compile settings
+    (TRITON_DEBUG, instrumentation) are those of the plan's first launch.
     """
 
     __slots__ = ("kernel", "grid", "scalars", "constexprs", "direct", "compiled", "checked")
