@@ -14,18 +14,21 @@ def backend() -> str:
     if torch.compiler.is_compiling():
         # Dynamo traces through a cache wrapper, with a warning: it folds the parse into the graph anyway.
         return _parse(os.environ.get(ENV, "auto"))
-    if _ENCODED is not None:
+    environ = os.environ
+    if environ is _ENVIRON and _ENCODED is not None:
         return _parse_encoded(_ENCODED.get(_ENCODED_NAME))
-    return _parse_once(os.environ.get(ENV, "auto"))
+    return _parse_once(environ.get(ENV, "auto"))
 
 
 # os.environ.get encodes the name and decodes the value in Python on every
 # call (~0.5 us; the backend is read several times per loss call). CPython's
 # os.environ keeps its entries, encoded, in a dict that every update of
 # os.environ (monkeypatch.setenv included) writes through: read there, the
-# same answer costs a dictionary lookup. Elsewhere, os.environ.get.
-_ENCODED = getattr(os.environ, "_data", None)
-_ENCODED_NAME = os.environ.encodekey(ENV) if _ENCODED is not None else None
+# same answer costs a dictionary lookup. Where os.environ is not that
+# object any more (replaced by a test's mock) or has no such dict, os.environ.get.
+_ENVIRON = os.environ
+_ENCODED = getattr(_ENVIRON, "_data", None)
+_ENCODED_NAME = _ENVIRON.encodekey(ENV) if _ENCODED is not None else None
 
 
 def _parse(value: str) -> str:

@@ -60,8 +60,10 @@ def labels(name: str, value, x: Tensor, x_name: str, *, cast_integers: bool = Fa
     raise TypeError(f"{name} must have {allowed}; got {z.dtype}")
 
 
-# Signatures of arguments a check has passed unchanged (see `cached`).
+# Signatures of arguments a check has passed unchanged (see `cached`);
+# dropped beyond MAX_PASSED (shapes that keep changing), then learnt again.
 _PASSED: set = set()
+MAX_PASSED = 4096
 _PLAIN = (Tensor, torch.nn.Parameter)
 
 
@@ -81,6 +83,8 @@ def cached(check, *args):
         return check(*args)
     checked = check(*args)
     if all(c is a for c, a in zip(checked, args)) and all(a is None or a.__class__ in _PLAIN for a in args):
+        if len(_PASSED) >= MAX_PASSED:
+            _PASSED.clear()
         _PASSED.add(key)
     return checked
 
@@ -130,7 +134,10 @@ def number_as_tensor(value, x: Tensor, dtype: torch.dtype = torch.float32) -> Te
 
 @functools.lru_cache(maxsize=64)
 def _constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    return torch.full((), value, dtype=dtype, device=device)
+    # Never an inference tensor (a first call under inference_mode, say an
+    # evaluation pass): training calls save it for backward.
+    with torch.inference_mode(False):
+        return torch.full((), value, dtype=dtype, device=device)
 
 
 def is_number(value) -> bool:

@@ -21,6 +21,18 @@ from . import _tuner
 # plan depends only on its key, so two threads that build one at once build
 # equal plans.
 PLANS: dict[tuple, tuple] = {}
+# Beyond this many signatures (a loop whose shapes keep changing: variable
+# lengths, box counts) the plans are dropped and made again as calls come:
+# each holds a few KB and, where it launches directly, a compiled kernel.
+MAX_PLANS = 1024
+
+
+def remember(key: tuple, plan: tuple) -> tuple:
+    """`plan`, kept for later calls with signature `key`."""
+    if len(PLANS) >= MAX_PLANS:
+        PLANS.clear()
+    PLANS[key] = plan
+    return plan
 
 
 def launches() -> list[tuple[str, "Launch"]]:

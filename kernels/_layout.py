@@ -25,24 +25,17 @@ def contiguous(t: Tensor) -> Tensor:
     return t.view(torch.uint8) if t.dtype == torch.bool else t
 
 
-def template(device: torch.device, dtype: torch.dtype) -> Tensor:
-    """A 0-d tensor in `dtype` on `device` for `torch.empty_like` to copy.
-    A launch plan keeps its 0-d outputs' templates: `empty_like` of one
-    costs half of `torch.empty` with dtype and device keywords (~0.5 us of
-    ~1 us, 2-core CPU). It is a view of the device's workspace, so making
+def template(device: torch.device, dtype: torch.dtype, empty: bool = False) -> Tensor:
+    """A tensor for `torch.empty_like` to copy: 0-d (`empty`: 0-size, the
+    gradient an op returns where it was not asked for one) in `dtype` on
+    `device`. A launch plan keeps its outputs' templates: `empty_like` of
+    one costs half of `torch.empty` with dtype and device keywords (~0.5 us
+    of ~1 us, 2-core CPU). It is a view of the device's workspace, so making
     one allocates nothing (an allocation could land in a CUDA graph's pool,
-    see `_new_workspace`)."""
-    return _workspace(device)[1].view(torch.uint8)[:dtype.itemsize].view(dtype)[0]
-
-
-def nothing(device: torch.device, dtype: torch.dtype) -> Tensor:
-    """The 0-size tensor an op returns for a gradient it was not asked for.
-    One per plan and output, returned by every call: it has no elements to
-    read or write, and autograd hands a non-differentiable output that does
-    not require grad back as it is (made fresh, it would cost ~1 us a call).
-    A storage of its own (no bytes): a custom op's outputs may not alias
-    each other or its inputs."""
-    return torch.empty(0, dtype=dtype, device=device)
+    see `_new_workspace`), and what `empty_like` makes of it is a tensor of
+    its own, in the caller's inference mode (not the plan's)."""
+    data = _workspace(device)[1].view(torch.uint8)
+    return data[:0].view(dtype) if empty else data[:dtype.itemsize].view(dtype)[0]
 
 
 def empty_as(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -215,8 +208,11 @@ _WORKSPACES: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
 
 
 def _allocate_workspace(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    partials = torch.empty(3 * partial_slots(device), dtype=torch.float64, device=device)
-    return torch.zeros(1, dtype=torch.int32, device=device), partials, partials.view(torch.float32)
+    # Never inference tensors (a first call under inference_mode): the
+    # workspace serves every later call.
+    with torch.inference_mode(False):
+        partials = torch.empty(3 * partial_slots(device), dtype=torch.float64, device=device)
+        return torch.zeros(1, dtype=torch.int32, device=device), partials, partials.view(torch.float32)
 
 
 def _new_workspace(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:

@@ -9,7 +9,7 @@ from fused_sigxent._reference import compute_dtype
 from fused_sigxent import _reduction as R
 
 from . import _layout
-from ._launch import PLANS, Launch, aligned
+from ._launch import PLANS, Launch, aligned, remember
 from ._configs import numel_class, tuned
 from ._math import (
     CHUNK,
@@ -150,14 +150,14 @@ def sigmoid_ce_bwd(
     grad_labels = _layout.empty_as(z, labels.dtype) if need_grad_labels else torch.empty(0, dtype=labels.dtype, device=device)
     if x.numel() == 0 or not (need_grad_logits or need_grad_labels):
         return grad_logits, grad_labels
-    key = ("sigmoid_ce_bwd", x.shape, x.dtype, z.dtype, device, g.dtype, aligned(g), _layout.signature(weight),
+    key = ("sigmoid_ce_bwd", x.shape, x.dtype, z.dtype, labels.dtype, device, g.dtype, aligned(g), _layout.signature(weight),
            _layout.signature(pos_weight), _layout.signature(denom), _layout.signature(label_smoothing),
            _layout.signature(gamma), _layout.signature(alpha), reduction, need_grad_logits, need_grad_labels,
            hard_labels, aligned(x), aligned(z))
     plan = PLANS.get(key)
     if plan is None:
-        plan = PLANS[key] = _plan(x, z, weight, pos_weight, label_smoothing, reduction, need_grad_logits,
-                                  need_grad_labels, gamma, alpha, hard_labels)
+        plan = remember(key, _plan(x, z, weight, pos_weight, label_smoothing, reduction, need_grad_logits,
+                                   need_grad_labels, gamma, alpha, hard_labels))
     launch, collapsed = plan
     w, pw = (weight, pos_weight) if collapsed is None else collapsed(weight, pos_weight)
     launch(

@@ -9,7 +9,7 @@ from fused_sigxent._reference import compute_dtype
 from fused_sigxent import _reduction as R
 
 from . import _layout
-from ._launch import PLANS, Launch, aligned
+from ._launch import PLANS, Launch, aligned, remember
 from ._layout import signature
 from ._configs import numel_class, tuned
 from ._math import (
@@ -239,15 +239,15 @@ def sigmoid_ce_fwd(
     x, z = _layout.contiguous(logits), _layout.contiguous(labels)
     device = x.device
     # Everything the launch depends on but the tensors' addresses (see kernels/_launch.py).
-    key = ("sigmoid_ce_fwd", x.shape, x.dtype, z.dtype, device, reduction, out_dtype, grad_logits_in_fwd,
+    key = ("sigmoid_ce_fwd", x.shape, x.dtype, z.dtype, labels.dtype, device, reduction, out_dtype, grad_logits_in_fwd,
            grad_labels_in_fwd, hard_labels, aligned(x), aligned(z), label_smoothing.dtype, aligned(label_smoothing),
            None if weight is None else signature(weight), None if pos_weight is None else signature(pos_weight),
            None if gamma is None else signature(gamma), None if alpha is None else signature(alpha),
            None if grad_logits_out is None else aligned(grad_logits_out))
     plan = PLANS.get(key)
     if plan is None:
-        plan = PLANS[key] = _plan(x, z, labels.dtype, weight, pos_weight, label_smoothing, reduction, out_dtype,
-                                  grad_logits_in_fwd, grad_labels_in_fwd, gamma, alpha, hard_labels)
+        plan = remember(key, _plan(x, z, labels.dtype, weight, pos_weight, label_smoothing, reduction, out_dtype,
+                                  grad_logits_in_fwd, grad_labels_in_fwd, gamma, alpha, hard_labels))
     launch, loss_like, denom_like, no_grad_logits, no_grad_labels, collapsed = plan
     w, pw = (weight, pos_weight) if collapsed is None else collapsed(weight, pos_weight)
 
@@ -259,8 +259,8 @@ def sigmoid_ce_fwd(
     if grad_logits_out is not None:
         grad_logits = grad_logits_out
     else:
-        grad_logits = torch.empty_like(x) if grad_logits_in_fwd else no_grad_logits
-    grad_labels = _layout.empty_as(z, labels.dtype) if grad_labels_in_fwd else no_grad_labels
+        grad_logits = torch.empty_like(x if grad_logits_in_fwd else no_grad_logits)
+    grad_labels = _layout.empty_as(z, labels.dtype) if grad_labels_in_fwd else torch.empty_like(no_grad_labels)
     ticket, partials = _layout.workspace(device, denom.dtype)
     launch(
         x, z, x if w is None else w, x if pw is None else pw, label_smoothing,
@@ -274,10 +274,9 @@ def sigmoid_ce_fwd(
 def _plan(x, z, labels_dtype, weight, pos_weight, label_smoothing, reduction, out_dtype, grad_logits_in_fwd,
           grad_labels_in_fwd, gamma, alpha, hard_labels) -> tuple:
     """For every call with this call's signature: the Launch; templates of
-    the reduced loss (None: elementwise, shaped as the logits) and the
-    denominator; the 0-size tensors returned for gradients not written
-    (`_layout.nothing`); the coefficient materializer
-    (`_layout.collapse_plan`) or None."""
+    the reduced loss (None: elementwise, shaped as the logits), the
+    denominator and the 0-size gradients not written; the coefficient
+    materializer (`_layout.collapse_plan`) or None."""
     device = x.device
     n = x.numel()
     ct = compute_dtype(x.dtype)
@@ -301,5 +300,5 @@ def _plan(x, z, labels_dtype, weight, pos_weight, label_smoothing, reduction, ou
              CT=tl.float64 if ct == torch.float64 else tl.float32, FAST_MATH=fast_math(ct)),
     )
     loss_like = None if reduction == R.NONE else _layout.template(device, out_dtype)
-    return (launch, loss_like, _layout.template(device, ct), _layout.nothing(device, x.dtype),
-            _layout.nothing(device, labels_dtype), collapsed)
+    return (launch, loss_like, _layout.template(device, ct), _layout.template(device, x.dtype, empty=True),
+            _layout.template(device, labels_dtype, empty=True), collapsed)

@@ -90,17 +90,56 @@ def test_a_materialized_coefficient_is_materialized_per_call(triton_backend):
     assert len(_launch.PLANS) == 1
 
 
-def test_gradients_not_asked_for_are_separate_empty_tensors(triton_backend):
-    # One 0-size tensor per plan and output, handed out by every call; the
-    # two must not share a storage (a custom op's outputs may not alias).
+def test_gradients_not_asked_for_are_fresh_empty_tensors(triton_backend):
+    # 0-size, in the labels' own dtype (bool labels are read as bytes, and
+    # share nothing with a uint8 call), a new tensor every call: a caller
+    # that resizes one changes no later call's output. Through the
+    # dispatcher, which raises where an output aliases another.
     from fused_sigxent.kernels.sigmoid_ce_fwd import sigmoid_ce_fwd
 
-    x, z = torch.randn(3, 5), torch.rand(3, 5)
-    outs = [sigmoid_ce_fwd(x, z, None, None, torch.zeros(()), 5, x.dtype, False, False) for _ in range(2)]
-    (_, _, gl1, gz1), (_, _, gl2, gz2) = outs
-    assert gl1.numel() == gz1.numel() == 0 and gl1 is gl2 and gz1 is gz2 and gl1 is not gz1
-    # Through the dispatcher, which raises where an output aliases another.
-    torch.ops.fused_sigxent.sigmoid_ce_fwd(x, z, None, None, torch.zeros(()), 5, x.dtype, False, False)
+    x = torch.randn(3, 5)
+    for labels in [torch.rand(3, 5) > 0.5, (torch.rand(3, 5) > 0.5).to(torch.uint8), torch.rand(3, 5) > 0.5]:
+        _, _, gl, gz = sigmoid_ce_fwd(x, labels, None, None, torch.zeros(()), 5, x.dtype, False, False)
+        assert gl.shape == gz.shape == (0,) and gz.dtype == labels.dtype and gl.dtype == x.dtype
+        gl.resize_(6).fill_(7)
+        out = torch.ops.fused_sigxent.sigmoid_ce_fwd(x, labels, None, None, torch.zeros(()), 5, x.dtype, False, False)
+        assert out[2].shape == (0,) and out[3].dtype == labels.dtype
+
+
+def test_an_evaluation_pass_first_leaves_training_working(triton_backend):
+    # A first call under inference_mode makes the plan, the workspace and the
+    # smoothing constant: none of them may be an inference tensor, which a
+    # later training call could not save for backward.
+    x, z = torch.randn(4, 6), torch.rand(4, 6)
+    with torch.inference_mode():
+        fs.binary_cross_entropy_with_logits(x, z, label_smoothing=0.25)
+    xg = x.clone().requires_grad_()
+    loss = fs.binary_cross_entropy_with_logits(xg, z, label_smoothing=0.25)
+    loss.backward()
+    x_ref = x.clone().requires_grad_()
+    _reference(x_ref, z, label_smoothing=0.25).backward()
+    assert_close(xg.grad, x_ref.grad)
+
+
+def test_plans_are_bounded(triton_backend, monkeypatch):
+    monkeypatch.setattr(_launch, "MAX_PLANS", 3)
+    for n in range(1, 8):
+        x, z = torch.randn(n), torch.rand(n)
+        assert_close(fs.binary_cross_entropy_with_logits(x, z), _reference(x, z))
+        assert len(_launch.PLANS) <= 3
+
+
+def test_a_replaced_environment_is_read(monkeypatch):
+    # A test's mock of os.environ (not monkeypatch.setenv) still chooses the backend.
+    import os
+
+    from fused_sigxent import _backend
+
+    monkeypatch.setattr(os, "environ", {"FUSED_SIGXENT_BACKEND": "reference"})
+    assert _backend.backend() == "reference"
+    monkeypatch.setattr(os, "environ", {"FUSED_SIGXENT_BACKEND": "bogus"})
+    with pytest.raises(ValueError, match="bogus"):
+        _backend.backend()
 
 
 def test_validation_is_skipped_only_for_a_signature_that_passed(monkeypatch):
