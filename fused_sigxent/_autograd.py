@@ -60,13 +60,7 @@ def backward(ctx, grad, _grad_denom, _grad_grad_logits, _grad_grad_labels):
         # The forward wrote the gradients: scaled in place (one launch that
         # returns at once when `grad` is 1), no saved tensor read.
         grad_logits, grad_labels = grads_from_fwd
-        device = grad_logits.device
-        # The gradients are the forward's own tensors: only the incoming one
-        # can be of a class that observes the call.
-        if _dispatch.plain_eager(device, (grad,)):
-            _dispatch.run("sigmoid_ce_scale_", device, grad, grad_logits, grad_labels)
-        else:
-            torch.ops.fused_sigxent.sigmoid_ce_scale_(grad, grad_logits, grad_labels)
+        _dispatch.call("sigmoid_ce_scale_", grad_logits.device, grad, grad_logits, grad_labels)
         return (grad_logits if needs[0] else None, grad_labels if needs[1] else None, None, None, *rest)
     logits, labels, weight, pos_weight, smoothing, denom, gamma, alpha = ctx.saved_tensors
     if differentiable:

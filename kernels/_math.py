@@ -8,6 +8,10 @@ import triton
 import triton.language as tl
 
 from fused_sigxent._backend import interpreting
+from fused_sigxent._reference import compute_dtype
+
+from . import _layout
+from ._configs import numel_class
 
 # The op's reduction codes (fused_sigxent/_reduction.py); constexpr copies for the kernels.
 NONE = tl.constexpr(0)
@@ -332,16 +336,38 @@ def focal_parameters(gamma_ptr, alpha_ptr, FOCAL: tl.constexpr, HAS_ALPHA: tl.co
     return gamma, alpha
 
 
-def focal_launch(labels, smoothing, gamma, alpha, hard_labels: bool) -> tuple[tuple, dict]:
-    """Host side: the kernels' (gamma_ptr, alpha_ptr) and their FOCAL,
-    HAS_ALPHA, HARD_LABELS and CLASS_INDEX flags. Absent
+def focal_pointers(smoothing, gamma, alpha) -> tuple:
+    """Host side, every call: the kernels' (gamma_ptr, alpha_ptr). Absent
     scalars point at the smoothing (never read), so pointer dtypes, and so
     the tuner's variants, are those of the plain loss."""
-    class_index = labels.dtype == torch.int64
-    flags = dict(FOCAL=gamma is not None, HAS_ALPHA=gamma is not None and alpha is not None,
-                 HARD_LABELS=gamma is not None and hard_labels, CLASS_INDEX=class_index)
-    pointers = (smoothing if gamma is None else gamma, smoothing if gamma is None or alpha is None else alpha)
-    return pointers, flags
+    return smoothing if gamma is None else gamma, smoothing if gamma is None or alpha is None else alpha
+
+
+def elementwise_launch(kernel: str, x, z, weight, pos_weight, gamma, alpha, hard_labels: bool):
+    """Host side, once per launch plan (kernels/_launch.py): what the forward
+    and backward kernels both take for contiguous logits x and labels z.
+    Returns their scalar arguments (n_elements, numel class, d1..d3, n_cols,
+    the coefficients' strides), the constexprs they share (coefficient
+    layouts, stepping, the focal loss's FOCAL, HAS_ALPHA, HARD_LABELS and
+    CLASS_INDEX, INT64, CT, FAST_MATH), and `_layout.collapse_plan`'s
+    coefficient materializer (None: the coefficients as given)."""
+    n = x.numel()
+    ct = compute_dtype(x.dtype)
+    class_index = z.dtype == torch.int64
+    sizes, (w, pw), (stride_w, stride_pw), collapsed = _layout.collapse_plan(
+        x.shape, [weight, pos_weight], classes_apart=class_index)
+    nd = _layout.ndim(sizes)
+    step_classes, chunk_wraps = classes_stepped(sizes, nd)
+    n_cols = max(1, x.shape[-1]) if x.dim() else 1
+    scalars = (n, numel_class(kernel, n), sizes[1], sizes[2], sizes[3], n_cols, *stride_w, *stride_pw)
+    flags = dict(
+        W_LAYOUT=coefficient_layout(w, stride_w, sizes, nd), PW_LAYOUT=coefficient_layout(pw, stride_pw, sizes, nd),
+        NDIM=nd, STEP_CLASSES=step_classes, CHUNK_WRAPS=chunk_wraps,
+        FOCAL=gamma is not None, HAS_ALPHA=gamma is not None and alpha is not None,
+        HARD_LABELS=gamma is not None and hard_labels, CLASS_INDEX=class_index,
+        INT64=n >= _layout.INT32_LIMIT, CT=tl.float64 if ct == torch.float64 else tl.float32, FAST_MATH=fast_math(ct),
+    )
+    return scalars, flags, collapsed
 
 
 @triton.jit

@@ -5,21 +5,19 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_sigxent._reference import compute_dtype
 from fused_sigxent import _reduction as R
 
 from . import _layout
 from ._launch import PLANS, Launch, aligned, remember
-from ._configs import numel_class, tuned
+from ._layout import signature
+from ._configs import tuned
 from ._math import (
     CHUNK,
     COEF_NONE,
     NONE,
-    classes_stepped,
-    coefficient_layout,
     divide,
-    fast_math,
-    focal_launch,
+    elementwise_launch,
+    focal_pointers,
     grid_stride,
     load_block,
     load_scalar,
@@ -147,47 +145,35 @@ def sigmoid_ce_bwd(
     # contiguous here: the kernel reads it at the logits' offsets.
     g = _layout.contiguous(grad) if reduction == R.NONE else grad
     grad_logits = torch.empty_like(x) if need_grad_logits else torch.empty(0, dtype=logits.dtype, device=device)
-    grad_labels = _layout.empty_as(z, labels.dtype) if need_grad_labels else torch.empty(0, dtype=labels.dtype, device=device)
+    grad_labels = (_layout.empty_as(z, labels.dtype) if need_grad_labels
+                   else torch.empty(0, dtype=labels.dtype, device=device))
     if x.numel() == 0 or not (need_grad_logits or need_grad_labels):
         return grad_logits, grad_labels
-    key = ("sigmoid_ce_bwd", x.shape, x.dtype, z.dtype, labels.dtype, device, g.dtype, aligned(g), _layout.signature(weight),
-           _layout.signature(pos_weight), _layout.signature(denom), _layout.signature(label_smoothing),
-           _layout.signature(gamma), _layout.signature(alpha), reduction, need_grad_logits, need_grad_labels,
-           hard_labels, aligned(x), aligned(z))
+    # Everything the launch depends on but the tensors' addresses (see kernels/_launch.py).
+    key = ("sigmoid_ce_bwd", x.shape, x.dtype, z.dtype, labels.dtype, device, aligned(x), aligned(z), reduction,
+           need_grad_logits, need_grad_labels, hard_labels, g.dtype, aligned(g), signature(weight),
+           signature(pos_weight), signature(denom), signature(label_smoothing), signature(gamma), signature(alpha))
     plan = PLANS.get(key)
     if plan is None:
-        plan = remember(key, _plan(x, z, weight, pos_weight, label_smoothing, reduction, need_grad_logits,
-                                   need_grad_labels, gamma, alpha, hard_labels))
+        plan = remember(key, _plan(x, z, weight, pos_weight, reduction, need_grad_logits, need_grad_labels,
+                                   gamma, alpha, hard_labels))
     launch, collapsed = plan
     w, pw = (weight, pos_weight) if collapsed is None else collapsed(weight, pos_weight)
     launch(
         g, x, z, x if w is None else w, x if pw is None else pw, label_smoothing,
-        label_smoothing if gamma is None else gamma, label_smoothing if alpha is None else alpha, denom,
+        *focal_pointers(label_smoothing, gamma, alpha), denom,
         grad_logits if need_grad_logits else x, grad_labels if need_grad_labels else x,
     )
     return grad_logits, grad_labels
 
 
-def _plan(x, z, weight, pos_weight, label_smoothing, reduction, need_grad_logits, need_grad_labels,
-          gamma, alpha, hard_labels) -> tuple:
+def _plan(x, z, weight, pos_weight, reduction, need_grad_logits, need_grad_labels, gamma, alpha,
+          hard_labels) -> tuple:
     """(Launch, coefficient materializer or None) for every call with this call's signature."""
-    device = x.device
-    n = x.numel()
-    ct = compute_dtype(x.dtype)
-    sizes, (w, pw), (stride_w, stride_pw), collapsed = _layout.collapse_plan(
-        x.shape, [weight, pos_weight], classes_apart=z.dtype == torch.int64)
-    nd = _layout.ndim(sizes)
-    step_classes, chunk_wraps = classes_stepped(sizes, nd)
-    n_cols = max(1, x.shape[-1]) if x.dim() else 1
-    _, focal_flags = focal_launch(z, label_smoothing, gamma, alpha, hard_labels)
+    scalars, flags, collapsed = elementwise_launch("sigmoid_ce_bwd", x, z, weight, pos_weight, gamma, alpha,
+                                                   hard_labels)
     launch = Launch(
-        _sigmoid_ce_bwd_kernel, _layout.persistent_grid(n, device),
-        (n, numel_class("sigmoid_ce_bwd", n), sizes[1], sizes[2], sizes[3], n_cols, *stride_w, *stride_pw),
-        dict(REDUCTION=reduction, W_LAYOUT=coefficient_layout(w, stride_w, sizes, nd),
-             PW_LAYOUT=coefficient_layout(pw, stride_pw, sizes, nd), NDIM=nd,
-             STEP_CLASSES=step_classes, CHUNK_WRAPS=chunk_wraps,
-             NEED_GRAD_LOGITS=need_grad_logits, NEED_GRAD_LABELS=need_grad_labels, **focal_flags,
-             INT64=n >= _layout.INT32_LIMIT, CT=tl.float64 if ct == torch.float64 else tl.float32,
-             FAST_MATH=fast_math(ct)),
+        _sigmoid_ce_bwd_kernel, _layout.persistent_grid(x.numel(), x.device), scalars,
+        dict(REDUCTION=reduction, NEED_GRAD_LOGITS=need_grad_logits, NEED_GRAD_LABELS=need_grad_labels, **flags),
     )
     return launch, collapsed

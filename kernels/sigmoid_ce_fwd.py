@@ -11,7 +11,7 @@ from fused_sigxent import _reduction as R
 from . import _layout
 from ._launch import PLANS, Launch, aligned, remember
 from ._layout import signature
-from ._configs import numel_class, tuned
+from ._configs import tuned
 from ._math import (
     CHUNK,
     COEF_NONE,
@@ -20,11 +20,9 @@ from ._math import (
     MEAN_BY_WEIGHTS,
     NONE,
     SUM,
-    classes_stepped,
-    coefficient_layout,
     divide,
-    fast_math,
-    focal_launch,
+    elementwise_launch,
+    focal_pointers,
     grid_stride,
     load_block,
     load_scalar,
@@ -239,22 +237,20 @@ def sigmoid_ce_fwd(
     x, z = _layout.contiguous(logits), _layout.contiguous(labels)
     device = x.device
     # Everything the launch depends on but the tensors' addresses (see kernels/_launch.py).
-    key = ("sigmoid_ce_fwd", x.shape, x.dtype, z.dtype, labels.dtype, device, reduction, out_dtype, grad_logits_in_fwd,
-           grad_labels_in_fwd, hard_labels, aligned(x), aligned(z), label_smoothing.dtype, aligned(label_smoothing),
-           None if weight is None else signature(weight), None if pos_weight is None else signature(pos_weight),
-           None if gamma is None else signature(gamma), None if alpha is None else signature(alpha),
-           None if grad_logits_out is None else aligned(grad_logits_out))
+    key = ("sigmoid_ce_fwd", x.shape, x.dtype, z.dtype, labels.dtype, device, aligned(x), aligned(z), reduction,
+           out_dtype, grad_logits_in_fwd, grad_labels_in_fwd, hard_labels, signature(weight), signature(pos_weight),
+           signature(label_smoothing), signature(gamma), signature(alpha), signature(grad_logits_out))
     plan = PLANS.get(key)
     if plan is None:
-        plan = remember(key, _plan(x, z, labels.dtype, weight, pos_weight, label_smoothing, reduction, out_dtype,
-                                  grad_logits_in_fwd, grad_labels_in_fwd, gamma, alpha, hard_labels))
+        plan = remember(key, _plan(x, z, labels.dtype, weight, pos_weight, reduction, out_dtype,
+                                   grad_logits_in_fwd, grad_labels_in_fwd, gamma, alpha, hard_labels))
     launch, loss_like, denom_like, no_grad_logits, no_grad_labels, collapsed = plan
     w, pw = (weight, pos_weight) if collapsed is None else collapsed(weight, pos_weight)
 
     if loss_like is not None:
         loss = torch.empty_like(loss_like)
     else:  # the elementwise loss
-        loss = torch.empty_like(x) if out_dtype == x.dtype else torch.empty(x.shape, dtype=out_dtype, device=device)
+        loss = _layout.empty_as(x, out_dtype)
     denom = torch.empty_like(denom_like)
     if grad_logits_out is not None:
         grad_logits = grad_logits_out
@@ -264,40 +260,29 @@ def sigmoid_ce_fwd(
     ticket, partials = _layout.workspace(device, denom.dtype)
     launch(
         x, z, x if w is None else w, x if pw is None else pw, label_smoothing,
-        label_smoothing if gamma is None else gamma, label_smoothing if alpha is None else alpha,
-        loss, denom, grad_logits if grad_logits_in_fwd else loss, grad_labels if grad_labels_in_fwd else loss,
-        partials, ticket,
+        *focal_pointers(label_smoothing, gamma, alpha), loss, denom,
+        grad_logits if grad_logits_in_fwd else loss, grad_labels if grad_labels_in_fwd else loss, partials, ticket,
     )
     return loss, denom, grad_logits, grad_labels
 
 
-def _plan(x, z, labels_dtype, weight, pos_weight, label_smoothing, reduction, out_dtype, grad_logits_in_fwd,
-          grad_labels_in_fwd, gamma, alpha, hard_labels) -> tuple:
+def _plan(x, z, labels_dtype, weight, pos_weight, reduction, out_dtype, grad_logits_in_fwd, grad_labels_in_fwd,
+          gamma, alpha, hard_labels) -> tuple:
     """For every call with this call's signature: the Launch; templates of
     the reduced loss (None: elementwise, shaped as the logits), the
     denominator and the 0-size gradients not written; the coefficient
     materializer (`_layout.collapse_plan`) or None."""
     device = x.device
-    n = x.numel()
     ct = compute_dtype(x.dtype)
-    sizes, (w, pw), (stride_w, stride_pw), collapsed = _layout.collapse_plan(
-        x.shape, [weight, pos_weight], classes_apart=z.dtype == torch.int64)
-    nd = _layout.ndim(sizes)
-    step_classes, chunk_wraps = classes_stepped(sizes, nd)
-    write_grads = grad_logits_in_fwd or grad_labels_in_fwd
-    if write_grads and not R.denominator_is_static(reduction, None if weight is None else weight.numel()):
+    if (grad_logits_in_fwd or grad_labels_in_fwd) and not R.denominator_is_static(
+            reduction, None if weight is None else weight.numel()):
         raise ValueError("gradients in the forward need a denominator known before the reduction")
-    n_cols = max(1, x.shape[-1]) if x.dim() else 1
-    _, focal_flags = focal_launch(z, label_smoothing, gamma, alpha, hard_labels)
+    scalars, flags, collapsed = elementwise_launch("sigmoid_ce_fwd", x, z, weight, pos_weight, gamma, alpha,
+                                                   hard_labels)
     launch = Launch(
-        _sigmoid_ce_fwd_kernel, _layout.persistent_grid(n, device),
-        (n, numel_class("sigmoid_ce_fwd", n), sizes[1], sizes[2], sizes[3], n_cols, *stride_w, *stride_pw),
-        dict(REDUCTION=reduction, W_LAYOUT=coefficient_layout(w, stride_w, sizes, nd),
-             PW_LAYOUT=coefficient_layout(pw, stride_pw, sizes, nd), NDIM=nd,
-             STEP_CLASSES=step_classes, CHUNK_WRAPS=chunk_wraps,
-             WRITE_GRAD_LOGITS=grad_logits_in_fwd, WRITE_GRAD_LABELS=grad_labels_in_fwd, **focal_flags,
-             INT64=n >= _layout.INT32_LIMIT, MAX_PROGRAMS=_layout.partial_slots(device),
-             CT=tl.float64 if ct == torch.float64 else tl.float32, FAST_MATH=fast_math(ct)),
+        _sigmoid_ce_fwd_kernel, _layout.persistent_grid(x.numel(), device), scalars,
+        dict(REDUCTION=reduction, WRITE_GRAD_LOGITS=grad_logits_in_fwd, WRITE_GRAD_LABELS=grad_labels_in_fwd,
+             MAX_PROGRAMS=_layout.partial_slots(device), **flags),
     )
     loss_like = None if reduction == R.NONE else _layout.template(device, out_dtype)
     return (launch, loss_like, _layout.template(device, ct), _layout.template(device, x.dtype, empty=True),
