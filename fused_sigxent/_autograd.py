@@ -6,7 +6,7 @@ One set of formulas serves three registrations: the op's own
 autograd.Function the front ends apply, which adds what torch.library
 cannot register for a custom op (torch.func transforms, forward-mode AD and
 a batching rule); and `_PlainSigmoidCE`, the same Function at the least
-host cost, for plain eager code.
+host cost, which plain eager code applies through a call plan (`_eager`).
 """
 
 import torch
@@ -26,12 +26,20 @@ def setup_context(ctx, inputs, output):
     # those outputs: a full-size tensor and a pass over it for grad_logits.
     ctx.set_materialize_grads(False)
     _save(ctx, logits, labels, weight, pos_weight, smoothing, denom, reduction, out_dtype, focal,
-          (grad_logits, grad_labels) if grad_logits_in_fwd or grad_labels_in_fwd else None)
+          (grad_logits, grad_labels, scale) if grad_logits_in_fwd or grad_labels_in_fwd else None)
+
+
+def scale(grad, grad_logits, grad_labels) -> None:
+    """Multiplies the gradients a forward wrote by the incoming gradient, in
+    place: one launch, which returns at once when `grad` is 1."""
+    _dispatch.call("sigmoid_ce_scale_", grad_logits.device, grad, grad_logits, grad_labels)
 
 
 def _save(ctx, logits, labels, weight, pos_weight, smoothing, denom, reduction, out_dtype, focal, grads_from_fwd):
     """What `backward` and `jvp` read. focal: (gamma, alpha, hard_labels) of
-    the focal loss, or () (the defaults: the cross entropy)."""
+    the focal loss, or () (the defaults: the cross entropy). grads_from_fwd:
+    (grad_logits, grad_labels, their scaling: `scale` or a call plan's), or
+    None."""
     gamma, alpha, hard_labels = (*focal, *(None, None, False)[len(focal):])
     ctx.save_for_backward(logits, labels, weight, pos_weight, smoothing, denom, gamma, alpha)
     if _forward_ad._current_level >= 0:
@@ -59,8 +67,8 @@ def backward(ctx, grad, _grad_denom, _grad_grad_logits, _grad_grad_labels):
     if grads_from_fwd is not None and not (differentiable or needs[2] or needs[3]):
         # The forward wrote the gradients: scaled in place (one launch that
         # returns at once when `grad` is 1), no saved tensor read.
-        grad_logits, grad_labels = grads_from_fwd
-        _dispatch.call("sigmoid_ce_scale_", grad_logits.device, grad, grad_logits, grad_labels)
+        grad_logits, grad_labels, scale_ = grads_from_fwd
+        scale_(grad, grad_logits, grad_labels)
         return (grad_logits if needs[0] else None, grad_labels if needs[1] else None, None, None, *rest)
     logits, labels, weight, pos_weight, smoothing, denom, gamma, alpha = ctx.saved_tensors
     if differentiable:
@@ -92,8 +100,8 @@ def _fused_grads(grad, logits, labels, weight, pos_weight, smoothing, denom, red
     need_logits, need_labels, need_weight, need_pos_weight = needs
     grad_logits = grad_labels = None
     if grads_from_fwd is not None and (need_logits or need_labels):
-        grad_logits, grad_labels = grads_from_fwd
-        _dispatch.call("sigmoid_ce_scale_", grad_logits.device, grad, grad_logits, grad_labels)
+        grad_logits, grad_labels, scale_ = grads_from_fwd
+        scale_(grad, grad_logits, grad_labels)
     elif need_logits or need_labels:
         focal = () if gamma is None else (gamma, alpha, hard_labels)
         grad_logits, grad_labels = _dispatch.call(
@@ -187,24 +195,21 @@ class SigmoidCE(torch.autograd.Function):
 
 
 class _PlainSigmoidCE(torch.autograd.Function):
-    """SigmoidCE as plain eager code applies it, once `_dispatch.plain_eager`
-    has held for its inputs, at the least host cost: the forward runs the
-    implementation without asking again (the dispatcher's layers would only
-    add time, see `_dispatch.call`); it returns the loss alone and takes its
-    non-differentiable arguments as one tuple (autograd wraps each output
-    and checks each input: ~1.5 us for the op's 4 and 12); and it saves in
-    the forward itself (the older form, which torch.func does not accept,
-    and none of its transforms comes here). Same derivatives, same backward
-    (which asks the dispatcher again: a profiler or a mode may be on by the
-    time it runs)."""
+    """SigmoidCE as a call plan (`_eager.Plan`) applies it in plain eager
+    code, at the least host cost: the forward runs the plan's forward (the
+    dispatcher's layers would only add time, see `_dispatch.call`); it
+    returns the loss alone and takes the plan as its one non-differentiable
+    argument (autograd wraps each output and checks each input: ~1.5 us for
+    the op's 4 and 12); and it saves in the forward itself (the older form,
+    which torch.func does not accept, and none of its transforms comes
+    here). Same derivatives, same backward (which asks the dispatcher again:
+    a profiler or a mode may be on by the time it runs)."""
 
     @staticmethod
-    def forward(ctx, logits, labels, weight, pos_weight, options):
-        smoothing, reduction, out_dtype, grad_logits_in_fwd, grad_labels_in_fwd, *focal = options
-        loss, denom, grad_logits, grad_labels = _dispatch.run(
-            "sigmoid_ce_fwd", logits.device, logits, labels, weight, pos_weight, *options)
-        _save(ctx, logits, labels, weight, pos_weight, smoothing, denom, reduction, out_dtype, focal,
-              (grad_logits, grad_labels) if grad_logits_in_fwd or grad_labels_in_fwd else None)
+    def forward(ctx, logits, labels, weight, pos_weight, plan):
+        loss, denom, grad_logits, grad_labels = plan.forward(logits, labels, weight, pos_weight)
+        _save(ctx, logits, labels, weight, pos_weight, plan.smoothing, denom, plan.reduction, plan.out_dtype,
+              plan.focal, (grad_logits, grad_labels, plan.scale) if plan.grads_in_forward else None)
         return loss
 
     @staticmethod
@@ -216,18 +221,10 @@ class _PlainSigmoidCE(torch.autograd.Function):
         return jvp(ctx, t_logits, t_labels, t_weight, t_pos_weight)[0]
 
 
-def apply_plain(logits, labels, weight, pos_weight, smoothing, reduction, out_dtype, grad_logits_in_fwd,
-                grad_labels_in_fwd, *focal) -> Tensor:
-    """The loss of `SigmoidCE.apply` on the same arguments, for plain eager
-    code (see `_PlainSigmoidCE`)."""
-    return _apply_plain(logits, labels, weight, pos_weight,
-                        (smoothing, reduction, out_dtype, grad_logits_in_fwd, grad_labels_in_fwd, *focal))
-
-
 # Function.apply's Python prelude binds the arguments to forward's signature
 # (for setup_context) and unwraps dead functorch wrappers; in plain eager
 # code it has nothing to do, and its C++ core is called directly.
-_apply_plain = super(torch.autograd.Function, _PlainSigmoidCE).apply
+apply_plain = super(torch.autograd.Function, _PlainSigmoidCE).apply
 
 
 def plan_grads_in_forward(logits: Tensor, labels: Tensor, weight: Tensor | None, reduction: int) -> tuple[bool, bool]:

@@ -111,23 +111,7 @@ def sigmoid_ce(
     takes them as data, so a schedule of values neither specializes kernels
     nor recompiles."""
     _validate.not_scripted()
-    ct = _reference.compute_dtype(logits.dtype)
-    smoothing = _validate.number_as_tensor(label_smoothing, logits, ct)
-    focal = ()
-    if gamma is not None:
-        # Unsmoothed bool/uint8/class-index labels are 0 or 1: the kernels'
-        # focal factor then needs no log (a host fact, so a constexpr).
-        hard = (labels.dtype in (torch.bool, torch.uint8, torch.int64)
-                and not isinstance(label_smoothing, torch.SymFloat) and label_smoothing == 0)
-        focal = (_validate.number_as_tensor(gamma, logits, ct),
-                 None if alpha is None else _validate.number_as_tensor(alpha, logits, ct), hard)
-    if _dispatch.plain_eager(logits.device, (logits, labels, weight, pos_weight)):
-        # Nothing could observe or transform the call (the common case, and
-        # the one whose host time counts): the Function's C++ apply, its
-        # forward straight to the implementation.
-        grad_logits_in_fwd, grad_labels_in_fwd = _autograd.plan_grads_in_forward(logits, labels, weight, reduction)
-        return _autograd.apply_plain(logits, labels, weight, pos_weight, smoothing, reduction, out_dtype,
-                                     grad_logits_in_fwd, grad_labels_in_fwd, *focal)
+    smoothing, focal = scalar_arguments(logits, labels, label_smoothing, gamma, alpha)
     dtensor = _validate.is_dtensor(logits, labels, weight, pos_weight)
     if dtensor or _compiled_transform():
         # The reference's plain ops, which autograd, DTensor (shard by shard)
@@ -153,6 +137,22 @@ def sigmoid_ce(
             logits, labels, weight, pos_weight, smoothing, reduction, out_dtype,
             grad_logits_in_fwd, grad_labels_in_fwd, *focal)
     return loss
+
+
+def scalar_arguments(logits: Tensor, labels: Tensor, label_smoothing: float, gamma: float | None,
+                     alpha: float | None) -> tuple[Tensor, tuple]:
+    """The op's label_smoothing (a 0-d tensor) and its focal arguments:
+    (gamma, alpha, hard_labels), or () for the cross entropy."""
+    ct = _reference.compute_dtype(logits.dtype)
+    smoothing = _validate.number_as_tensor(label_smoothing, logits, ct)
+    if gamma is None:
+        return smoothing, ()
+    # Unsmoothed bool/uint8/class-index labels are 0 or 1: the kernels'
+    # focal factor then needs no log (a host fact, so a constexpr).
+    hard = (labels.dtype in (torch.bool, torch.uint8, torch.int64)
+            and not isinstance(label_smoothing, torch.SymFloat) and label_smoothing == 0)
+    return smoothing, (_validate.number_as_tensor(gamma, logits, ct),
+                       None if alpha is None else _validate.number_as_tensor(alpha, logits, ct), hard)
 
 
 def _compiled_transform() -> bool:

@@ -47,3 +47,9 @@ def denominator_is_static(reduction: int, weight_numel: int | None) -> bool:
     if reduction in (MEAN_BY_WEIGHTS, MEAN_BY_NONZERO):
         return weight_numel is None or weight_numel == 1
     return False
+
+
+def denominator_is_constant(reduction: int) -> bool:
+    """True when the denominator depends on the shape alone (never on a
+    weight's values): the same for every call of one shape."""
+    return reduction in (NONE, SUM, MEAN_BY_NUMEL, TORCH_MEAN)

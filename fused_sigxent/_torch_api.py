@@ -2,7 +2,7 @@
 
 from torch import Tensor, nn
 
-from . import _op, _validate
+from . import _eager, _validate
 from . import _reduction as R
 
 
@@ -21,9 +21,14 @@ def binary_cross_entropy_with_logits(
     numel; an empty "mean" is NaN), computed in float32 and returned in
     `input`'s dtype; `target` may also be bool or uint8.
     """
+    return _eager.loss(_arguments, input, target, weight, pos_weight, reduction, label_smoothing)
+
+
+def _arguments(input, target, weight, pos_weight, reduction, label_smoothing) -> tuple:
+    """The checked arguments of `_op.sigmoid_ce`."""
     x, z, w, p = _validate.cached(_tensors, input, target, weight, pos_weight)
     s = _validate.label_smoothing(label_smoothing)
-    return _op.sigmoid_ce(x, z, w, p, s, _reduction_code(reduction), _validate.out_dtype(x))
+    return x, z, w, p, s, _reduction_code(reduction), _validate.out_dtype(x)
 
 
 def _tensors(input, target, weight, pos_weight):

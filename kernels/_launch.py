@@ -11,33 +11,21 @@ perf.host_overhead`): more than PyTorch eager's whole loss. A replay is a
 dictionary lookup and one call of the compiled kernel's C launcher.
 """
 
+from typing import Callable, NamedTuple
+
 from triton import knobs
 from triton.runtime.driver import driver
 
+# One store with the eager call plans that replay launch plans (see there).
+from fused_sigxent._plans import PLANS, remember  # noqa: F401
+
 from . import _tuner
-
-# {(host function, signature): plan}: each host function keeps what it needs
-# to replay a call, its Launch first (output templates and such after). A
-# plan depends only on its key, so two threads that build one at once build
-# equal plans.
-PLANS: dict[tuple, tuple] = {}
-# Beyond this many signatures (a loop whose shapes keep changing: variable
-# lengths, box counts) the plans are dropped and made again as calls come:
-# each holds a few KB and, where it launches directly, a compiled kernel.
-MAX_PLANS = 1024
-
-
-def remember(key: tuple, plan: tuple) -> tuple:
-    """`plan`, kept for later calls with signature `key`."""
-    if len(PLANS) >= MAX_PLANS:
-        PLANS.clear()
-    PLANS[key] = plan
-    return plan
 
 
 def launches() -> list[tuple[str, "Launch"]]:
-    """(host function, Launch) of every plan made so far."""
-    return [(key[0], plan[0]) for key, plan in PLANS.items()]
+    """(host function, Launch) of every launch plan made so far (keyed by
+    the host function's name; a plan's Launch is its `launch`)."""
+    return [(key[0], plan.launch) for key, plan in PLANS.items() if isinstance(key[0], str)]
 
 
 class Launch:
@@ -103,6 +91,14 @@ class Launch:
                     self.direct = (kernel.fn, compiled.run, compiled.function, compiled.packed_metadata,
                                    grid[0], grid[1], grid[2], driver.active.get_current_stream, device,
                                    values[len(tensors):])
+
+
+class LaunchPlan(NamedTuple):
+    """A launch plan that is one Launch and the coefficient materializer
+    (`_layout.collapse_plan`; None: the coefficients as given)."""
+
+    launch: Launch
+    collapsed: Callable | None = None
 
 
 def _set(hook) -> bool:

@@ -203,7 +203,7 @@ def partial_slots(device: torch.device) -> int:
     return _partial_slots(device)
 
 
-# {(device type, index, stream or "graph"): (ticket, partials, partials as float32)}
+# {device, or (CUDA index, stream or "graph"): (ticket, partials, partials as float32)}
 _WORKSPACES: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
 
 
@@ -276,26 +276,27 @@ def workspace(device: torch.device, dtype: torch.dtype = torch.float64) -> tuple
 
 
 def _workspace(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    # Keys: the device itself (the interpreter's CPU), or (CUDA index, raw
+    # stream handle as Triton's launcher reads it, or "graph"). Read on
+    # every launch, so nothing is made to look one up.
     if device.type != "cuda":
-        made = _WORKSPACES.get((device.type, device.index, 0))
+        made = _WORKSPACES.get(device)
         if made is not None:
             return made
-        key = (device.type, device.index, 0)
+        key = device
     elif torch.cuda.is_current_stream_capturing():
-        key = (device.type, device.index, "graph")
+        key = (device.index, "graph")
         if key not in _WORKSPACES:
             raise RuntimeError(
                 f"fused_sigxent: no reduction workspace for {device} yet, and none can be allocated during a "
                 "CUDA graph capture: run the loss once eagerly on this device before capturing")
         return _WORKSPACES[key]
     else:
-        # The raw stream handle, as Triton's launcher reads it (no Stream object made).
-        key = (device.type, device.index, torch._C._cuda_getCurrentRawStream(device.index))
+        key = (device.index, torch._C._cuda_getCurrentRawStream(device.index))
         made = _WORKSPACES.get(key)
         if made is not None:
             return made
-    if key not in _WORKSPACES:
-        _WORKSPACES[key] = _new_workspace(device)
-        if device.type == "cuda":
-            _WORKSPACES.setdefault((device.type, device.index, "graph"), _new_workspace(device))
+    _WORKSPACES[key] = _new_workspace(device)
+    if device.type == "cuda":
+        _WORKSPACES.setdefault((device.index, "graph"), _new_workspace(device))
     return _WORKSPACES[key]

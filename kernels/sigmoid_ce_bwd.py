@@ -8,7 +8,7 @@ import triton.language as tl
 from fused_sigxent import _reduction as R
 
 from . import _layout
-from ._launch import PLANS, Launch, aligned, remember
+from ._launch import PLANS, Launch, LaunchPlan, aligned, remember
 from ._layout import signature
 from ._configs import tuned
 from ._math import (
@@ -168,12 +168,12 @@ def sigmoid_ce_bwd(
 
 
 def _plan(x, z, weight, pos_weight, reduction, need_grad_logits, need_grad_labels, gamma, alpha,
-          hard_labels) -> tuple:
-    """(Launch, coefficient materializer or None) for every call with this call's signature."""
+          hard_labels) -> LaunchPlan:
+    """The launch plan of every call with this call's signature."""
     scalars, flags, collapsed = elementwise_launch("sigmoid_ce_bwd", x, z, weight, pos_weight, gamma, alpha,
                                                    hard_labels)
     launch = Launch(
         _sigmoid_ce_bwd_kernel, _layout.persistent_grid(x.numel(), x.device), scalars,
         dict(REDUCTION=reduction, NEED_GRAD_LOGITS=need_grad_logits, NEED_GRAD_LABELS=need_grad_labels, **flags),
     )
-    return launch, collapsed
+    return LaunchPlan(launch, collapsed)

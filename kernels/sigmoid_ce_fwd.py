@@ -235,55 +235,83 @@ def sigmoid_ce_fwd(
     if grad_logits_out is not None and not (grad_logits_out.is_contiguous() and grad_logits_out.shape == logits.shape):
         raise ValueError(f"grad_logits_out must be contiguous and of the logits' shape {tuple(logits.shape)}")
     x, z = _layout.contiguous(logits), _layout.contiguous(labels)
-    device = x.device
+    run = plan(x, z, labels.dtype, weight, pos_weight, label_smoothing, reduction, out_dtype, grad_logits_in_fwd,
+               grad_labels_in_fwd, gamma, alpha, hard_labels, grad_logits_out)
+    return run(x, z, weight, pos_weight, label_smoothing, gamma, alpha, grad_logits_out)
+
+
+def plan(x, z, labels_dtype, weight, pos_weight, label_smoothing, reduction, out_dtype, grad_logits_in_fwd,
+         grad_labels_in_fwd, gamma=None, alpha=None, hard_labels=False, grad_logits_out=None) -> "Plan":
+    """The launch plan of every call with this call's signature (x, z: the
+    contiguous logits and labels, as `_layout.contiguous` makes them)."""
     # Everything the launch depends on but the tensors' addresses (see kernels/_launch.py).
-    key = ("sigmoid_ce_fwd", x.shape, x.dtype, z.dtype, labels.dtype, device, aligned(x), aligned(z), reduction,
+    key = ("sigmoid_ce_fwd", x.shape, x.dtype, z.dtype, labels_dtype, x.device, aligned(x), aligned(z), reduction,
            out_dtype, grad_logits_in_fwd, grad_labels_in_fwd, hard_labels, signature(weight), signature(pos_weight),
            signature(label_smoothing), signature(gamma), signature(alpha), signature(grad_logits_out))
-    plan = PLANS.get(key)
-    if plan is None:
-        plan = remember(key, _plan(x, z, labels.dtype, weight, pos_weight, reduction, out_dtype,
-                                   grad_logits_in_fwd, grad_labels_in_fwd, gamma, alpha, hard_labels))
-    launch, loss_like, denom_like, no_grad_logits, no_grad_labels, collapsed = plan
-    w, pw = (weight, pos_weight) if collapsed is None else collapsed(weight, pos_weight)
-
-    if loss_like is not None:
-        loss = torch.empty_like(loss_like)
-    else:  # the elementwise loss
-        loss = _layout.empty_as(x, out_dtype)
-    denom = torch.empty_like(denom_like)
-    if grad_logits_out is not None:
-        grad_logits = grad_logits_out
-    else:
-        grad_logits = torch.empty_like(x if grad_logits_in_fwd else no_grad_logits)
-    grad_labels = _layout.empty_as(z, labels.dtype) if grad_labels_in_fwd else torch.empty_like(no_grad_labels)
-    ticket, partials = _layout.workspace(device, denom.dtype)
-    launch(
-        x, z, x if w is None else w, x if pw is None else pw, label_smoothing,
-        *focal_pointers(label_smoothing, gamma, alpha), loss, denom,
-        grad_logits if grad_logits_in_fwd else loss, grad_labels if grad_labels_in_fwd else loss, partials, ticket,
-    )
-    return loss, denom, grad_logits, grad_labels
+    made = PLANS.get(key)
+    if made is None:
+        made = remember(key, Plan(x, z, labels_dtype, weight, pos_weight, reduction, out_dtype, grad_logits_in_fwd,
+                                  grad_labels_in_fwd, gamma, alpha, hard_labels))
+    return made
 
 
-def _plan(x, z, labels_dtype, weight, pos_weight, reduction, out_dtype, grad_logits_in_fwd, grad_labels_in_fwd,
-          gamma, alpha, hard_labels) -> tuple:
-    """For every call with this call's signature: the Launch; templates of
-    the reduced loss (None: elementwise, shaped as the logits), the
-    denominator and the 0-size gradients not written; the coefficient
-    materializer (`_layout.collapse_plan`) or None."""
-    device = x.device
-    ct = compute_dtype(x.dtype)
-    if (grad_logits_in_fwd or grad_labels_in_fwd) and not R.denominator_is_static(
-            reduction, None if weight is None else weight.numel()):
-        raise ValueError("gradients in the forward need a denominator known before the reduction")
-    scalars, flags, collapsed = elementwise_launch("sigmoid_ce_fwd", x, z, weight, pos_weight, gamma, alpha,
-                                                   hard_labels)
-    launch = Launch(
-        _sigmoid_ce_fwd_kernel, _layout.persistent_grid(x.numel(), device), scalars,
-        dict(REDUCTION=reduction, WRITE_GRAD_LOGITS=grad_logits_in_fwd, WRITE_GRAD_LABELS=grad_labels_in_fwd,
-             MAX_PROGRAMS=_layout.partial_slots(device), **flags),
-    )
-    loss_like = None if reduction == R.NONE else _layout.template(device, out_dtype)
-    return (launch, loss_like, _layout.template(device, ct), _layout.template(device, x.dtype, empty=True),
-            _layout.template(device, labels_dtype, empty=True), collapsed)
+class Plan:
+    """A forward launch with everything but the tensors' addresses worked
+    out: the Launch; templates of the reduced loss (None: elementwise,
+    shaped as the logits), the denominator and the 0-size gradients not
+    written; the coefficient materializer (`_layout.collapse_plan`) or None."""
+
+    __slots__ = ("launch", "loss_like", "denom_like", "no_grad_logits", "no_grad_labels", "collapsed",
+                 "grad_logits_in_fwd", "grad_labels_in_fwd", "out_dtype", "labels_dtype")
+
+    def __init__(self, x, z, labels_dtype, weight, pos_weight, reduction, out_dtype, grad_logits_in_fwd,
+                 grad_labels_in_fwd, gamma, alpha, hard_labels):
+        device = x.device
+        ct = compute_dtype(x.dtype)
+        if (grad_logits_in_fwd or grad_labels_in_fwd) and not R.denominator_is_static(
+                reduction, None if weight is None else weight.numel()):
+            raise ValueError("gradients in the forward need a denominator known before the reduction")
+        scalars, flags, self.collapsed = elementwise_launch("sigmoid_ce_fwd", x, z, weight, pos_weight, gamma,
+                                                            alpha, hard_labels)
+        self.launch = Launch(
+            _sigmoid_ce_fwd_kernel, _layout.persistent_grid(x.numel(), device), scalars,
+            dict(REDUCTION=reduction, WRITE_GRAD_LOGITS=grad_logits_in_fwd, WRITE_GRAD_LABELS=grad_labels_in_fwd,
+                 MAX_PROGRAMS=_layout.partial_slots(device), **flags),
+        )
+        self.loss_like = None if reduction == R.NONE else _layout.template(device, out_dtype)
+        self.denom_like = _layout.template(device, ct)
+        self.no_grad_logits = _layout.template(device, x.dtype, empty=True)
+        self.no_grad_labels = _layout.template(device, labels_dtype, empty=True)
+        self.grad_logits_in_fwd, self.grad_labels_in_fwd = grad_logits_in_fwd, grad_labels_in_fwd
+        self.out_dtype, self.labels_dtype = out_dtype, labels_dtype
+
+    def __call__(self, x, z, weight, pos_weight, label_smoothing, gamma=None, alpha=None, grad_logits_out=None,
+                 denom=None, fresh=True):
+        """(loss, denom, grad_logits, grad_labels) of one call, fresh tensors
+        each (the op's contract). A caller that keeps the outputs to itself
+        (`fused_sigxent._eager`) may pass a 0-d tensor of the compute dtype
+        to write the denominator into, and fresh=False: the gradients not
+        asked for are then this plan's 0-size templates."""
+        w, pw = (weight, pos_weight) if self.collapsed is None else self.collapsed(weight, pos_weight)
+        loss = _layout.empty_as(x, self.out_dtype) if self.loss_like is None else torch.empty_like(self.loss_like)
+        grad_logits_in_fwd, grad_labels_in_fwd = self.grad_logits_in_fwd, self.grad_labels_in_fwd
+        if denom is None:
+            denom = torch.empty_like(self.denom_like)
+        if fresh:
+            no_grad_logits = torch.empty_like(self.no_grad_logits)
+            no_grad_labels = torch.empty_like(self.no_grad_labels)
+        else:
+            no_grad_logits, no_grad_labels = self.no_grad_logits, self.no_grad_labels
+        if grad_logits_out is not None:
+            grad_logits = grad_logits_out
+        else:
+            grad_logits = torch.empty_like(x) if grad_logits_in_fwd else no_grad_logits
+        grad_labels = _layout.empty_as(z, self.labels_dtype) if grad_labels_in_fwd else no_grad_labels
+        ticket, partials = _layout.workspace(x.device, denom.dtype)
+        self.launch(
+            x, z, x if w is None else w, x if pw is None else pw, label_smoothing,
+            *focal_pointers(label_smoothing, gamma, alpha), loss, denom,
+            grad_logits if grad_logits_in_fwd else loss, grad_labels if grad_labels_in_fwd else loss, partials,
+            ticket,
+        )
+        return loss, denom, grad_logits, grad_labels

@@ -8,7 +8,7 @@ import triton.language as tl
 from fused_sigxent._reference import compute_dtype
 
 from . import _layout
-from ._launch import PLANS, Launch, aligned, remember
+from ._launch import PLANS, Launch, LaunchPlan, aligned, remember
 from ._configs import fixed, numel_class
 from ._math import block_mask, grid_stride
 
@@ -64,8 +64,8 @@ def sigmoid_ce_scale_(grad: torch.Tensor, grad_logits: torch.Tensor, grad_labels
            aligned(grad), aligned(grad_logits), aligned(grad_labels))
     plan = PLANS.get(key)
     if plan is None:
-        plan = remember(key, (_plan(grad, grad_logits, grad_labels),))
-    plan[0](grad, grad_logits if n_logits else grad_labels, grad_labels if n_labels else grad_logits)
+        plan = remember(key, LaunchPlan(_plan(grad, grad_logits, grad_labels)))
+    plan.launch(grad, grad_logits if n_logits else grad_labels, grad_labels if n_labels else grad_logits)
 
 
 def _plan(grad, grad_logits, grad_labels) -> Launch:

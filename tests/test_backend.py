@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fused_sigxent as fs
-from fused_sigxent import _backend
+from fused_sigxent import _backend, _eager
 
 
 def test_launches_run_on_the_tensors_device(monkeypatch):
@@ -19,6 +19,8 @@ def test_launches_run_on_the_tensors_device(monkeypatch):
 
 
 def test_every_op_enters_the_device_guard(backend, monkeypatch):
+    # Through the op's route; a call plan holds only on the current device (below).
+    monkeypatch.setattr(_eager, "_unobserved", lambda: False)
     entered = []
     on_device = _backend.on_device
     monkeypatch.setattr(_backend, "on_device", lambda device: entered.append(device.type) or on_device(device))
@@ -26,6 +28,20 @@ def test_every_op_enters_the_device_guard(backend, monkeypatch):
     fs.binary_cross_entropy_with_logits(x, z).backward(torch.tensor(2.0))  # fwd, then scale
     fs.binary_cross_entropy_with_logits(x, z, reduction="none").sum().backward()  # fwd, then bwd
     assert entered == ["cpu"] * 4
+
+
+def test_call_plans_run_only_on_the_current_cuda_device_and_never_in_a_capture(monkeypatch):
+    # Triton launches on the current device: a plan made for cuda:0 would
+    # read a cuda:1 call's tensors from the wrong device, and a capture must
+    # keep nothing a plan holds. Those calls take the op's route instead.
+    current, capturing = [0], [False]
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    assert _eager._runs_here(None) and _eager._runs_here(0) and not _eager._runs_here(1)
+    current[0] = 1
+    assert _eager._runs_here(1) and not _eager._runs_here(0)
+    capturing[0] = True
+    assert not _eager._runs_here(1) and _eager._runs_here(None)
 
 
 def test_unknown_backend_is_an_error(monkeypatch):

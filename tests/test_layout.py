@@ -77,7 +77,7 @@ def test_no_workspace_is_allocated_during_a_capture(monkeypatch):
     assert allocated == [] and _layout._WORKSPACES == {}
     partials = torch.empty(8, dtype=torch.float64)
     ready = (torch.zeros(1), partials, partials.view(torch.float32))
-    _layout._WORKSPACES[("cuda", 0, "graph")] = ready
+    _layout._WORKSPACES[(0, "graph")] = ready
     ticket, found = _layout.workspace(CUDA0)
     assert ticket is ready[0] and found is ready[1]
     assert _layout.workspace(CUDA0, torch.float32)[1] is ready[2]
