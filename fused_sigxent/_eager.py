@@ -37,14 +37,14 @@ def loss(prepare, logits, labels, weight, pos_weight, *options) -> Tensor:
         except TypeError:  # an unhashable option: the front end's checks say what it should be
             key = None
         if plan is not None and plan.here():
-            return plan(logits, labels, weight, pos_weight)
+            return _apply(logits, labels, weight, pos_weight, plan)
     args = prepare(logits, labels, weight, pos_weight, *options)
     if key is not None and plan is None:
         plan = _make(args, logits, labels, weight, pos_weight)
         if plan is not None:
             remember(key, plan)
             if plan.here():
-                return plan(logits, labels, weight, pos_weight)
+                return _apply(logits, labels, weight, pos_weight, plan)
     return _op.sigmoid_ce(*args)
 
 
@@ -83,6 +83,7 @@ _function_modes = torch._C._is_torch_function_mode_enabled
 _transforms = torch._C._are_functorch_transforms_active
 _profiling = torch.autograd._profiler_enabled
 _tracing = torch._C._is_tracing
+_apply = _autograd.apply_plain  # (logits, labels, weight, pos_weight, plan) -> loss
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _grad_enabled = torch.is_grad_enabled
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
@@ -127,7 +128,7 @@ def _runs_here(cuda_index: int | None) -> bool:
 
 
 class Plan:
-    """One signature's call: what `_autograd._PlainSigmoidCE` applies. Its
+    """One signature's call, as `_autograd._PlainSigmoidCE` applies it: its
     `forward(logits, labels, weight, pos_weight)` returns the op's
     (loss, denominator, grad_logits, grad_labels)."""
 
@@ -146,9 +147,6 @@ class Plan:
     def here(self) -> bool:
         """Whether this plan may serve a call now (see `_runs_here`)."""
         return self.cuda_index is None or _runs_here(self.cuda_index)
-
-    def __call__(self, logits, labels, weight, pos_weight) -> Tensor:
-        return _autograd.apply_plain(logits, labels, weight, pos_weight, self)
 
     def scale(self, grad: Tensor, grad_logits: Tensor, grad_labels: Tensor) -> None:
         """`_autograd.scale` of gradients this plan's forward wrote: straight

@@ -5,7 +5,7 @@ import numbers
 import torch
 from torch import Tensor, nn
 
-from . import _op, _validate
+from . import _eager, _op, _validate
 from . import _reduction as R
 
 
@@ -30,6 +30,17 @@ def sigmoid_focal_loss(
     (checking would synchronize). Reductions "none", "mean" (over numel),
     "sum"; the loss comes back in `inputs`' dtype, computed in float32.
     """
+    options = (alpha, gamma, reduction, label_smoothing)
+    if isinstance(targets, Tensor) and targets.dtype == torch.int64 and targets.device.type == "cpu":
+        # Class indices on the CPU: their values are checked on every call,
+        # which a call plan (keyed on the signature alone) would skip.
+        return _op.sigmoid_ce(*_arguments(inputs, targets, weight, None, *options))
+    return _eager.loss(_arguments, inputs, targets, weight, None, *options)
+
+
+def _arguments(inputs, targets, weight, _pos_weight, alpha, gamma, reduction, label_smoothing) -> tuple:
+    """The checked arguments of `_op.sigmoid_ce` (with gamma and alpha where
+    the loss is not the plain cross entropy)."""
     x = _validate.logits("inputs", inputs)
     g = _number("gamma", gamma)
     if not g >= 0.0 or g == float("inf"):
@@ -44,8 +55,8 @@ def sigmoid_focal_loss(
     alpha_or_none = a if a >= 0 else None
     if g == 0 and alpha_or_none is None:
         # (1 - p_t)^0 alpha-free is the cross entropy itself: the same op, unchanged.
-        return _op.sigmoid_ce(x, z, w, None, s, code, _validate.out_dtype(x))
-    return _op.sigmoid_ce(x, z, w, None, s, code, _validate.out_dtype(x), gamma=g, alpha=alpha_or_none)
+        return x, z, w, None, s, code, _validate.out_dtype(x)
+    return x, z, w, None, s, code, _validate.out_dtype(x), g, alpha_or_none
 
 
 def _number(name: str, value) -> float:

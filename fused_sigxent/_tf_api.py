@@ -2,34 +2,41 @@
 
 from torch import Tensor
 
-from . import _op, _validate
+from . import _eager, _validate
 from . import _reduction as R
 from ._reduction import Reduction
 
 
 def sigmoid_cross_entropy_with_logits(*, labels: Tensor, logits: Tensor) -> Tensor:
     """`tf.nn.sigmoid_cross_entropy_with_logits`: elementwise loss, shaped and typed as `logits`."""
-    x = _validate.logits("logits", logits)
-    z = _validate.labels("labels", labels, x, "logits")
-    return _op.sigmoid_ce(x, z, None, None, 0.0, R.NONE, _validate.out_dtype(x))
+    return _eager.loss(_elementwise, logits, labels, None, None, "labels")
 
 
 def deprecated_flipped_sigmoid_cross_entropy_with_logits(logits: Tensor, targets: Tensor) -> Tensor:
     """`tf.contrib.nn.deprecated_flipped_sigmoid_cross_entropy_with_logits`: (logits, targets) order."""
-    x = _validate.logits("logits", logits)
-    z = _validate.labels("targets", targets, x, "logits")
-    return _op.sigmoid_ce(x, z, None, None, 0.0, R.NONE, _validate.out_dtype(x))
+    return _eager.loss(_elementwise, logits, targets, None, None, "targets")
 
 
 def weighted_cross_entropy_with_logits(*, labels: Tensor, logits: Tensor, pos_weight) -> Tensor:
     """`tf.nn.weighted_cross_entropy_with_logits`: positives weighted by `pos_weight`
     (a number, or a tensor that broadcasts to `logits`), elementwise."""
+    return _eager.loss(_weighted, logits, labels, None, pos_weight)
+
+
+def _elementwise(logits, labels, _weight, _pos_weight, labels_name: str) -> tuple:
+    """The checked arguments of `_op.sigmoid_ce` for TF's elementwise loss."""
     x = _validate.logits("logits", logits)
-    z = _validate.labels("labels", labels, x, "logits")
+    z = _validate.labels(labels_name, labels, x, "logits")
+    return x, z, None, None, 0.0, R.NONE, _validate.out_dtype(x)
+
+
+def _weighted(logits, labels, _weight, pos_weight) -> tuple:
+    """The checked arguments of `_op.sigmoid_ce` for TF's weighted elementwise loss."""
+    x, z, *_ = _elementwise(logits, labels, None, None, "labels")
     if _validate.is_number(pos_weight):
         pos_weight = _validate.number_as_tensor(pos_weight, x)
     p = _validate.coefficient("pos_weight", pos_weight, x, "logits")
-    return _op.sigmoid_ce(x, z, None, p, 0.0, R.NONE, _validate.out_dtype(x))
+    return x, z, None, p, 0.0, R.NONE, _validate.out_dtype(x)
 
 
 def _reduction_code(reduction) -> int:
@@ -75,9 +82,17 @@ def sigmoid_cross_entropy(
     Integer labels and weights are cast, as TF casts them. Returns a 0-d loss,
     or the logits' shape for `Reduction.NONE`.
     """
+    # A tensor of weights is the call's weight tensor; a number is an option.
+    tensor = weights if isinstance(weights, Tensor) else None
+    number = None if tensor is not None else weights
+    return _eager.loss(_losses, logits, multi_class_labels, tensor, None, number, label_smoothing, reduction)
+
+
+def _losses(logits, multi_class_labels, weights, _pos_weight, number, label_smoothing, reduction) -> tuple:
+    """The checked arguments of `_op.sigmoid_ce` for `sigmoid_cross_entropy`."""
     x = _validate.logits("logits", logits)
     z = _validate.labels("multi_class_labels", multi_class_labels, x, "logits", cast_integers=True)
-    w = _tf_weights(weights, x)
+    w = _tf_weights(number if weights is None else weights, x)
     s = _validate.label_smoothing(label_smoothing)
     code = _reduction_code(reduction)
-    return _op.sigmoid_ce(x, z, w, None, s, code, _validate.out_dtype(x))
+    return x, z, w, None, s, code, _validate.out_dtype(x)

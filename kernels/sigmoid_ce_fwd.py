@@ -262,7 +262,7 @@ class Plan:
     written; the coefficient materializer (`_layout.collapse_plan`) or None."""
 
     __slots__ = ("launch", "loss_like", "denom_like", "no_grad_logits", "no_grad_labels", "collapsed",
-                 "grad_logits_in_fwd", "grad_labels_in_fwd", "out_dtype", "labels_dtype")
+                 "grad_logits_in_fwd", "grad_labels_in_fwd", "out_dtype", "labels_dtype", "device", "ct")
 
     def __init__(self, x, z, labels_dtype, weight, pos_weight, reduction, out_dtype, grad_logits_in_fwd,
                  grad_labels_in_fwd, gamma, alpha, hard_labels):
@@ -284,6 +284,7 @@ class Plan:
         self.no_grad_labels = _layout.template(device, labels_dtype, empty=True)
         self.grad_logits_in_fwd, self.grad_labels_in_fwd = grad_logits_in_fwd, grad_labels_in_fwd
         self.out_dtype, self.labels_dtype = out_dtype, labels_dtype
+        self.device, self.ct = device, ct
 
     def __call__(self, x, z, weight, pos_weight, label_smoothing, gamma=None, alpha=None, grad_logits_out=None,
                  denom=None, fresh=True):
@@ -307,7 +308,7 @@ class Plan:
         else:
             grad_logits = torch.empty_like(x) if grad_logits_in_fwd else no_grad_logits
         grad_labels = _layout.empty_as(z, self.labels_dtype) if grad_labels_in_fwd else no_grad_labels
-        ticket, partials = _layout.workspace(x.device, denom.dtype)
+        ticket, partials = _layout.workspace(self.device, self.ct)
         self.launch(
             x, z, x if w is None else w, x if pw is None else pw, label_smoothing,
             *focal_pointers(label_smoothing, gamma, alpha), loss, denom,
