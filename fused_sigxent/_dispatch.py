@@ -58,9 +58,10 @@ def call(name: str, device: torch.device, *args):
 
 def plain_eager(device: torch.device, args) -> bool:
     """Whether a call on `args` (its tensors at least: other values pass)
-    can skip the dispatcher (see `call`). Called on every eager call, so
-    kept to a few C-level checks; compiling comes first, where Dynamo folds
-    it and reads no further."""
+    can skip the dispatcher (see `call`). Called on every call of the op's
+    route (and when a call plan is made, `_eager`), so kept to a few
+    C-level checks; compiling comes first, where Dynamo folds it and reads
+    no further."""
     if (torch.compiler.is_compiling()
             or device.type not in _DEVICES
             or _dispatch_modes()

@@ -1,5 +1,6 @@
-"""Every torch.library registration of fused_sigxent, and the one entry that
-all front ends call (`sigmoid_ce`)."""
+"""Every torch.library registration of fused_sigxent, and the route that
+serves every loss call (`sigmoid_ce`): front ends reach it through
+`_eager.loss`, where a call plan serves plain eager calls seen before."""
 
 import contextlib
 
