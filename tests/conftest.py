@@ -11,6 +11,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 HAS_GPU = torch.cuda.is_available()
 
@@ -24,6 +25,18 @@ TOLERANCES = {
     torch.float32: dict(rtol=2e-5, atol=1e-6),
     torch.float64: dict(rtol=1e-10, atol=1e-12),
 }
+
+
+class OpNames(TorchDispatchMode):
+    """Records the name of every op dispatched while it is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 def assert_close(actual, expected, dtype=None, msg=""):

@@ -3,22 +3,11 @@ calls the implementation directly; anything that could observe or transform
 the call sees the registered op."""
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_sigxent as fs
 from fused_sigxent import _dispatch
 
-from conftest import assert_close
-
-
-class _OpNames(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
+from conftest import OpNames, assert_close
 
 
 def _inputs():
@@ -33,7 +22,7 @@ def test_plain_eager_tensors_skip_the_dispatcher():
 def test_anything_that_observes_the_call_sees_the_op():
     x, z = _inputs()
     args = (x, z)
-    with _OpNames():
+    with OpNames():
         assert not _dispatch.plain_eager(x.device, args)
     with torch.device("cpu"):  # a torch function mode
         assert not _dispatch.plain_eager(x.device, args)
@@ -45,7 +34,7 @@ def test_anything_that_observes_the_call_sees_the_op():
 
 def test_a_dispatch_mode_records_both_ops(backend):
     x, z = _inputs()
-    mode = _OpNames()
+    mode = OpNames()
     with mode:
         fs.binary_cross_entropy_with_logits(x, z, reduction="none").sum().backward()
     assert "fused_sigxent.sigmoid_ce_fwd.default" in mode.names
@@ -65,7 +54,7 @@ def test_both_routes_give_the_same_loss_and_gradient(backend):
     w = torch.rand(7)
     fs.binary_cross_entropy_with_logits(x, z, w, label_smoothing=0.1).backward(torch.tensor(0.5))
     direct, x.grad = x.grad, None
-    with _OpNames():
+    with OpNames():
         loss = fs.binary_cross_entropy_with_logits(x, z, w, label_smoothing=0.1)
         loss.backward(torch.tensor(0.5))
     assert_close(x.grad, direct)

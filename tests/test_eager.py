@@ -6,12 +6,11 @@ serve (an observer, a converted argument, a bad one) takes the op's route."""
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_sigxent as fs
 from fused_sigxent import _eager, _plans
 
-from conftest import assert_close
+from conftest import OpNames, assert_close
 
 
 def _plans_made() -> list:
@@ -128,21 +127,11 @@ def test_the_backend_is_read_on_every_call(monkeypatch):
     assert len(calls) == 2
 
 
-class _Names(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_an_observer_sees_the_op_after_a_plan_exists(backend):
     x, z = torch.randn(4, 6, requires_grad=True), torch.rand(4, 6)
     fs.binary_cross_entropy_with_logits(x, z).backward()
     assert len(_plans_made()) == 1
-    with _Names() as mode:
+    with OpNames() as mode:
         fs.binary_cross_entropy_with_logits(x, z).backward()
     assert any("fused_sigxent.sigmoid_ce_fwd" in n for n in mode.names)
     assert any("fused_sigxent.sigmoid_ce_scale_" in n for n in mode.names)
@@ -156,7 +145,7 @@ def test_a_mode_turned_on_between_forward_and_backward_sees_the_scale(backend):
     x, z = torch.randn(4, 6, requires_grad=True), torch.rand(4, 6)
     fs.binary_cross_entropy_with_logits(x, z).backward()
     loss = fs.binary_cross_entropy_with_logits(x, z)
-    with _Names() as mode:
+    with OpNames() as mode:
         loss.backward(torch.tensor(2.0))
     assert any("fused_sigxent.sigmoid_ce_scale_" in n for n in mode.names)
 
