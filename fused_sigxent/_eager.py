@@ -27,8 +27,11 @@ from ._plans import PLANS, remember
 def loss(prepare, logits, labels, weight, pos_weight, *options) -> Tensor:
     """The loss of `_op.sigmoid_ce(*prepare(logits, labels, weight,
     pos_weight, *options))`, where `prepare` is a front end's checks
-    (raising before any computation) returning the op's arguments, the
-    tensors first. options: the front end's other arguments (hashable)."""
+    (raising before any computation, depending on nothing but the key's
+    contents) returning the op's arguments, the tensors first. options: the
+    front end's other arguments."""
+    if not _unobserved():
+        return _op.sigmoid_ce(*prepare(logits, labels, weight, pos_weight, *options))
     plan = None
     key = _key(prepare, logits, labels, weight, pos_weight, options)
     if key is not None:
@@ -39,23 +42,41 @@ def loss(prepare, logits, labels, weight, pos_weight, *options) -> Tensor:
         if plan is not None and plan.here():
             return _apply(logits, labels, weight, pos_weight, plan)
     args = prepare(logits, labels, weight, pos_weight, *options)
-    if key is not None and plan is None:
-        plan = _make(args, logits, labels, weight, pos_weight)
-        if plan is not None:
-            remember(key, plan)
-            if plan.here():
-                return _apply(logits, labels, weight, pos_weight, plan)
-    return _op.sigmoid_ce(*args)
+    return _call(args, key if plan is None else None, (logits, labels, weight, pos_weight))
+
+
+def call(args: tuple) -> Tensor:
+    """The loss of `_op.sigmoid_ce(*args)` (arguments a front end checked on
+    this very call): in plain eager code through a plan made for it alone."""
+    if not _unobserved():
+        return _op.sigmoid_ce(*args)
+    return _call(args, None, ())
+
+
+def _call(args: tuple, key: tuple | None, given: tuple) -> Tensor:
+    """The loss of op arguments `args`; the plan made for them is kept under
+    `key` where they are the call's own tensors (`given`), and NOT_PLANNED
+    where they never can be (converted; not plain eager code)."""
+    x, z, w, p = tensors = args[:4]
+    plain = _dispatch.plain_eager(x.device, tensors)
+    own = plain and len(given) == 4 and all(a is b for a, b in zip(tensors, given))
+    if key is not None and not own:
+        remember(key, NOT_PLANNED)
+    if not (plain and _runs_here(_cuda_index(x.device))):  # (another current device, a capture: the op's route)
+        return _op.sigmoid_ce(*args)
+    plan = Plan(*args)
+    if key is not None and own:
+        remember(key, plan)
+    return _apply(x, z, w, p, plan)
 
 
 def _key(prepare, logits, labels, weight, pos_weight, options) -> tuple | None:
-    """The call's signature, or None where no plan may serve it (the call is
-    not plain eager code, or its arguments are not what they should be:
-    the front end's checks then say what is wrong)."""
-    if not _unobserved():
-        return None
+    """The call's signature, or None where it has none (its arguments are
+    not what they should be: the front end's checks then say what is
+    wrong). Each option's class too: True == 1.0 and Decimal("0.5") == 0.5,
+    but only the float passes the checks."""
     try:
-        return (prepare, options, _backend.backend(), _grad_enabled(),
+        return (prepare, options, tuple(map(type, options)), _backend.backend(), _grad_enabled(),
                 _any_autocast() and torch.is_autocast_enabled(logits.device.type),
                 _signature(logits), _signature(labels), _signature(weight), _signature(pos_weight))
     except Exception:  # not a tensor, a tensor without storage (a functorch wrapper), a bad backend name
@@ -90,8 +111,8 @@ _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
 class _NotPlanned:
-    """A signature no plan serves (its checks convert an argument, or the call
-    is not plain eager code): known, so its calls skip making one."""
+    """A signature no kept plan serves (its checks convert an argument, or the
+    call is not plain eager code): its calls get a plan of their own each."""
 
     @staticmethod
     def here() -> bool:
@@ -99,19 +120,6 @@ class _NotPlanned:
 
 
 NOT_PLANNED = _NotPlanned()
-
-
-def _make(args, logits, labels, weight, pos_weight):
-    """The plan of the call whose op arguments are `args`; NOT_PLANNED; or
-    None where no plan can be made now (a CUDA graph capture, another
-    current device: made by a later call)."""
-    x, z, w, p, label_smoothing, reduction, out_dtype, *focal = args
-    if not (x is logits and z is labels and w is weight and p is pos_weight
-            and _dispatch.plain_eager(x.device, (x, z, w, p))):
-        return NOT_PLANNED
-    if not _runs_here(_cuda_index(x.device)):
-        return None
-    return Plan(x, z, w, p, label_smoothing, reduction, out_dtype, *focal)
 
 
 def _cuda_index(device: torch.device) -> int | None:
@@ -133,7 +141,7 @@ class Plan:
     (loss, denominator, grad_logits, grad_labels)."""
 
     __slots__ = ("forward", "smoothing", "reduction", "out_dtype", "focal", "grads_in_forward", "cuda_index",
-                 "scale_impl")
+                 "scale_impl", "backend")
 
     def __init__(self, x, z, w, p, label_smoothing, reduction, out_dtype, gamma=None, alpha=None):
         self.smoothing, self.focal = _op.scalar_arguments(x, z, label_smoothing, gamma, alpha)
@@ -143,6 +151,7 @@ class Plan:
         self.cuda_index = _cuda_index(x.device)
         self.forward = _forward(x, z, w, p, self.smoothing, reduction, out_dtype, grads, self.focal)
         self.scale_impl = _dispatch.implementation("sigmoid_ce_scale_", x.device)
+        self.backend = _backend.backend()
 
     def here(self) -> bool:
         """Whether this plan may serve a call now (see `_runs_here`)."""
@@ -151,8 +160,10 @@ class Plan:
     def scale(self, grad: Tensor, grad_logits: Tensor, grad_labels: Tensor) -> None:
         """`_autograd.scale` of gradients this plan's forward wrote: straight
         to the implementation while nothing could observe the call (a mode
-        or the profiler may have been turned on since the forward)."""
-        if grad.__class__ is Tensor and _unobserved() and self.here() and not _wrapped(grad):
+        or the profiler may have been turned on since the forward, or the
+        backend changed)."""
+        if (grad.__class__ is Tensor and _unobserved() and self.here() and _backend.backend() == self.backend
+                and not _wrapped(grad)):
             self.scale_impl(grad, grad_logits, grad_labels)
         else:
             _autograd.scale(grad, grad_logits, grad_labels)

@@ -5,7 +5,7 @@ import numbers
 import torch
 from torch import Tensor, nn
 
-from . import _eager, _op, _validate
+from . import _eager, _validate
 from . import _reduction as R
 
 
@@ -34,7 +34,7 @@ def sigmoid_focal_loss(
     if isinstance(targets, Tensor) and targets.dtype == torch.int64 and targets.device.type == "cpu":
         # Class indices on the CPU: their values are checked on every call,
         # which a call plan (keyed on the signature alone) would skip.
-        return _op.sigmoid_ce(*_arguments(inputs, targets, weight, None, *options))
+        return _eager.call(_arguments(inputs, targets, weight, None, *options))
     return _eager.loss(_arguments, inputs, targets, weight, None, *options)
 
 

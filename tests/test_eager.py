@@ -17,8 +17,8 @@ def _plans_made() -> list:
     """The call plans made for the backend in use (the reference's calls make their own)."""
     from fused_sigxent import _backend
 
-    return [plan for key, plan in _plans.PLANS.items()
-            if isinstance(plan, _eager.Plan) and key[2] == _backend.backend()]
+    return [plan for plan in _plans.PLANS.values()
+            if isinstance(plan, _eager.Plan) and plan.backend == _backend.backend()]
 
 
 def _reference(fn, *args, **kwargs):
@@ -216,3 +216,46 @@ def test_a_dead_functorch_wrapper_takes_the_op_route(backend):
     leaked = []
     torch.func.grad(lambda t: leaked.append(t) or t.sum())(x)
     assert_close(fs.binary_cross_entropy_with_logits(leaked[0], z), fs.binary_cross_entropy_with_logits(x, z))
+
+
+def test_an_option_equal_to_a_planned_one_but_of_another_class_is_checked(backend):
+    # True == 1.0 and hash alike, but a bool is no smoothing, gamma or weight.
+    from decimal import Decimal
+
+    x, z = torch.randn(3, 4), torch.rand(3, 4)
+    fs.binary_cross_entropy_with_logits(x, z, label_smoothing=0.0)
+    fs.binary_cross_entropy_with_logits(x, z, label_smoothing=0.5)
+    fs.sigmoid_focal_loss(x, z, gamma=1.0)
+    fs.sigmoid_cross_entropy(z, x, weights=1.0)
+    for _ in range(2):
+        for bad in [False, Decimal("0.5"), 0.5 + 0j]:
+            with pytest.raises(TypeError, match="label_smoothing"):
+                fs.binary_cross_entropy_with_logits(x, z, label_smoothing=bad)
+        with pytest.raises(TypeError, match="gamma"):
+            fs.sigmoid_focal_loss(x, z, gamma=True)
+        with pytest.raises((TypeError, ValueError), match="weights"):
+            fs.sigmoid_cross_entropy(z, x, weights=True)
+
+
+def test_a_backend_changed_before_the_backward_is_read_there(backend, monkeypatch):
+    x, z = torch.randn(3, 4, requires_grad=True), torch.rand(3, 4)
+    fs.binary_cross_entropy_with_logits(x, z).backward()
+    loss = fs.binary_cross_entropy_with_logits(x, z)
+    monkeypatch.setenv("FUSED_SIGXENT_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="bogus"):
+        loss.backward()
+
+
+def test_calls_no_kept_plan_serves_still_take_the_plain_function(backend):
+    # Converted arguments (an integer weight, a number) get a plan of their
+    # own call: the Function's C++ apply, not the op route's Python prelude.
+    x, z = torch.randn(3, 4, requires_grad=True), torch.rand(3, 4)
+    for _ in range(2):
+        losses = [fs.binary_cross_entropy_with_logits(x, z, torch.arange(4)),
+                  fs.weighted_cross_entropy_with_logits(labels=z, logits=x, pos_weight=2.0).sum(),
+                  fs.sigmoid_focal_loss(x, torch.tensor([0, 1, 4]), reduction="sum")]
+        for loss in losses:
+            grad_fn = loss.grad_fn if loss.grad_fn.__class__.__name__.startswith("_Plain") else \
+                loss.grad_fn.next_functions[0][0]
+            assert grad_fn.__class__.__name__ == "_PlainSigmoidCEBackward"
+    assert _plans_made() == []
