@@ -62,12 +62,7 @@ def plain_eager(device: torch.device, args) -> bool:
     route (and when a call plan is made, `_eager`), so kept to a few
     C-level checks; compiling comes first, where Dynamo folds it and reads
     no further."""
-    if (torch.compiler.is_compiling()
-            or device.type not in _DEVICES
-            or _dispatch_modes()
-            or _function_modes()
-            or _transforms()
-            or _profiling()):
+    if not unobserved() or device.type not in _DEVICES:
         return False
     for a in args:
         cls = a.__class__
@@ -79,8 +74,16 @@ def plain_eager(device: torch.device, args) -> bool:
     return True
 
 
+def unobserved() -> bool:
+    """No dispatch or function mode, functorch transform, profiler, trace or
+    compile could see or change a call now (its tensors aside)."""
+    return not (torch.compiler.is_compiling()  # first: Dynamo folds it and reads no further
+                or _dispatch_modes() or _function_modes() or _transforms() or _profiling() or _tracing())
+
+
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _function_modes = torch._C._is_torch_function_mode_enabled
 _transforms = torch._C._are_functorch_transforms_active
 _profiling = torch.autograd._profiler_enabled
+_tracing = torch._C._is_tracing
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor

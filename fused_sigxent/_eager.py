@@ -83,13 +83,6 @@ def _key(prepare, logits, labels, weight, pos_weight, options) -> tuple | None:
         return None
 
 
-def _unobserved() -> bool:
-    """No mode, functorch transform, profiler, trace or compile could see or
-    change the call (see `_dispatch.plain_eager`)."""
-    return not (torch.compiler.is_compiling()  # first: Dynamo folds it and reads no further
-                or _dispatch_modes() or _function_modes() or _transforms() or _profiling() or _tracing())
-
-
 def _signature(t: Tensor | None) -> tuple | None:
     # The class: a subclass (DTensor, a wrapper) is never planned. The
     # address modulo 16: Triton specializes on it; and a tensor with no
@@ -99,12 +92,8 @@ def _signature(t: Tensor | None) -> tuple | None:
     return t.__class__, t.shape, t.stride(), t.dtype, t.device, t.requires_grad, t.data_ptr() % 16
 
 
-_dispatch_modes = torch._C._len_torch_dispatch_stack
-_function_modes = torch._C._is_torch_function_mode_enabled
-_transforms = torch._C._are_functorch_transforms_active
-_profiling = torch.autograd._profiler_enabled
-_tracing = torch._C._is_tracing
 _apply = _autograd.apply_plain  # (logits, labels, weight, pos_weight, plan) -> loss
+_unobserved = _dispatch.unobserved
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _grad_enabled = torch.is_grad_enabled
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)

@@ -26,7 +26,7 @@ def binary_cross_entropy_with_logits(
 
 def _arguments(input, target, weight, pos_weight, reduction, label_smoothing) -> tuple:
     """The checked arguments of `_op.sigmoid_ce`."""
-    x, z, w, p = _validate.cached(_tensors, input, target, weight, pos_weight)
+    x, z, w, p = _tensors(input, target, weight, pos_weight)
     s = _validate.label_smoothing(label_smoothing)
     return x, z, w, p, s, _reduction_code(reduction), _validate.out_dtype(x)
 

@@ -60,35 +60,6 @@ def labels(name: str, value, x: Tensor, x_name: str, *, cast_integers: bool = Fa
     raise TypeError(f"{name} must have {allowed}; got {z.dtype}")
 
 
-# Signatures of arguments a check has passed unchanged (see `cached`);
-# dropped beyond MAX_PASSED (shapes that keep changing), then learnt again.
-_PASSED: set = set()
-MAX_PASSED = 4096
-_PLAIN = (Tensor, torch.nn.Parameter)
-
-
-def cached(check, *args):
-    """check(*args): the arguments, validated and converted (it raises, or
-    returns a tuple like `args`). A training loop passes tensors of the same
-    classes, shapes, dtypes and devices every step, and a check depends on
-    nothing else (and on the backend, which the key holds): arguments of a
-    signature that passed unchanged before pass again without a second
-    look. Anything but plain tensors and None is checked every time."""
-    try:
-        key = (check, _backend.backend(), *[None if a is None else (a.__class__, a.shape, a.dtype, a.device)
-                                             for a in args])
-        if key in _PASSED:
-            return args
-    except (AttributeError, TypeError):  # not a tensor: the check says what it is
-        return check(*args)
-    checked = check(*args)
-    if all(c is a for c, a in zip(checked, args)) and all(a is None or a.__class__ in _PLAIN for a in args):
-        if len(_PASSED) >= MAX_PASSED:
-            _PASSED.clear()
-        _PASSED.add(key)
-    return checked
-
-
 def _same_device(name: str, t: Tensor, x: Tensor, x_name: str) -> None:
     if t.device != x.device:
         raise ValueError(f"{name} is on {t.device} but {x_name} is on {x.device}")

@@ -39,6 +39,13 @@ class OpNames(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def on_reference(fn, *args, **kwargs):
+    """fn(*args, **kwargs) with FUSED_SIGXENT_BACKEND=reference (the definition)."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("FUSED_SIGXENT_BACKEND", "reference")
+        return fn(*args, **kwargs)
+
+
 def assert_close(actual, expected, dtype=None, msg=""):
     dtype = dtype or actual.dtype
     torch.testing.assert_close(

@@ -10,7 +10,7 @@ import torch
 import fused_sigxent as fs
 from fused_sigxent import _eager, _plans
 
-from conftest import OpNames, assert_close
+from conftest import OpNames, assert_close, on_reference
 
 
 def _plans_made() -> list:
@@ -19,12 +19,6 @@ def _plans_made() -> list:
 
     return [plan for plan in _plans.PLANS.values()
             if isinstance(plan, _eager.Plan) and plan.backend == _backend.backend()]
-
-
-def _reference(fn, *args, **kwargs):
-    with pytest.MonkeyPatch.context() as m:
-        m.setenv("FUSED_SIGXENT_BACKEND", "reference")
-        return fn(*args, **kwargs)
 
 
 def _grads(fn, x, *args, grad=None, **kwargs):
@@ -53,7 +47,7 @@ def test_a_replayed_call_is_the_same_call(backend, call):
     for _ in range(3):
         x, z = torch.randn(5, 13), torch.rand(5, 13)
         loss, grad = _grads(fn, x, z)
-        want, want_grad = _reference(_grads, fn, x, z)
+        want, want_grad = on_reference(_grads, fn, x, z)
         assert_close(loss, want)
         assert_close(grad, want_grad)
     assert len(_plans_made()) == 1
@@ -96,7 +90,7 @@ def test_anything_a_plan_read_makes_a_plan_of_its_own(backend, change):
 
 def test_grad_mode_reduction_smoothing_and_autocast_each_make_a_plan(backend):
     x, z = torch.randn(3, 7, dtype=torch.bfloat16), torch.rand(3, 7)
-    ref = lambda **kw: _reference(fs.binary_cross_entropy_with_logits, x, z, **kw)  # noqa: E731
+    ref = lambda **kw: on_reference(fs.binary_cross_entropy_with_logits, x, z, **kw)  # noqa: E731
     calls = [
         (lambda: fs.binary_cross_entropy_with_logits(x, z), ref()),
         (lambda: fs.binary_cross_entropy_with_logits(x, z, reduction="sum"), ref(reduction="sum")),
@@ -159,7 +153,7 @@ def test_converted_arguments_are_converted_on_every_call(backend):
         assert_close(fs.binary_cross_entropy_with_logits(x, z, w), want)
     assert _plans_made() == []
     for value in [2.0, 3.0]:  # a TF weight given as a number
-        want = _reference(fs.sigmoid_cross_entropy, z, x, weights=value)
+        want = on_reference(fs.sigmoid_cross_entropy, z, x, weights=value)
         assert_close(fs.sigmoid_cross_entropy(z, x, weights=value), want)
 
 
@@ -206,7 +200,7 @@ def test_saved_denominators_belong_to_their_own_call(backend):
             loss.backward()
         for w in ws:
             w_ref = w.detach().requires_grad_()
-            _reference(fn, w_ref).backward()
+            on_reference(fn, w_ref).backward()
             assert_close(w.grad, w_ref.grad)
 
 

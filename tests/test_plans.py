@@ -1,16 +1,16 @@
-"""Launch plans (kernels/_launch.py) and the validation cache
-(`_validate.cached`): what a call works out once per signature, and that a
-replayed call is the same call (under the interpreter, checked against the
-reference)."""
+"""Launch plans (kernels/_launch.py), and the front end's checks skipped
+for a signature that passed (call plans, fused_sigxent/_eager.py): what a
+call works out once per signature, and that a replayed call is the same
+call (under the interpreter, checked against the reference)."""
 
 import pytest
 import torch
 
 import fused_sigxent as fs
-from fused_sigxent import _plans, _torch_api, _validate
+from fused_sigxent import _plans, _torch_api
 from fused_sigxent.kernels import _launch, _layout
 
-from conftest import assert_close
+from conftest import assert_close, on_reference
 
 
 @pytest.fixture
@@ -19,9 +19,7 @@ def triton_backend(monkeypatch):
 
 
 def _reference(*args, **kwargs):
-    with pytest.MonkeyPatch.context() as m:
-        m.setenv("FUSED_SIGXENT_BACKEND", "reference")
-        return fs.binary_cross_entropy_with_logits(*args, **kwargs)
+    return on_reference(fs.binary_cross_entropy_with_logits, *args, **kwargs)
 
 
 def test_a_repeated_call_works_out_nothing_again(triton_backend, monkeypatch):
@@ -146,7 +144,6 @@ def test_validation_is_skipped_only_for_a_signature_that_passed(monkeypatch):
     checks = []
     tensors = _torch_api._tensors
     monkeypatch.setattr(_torch_api, "_tensors", lambda *a: checks.append(1) or tensors(*a))
-    monkeypatch.setattr(_validate, "_PASSED", set())
     x, z = torch.randn(4, 6), torch.rand(4, 6)
     for _ in range(3):
         fs.binary_cross_entropy_with_logits(x, z)
