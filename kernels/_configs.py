@@ -8,7 +8,7 @@ from importlib import resources
 
 import triton
 
-from fused_sigxent._backend import interpreting
+from fused_sigxent.core.backend import interpreting
 
 from . import _tuner
 

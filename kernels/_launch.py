@@ -6,9 +6,9 @@ being all that differs.
 A training loop calls the loss with the same signature every step. Working
 out the layout, the variant, the config and the grid, then going through
 Triton's JITFunction.run (argument binding, specialization, cache key),
-cost ~40 us of host time per launch (2-core CPU, `python -m
-perf.host_overhead`): more than PyTorch eager's whole loss. A replay is a
-dictionary lookup and one call of the compiled kernel's C launcher.
+costs more host time per launch than PyTorch eager's whole loss
+(docs/performance.md). A replay is a dictionary lookup and one call of the
+compiled kernel's C launcher.
 """
 
 from typing import Callable, NamedTuple
@@ -16,8 +16,7 @@ from typing import Callable, NamedTuple
 from triton import knobs
 from triton.runtime.driver import driver
 
-# One store with the eager call plans that replay launch plans (see there).
-from fused_sigxent._plans import PLANS, remember  # noqa: F401
+from fused_sigxent.core.plans import PLANS
 
 from . import _tuner
 
@@ -95,7 +94,7 @@ class Launch:
 
 class LaunchPlan(NamedTuple):
     """A launch plan that is one Launch and the coefficient materializer
-    (`_layout.collapse_plan`; None: the coefficients as given)."""
+    (`layout.collapse_plan`; None: the coefficients as given)."""
 
     launch: Launch
     collapsed: Callable | None = None

@@ -7,10 +7,11 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_sigxent._backend import interpreting
-from fused_sigxent._reference import compute_dtype
+from fused_sigxent.core import layout
+from fused_sigxent.core.backend import interpreting
+from fused_sigxent.core.dtypes import compute_dtype
 
-from . import _layout
+from . import _grid
 from ._configs import numel_class
 
 # The op's reduction codes (fused_sigxent/_reduction.py); constexpr copies for the kernels.
@@ -349,14 +350,14 @@ def elementwise_launch(kernel: str, x, z, weight, pos_weight, gamma, alpha, hard
     Returns their scalar arguments (n_elements, numel class, d1..d3, n_cols,
     the coefficients' strides), the constexprs they share (coefficient
     layouts, stepping, the focal loss's FOCAL, HAS_ALPHA, HARD_LABELS and
-    CLASS_INDEX, INT64, CT, FAST_MATH), and `_layout.collapse_plan`'s
+    CLASS_INDEX, INT64, CT, FAST_MATH), and `layout.collapse_plan`'s
     coefficient materializer (None: the coefficients as given)."""
     n = x.numel()
     ct = compute_dtype(x.dtype)
     class_index = z.dtype == torch.int64
-    sizes, (w, pw), (stride_w, stride_pw), collapsed = _layout.collapse_plan(
+    sizes, (w, pw), (stride_w, stride_pw), collapsed = layout.collapse_plan(
         x.shape, [weight, pos_weight], classes_apart=class_index)
-    nd = _layout.ndim(sizes)
+    nd = layout.ndim(sizes)
     step_classes, chunk_wraps = classes_stepped(sizes, nd)
     n_cols = max(1, x.shape[-1]) if x.dim() else 1
     scalars = (n, numel_class(kernel, n), sizes[1], sizes[2], sizes[3], n_cols, *stride_w, *stride_pw)
@@ -365,7 +366,7 @@ def elementwise_launch(kernel: str, x, z, weight, pos_weight, gamma, alpha, hard
         NDIM=nd, STEP_CLASSES=step_classes, CHUNK_WRAPS=chunk_wraps,
         FOCAL=gamma is not None, HAS_ALPHA=gamma is not None and alpha is not None,
         HARD_LABELS=gamma is not None and hard_labels, CLASS_INDEX=class_index,
-        INT64=n >= _layout.INT32_LIMIT, CT=tl.float64 if ct == torch.float64 else tl.float32, FAST_MATH=fast_math(ct),
+        INT64=n >= _grid.INT32_LIMIT, CT=tl.float64 if ct == torch.float64 else tl.float32, FAST_MATH=fast_math(ct),
     )
     return scalars, flags, collapsed
 
@@ -570,7 +571,7 @@ def class_index_label(labels_ptr, offs, mask, row, col, d2, n_cols, s, NDIM: tl.
 
     The index is a coefficient constant along the classes, read as
     `load_coefficient` reads one: the launchers collapse with the classes
-    apart (`_layout.collapse`), so NDIM == 2 means (rows d2, classes
+    apart (`layout.collapse`), so NDIM == 2 means (rows d2, classes
     n_cols), each chunk's (row, class) stepped. Chunks within a row: one
     index per chunk, and per element one compare of the lane with the
     index's place in the chunk (no add, no division, no gather). Chunks

@@ -11,7 +11,7 @@ from triton import knobs
 from triton.runtime.driver import driver
 from triton.runtime.jit import compute_cache_key
 
-from . import _layout, _occupancy
+from . import _grid, _occupancy
 
 
 _DTYPE = operator.attrgetter("dtype")
@@ -43,7 +43,7 @@ class Tuned(triton.runtime.KernelInterface):
     and caches the winner; later launches only look it up. First launches are
     serialized by a lock, so two threads never tune (or time) at once.
 
-    A `_layout.PersistentGrid` is resolved with the winner's programs per SM,
+    A `_grid.PersistentGrid` is resolved with the winner's programs per SM,
     the same for every launch of the variant, so reductions stay bitwise
     deterministic run after run."""
 
@@ -86,7 +86,7 @@ class Tuned(triton.runtime.KernelInterface):
         choice = self.cache.get(key)
         if choice is None:
             choice = self.tune(key, args, grid, kwargs)
-        if isinstance(grid, _layout.PersistentGrid):
+        if isinstance(grid, _grid.PersistentGrid):
             grid = grid.resolve(choice.options["BLOCK"], choice.per_sm)
         return grid, {**kwargs, **choice.options}
 
@@ -142,7 +142,7 @@ class Tuned(triton.runtime.KernelInterface):
                 keep = [c for c in compiled if (-c.spills, c.occupancy) == best]
             choice = keep[0]
             if self.timed and len(keep) > 1:
-                if isinstance(grid, _layout.PersistentGrid):
+                if isinstance(grid, _grid.PersistentGrid):
                     grids = [grid.resolve(c.options["BLOCK"], c.per_sm) for c in keep]
                 else:
                     grids = [grid] * len(keep)

@@ -5,11 +5,12 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_sigxent import _reduction as R
+from fused_sigxent.core import layout
+from fused_sigxent.core import reduction as R
+from fused_sigxent.core.plans import PLANS, remember
 
-from . import _layout
-from ._launch import PLANS, Launch, LaunchPlan, aligned, remember
-from ._layout import signature
+from . import _grid
+from ._launch import Launch, LaunchPlan, aligned
 from ._configs import tuned
 from ._math import (
     CHUNK,
@@ -139,20 +140,20 @@ def sigmoid_ce_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The op `fused_sigxent::sigmoid_ce_bwd` on validated tensors; same
     contract as `_reference.sigmoid_ce_bwd`."""
-    x, z = _layout.contiguous(logits), _layout.contiguous(labels)
+    x, z = layout.contiguous(logits), layout.contiguous(labels)
     device = x.device
     # An expanded incoming gradient (loss.sum().backward() gives one) is made
     # contiguous here: the kernel reads it at the logits' offsets.
-    g = _layout.contiguous(grad) if reduction == R.NONE else grad
+    g = layout.contiguous(grad) if reduction == R.NONE else grad
     grad_logits = torch.empty_like(x) if need_grad_logits else torch.empty(0, dtype=logits.dtype, device=device)
-    grad_labels = (_layout.empty_as(z, labels.dtype) if need_grad_labels
+    grad_labels = (_grid.empty_as(z, labels.dtype) if need_grad_labels
                    else torch.empty(0, dtype=labels.dtype, device=device))
     if x.numel() == 0 or not (need_grad_logits or need_grad_labels):
         return grad_logits, grad_labels
     # Everything the launch depends on but the tensors' addresses (see kernels/_launch.py).
     key = ("sigmoid_ce_bwd", x.shape, x.dtype, z.dtype, labels.dtype, device, aligned(x), aligned(z), reduction,
-           need_grad_logits, need_grad_labels, hard_labels, g.dtype, aligned(g), signature(weight),
-           signature(pos_weight), signature(denom), signature(label_smoothing), signature(gamma), signature(alpha))
+           need_grad_logits, need_grad_labels, hard_labels, g.dtype, aligned(g), layout.signature(weight),
+           layout.signature(pos_weight), layout.signature(denom), layout.signature(label_smoothing), layout.signature(gamma), layout.signature(alpha))
     plan = PLANS.get(key)
     if plan is None:
         plan = remember(key, _plan(x, z, weight, pos_weight, reduction, need_grad_logits, need_grad_labels,
@@ -173,7 +174,7 @@ def _plan(x, z, weight, pos_weight, reduction, need_grad_logits, need_grad_label
     scalars, flags, collapsed = elementwise_launch("sigmoid_ce_bwd", x, z, weight, pos_weight, gamma, alpha,
                                                    hard_labels)
     launch = Launch(
-        _sigmoid_ce_bwd_kernel, _layout.persistent_grid(x.numel(), x.device), scalars,
+        _sigmoid_ce_bwd_kernel, _grid.persistent_grid(x.numel(), x.device), scalars,
         dict(REDUCTION=reduction, NEED_GRAD_LOGITS=need_grad_logits, NEED_GRAD_LABELS=need_grad_labels, **flags),
     )
     return LaunchPlan(launch, collapsed)

@@ -5,12 +5,13 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_sigxent._reference import compute_dtype
-from fused_sigxent import _reduction as R
+from fused_sigxent.core import layout
+from fused_sigxent.core import reduction as R
+from fused_sigxent.core.dtypes import compute_dtype
+from fused_sigxent.core.plans import PLANS, remember
 
-from . import _layout
-from ._launch import PLANS, Launch, aligned, remember
-from ._layout import signature
+from . import _grid
+from ._launch import Launch, aligned
 from ._configs import tuned
 from ._math import (
     CHUNK,
@@ -100,7 +101,7 @@ def _sigmoid_ce_fwd_kernel(
     logits_ptr, labels_ptr: [n_elements] contiguous (labels of any floating
       dtype, or uint8). weight_ptr, pos_weight_ptr: broadcast coefficients read
       through strides stride_w_*, stride_pw_* over the collapsed logits shape
-      (d0, d1, d2, d3), NDIM of them used (kernels/_layout.py), as W_LAYOUT and
+      (d0, d1, d2, d3), NDIM of them used (fused_sigxent/core/layout.py), as W_LAYOUT and
       PW_LAYOUT say (_math.COEF_*; COEF_NONE: absent).
     smoothing_ptr: [] the label smoothing, in CT. gamma_ptr, alpha_ptr: [] the
       focal loss's gamma and alpha, in CT, read where FOCAL (and HAS_ALPHA).
@@ -234,7 +235,7 @@ def sigmoid_ce_fwd(
     the program that loaded its logit, after that load and from its value."""
     if grad_logits_out is not None and not (grad_logits_out.is_contiguous() and grad_logits_out.shape == logits.shape):
         raise ValueError(f"grad_logits_out must be contiguous and of the logits' shape {tuple(logits.shape)}")
-    x, z = _layout.contiguous(logits), _layout.contiguous(labels)
+    x, z = layout.contiguous(logits), layout.contiguous(labels)
     run = plan(x, z, labels.dtype, weight, pos_weight, label_smoothing, reduction, out_dtype, grad_logits_in_fwd,
                grad_labels_in_fwd, gamma, alpha, hard_labels, grad_logits_out)
     return run(x, z, weight, pos_weight, label_smoothing, gamma, alpha, grad_logits_out)
@@ -243,11 +244,11 @@ def sigmoid_ce_fwd(
 def plan(x, z, labels_dtype, weight, pos_weight, label_smoothing, reduction, out_dtype, grad_logits_in_fwd,
          grad_labels_in_fwd, gamma=None, alpha=None, hard_labels=False, grad_logits_out=None) -> "Plan":
     """The launch plan of every call with this call's signature (x, z: the
-    contiguous logits and labels, as `_layout.contiguous` makes them)."""
+    contiguous logits and labels, as `layout.contiguous` makes them)."""
     # Everything the launch depends on but the tensors' addresses (see kernels/_launch.py).
     key = ("sigmoid_ce_fwd", x.shape, x.dtype, z.dtype, labels_dtype, x.device, aligned(x), aligned(z), reduction,
-           out_dtype, grad_logits_in_fwd, grad_labels_in_fwd, hard_labels, signature(weight), signature(pos_weight),
-           signature(label_smoothing), signature(gamma), signature(alpha), signature(grad_logits_out))
+           out_dtype, grad_logits_in_fwd, grad_labels_in_fwd, hard_labels, layout.signature(weight), layout.signature(pos_weight),
+           layout.signature(label_smoothing), layout.signature(gamma), layout.signature(alpha), layout.signature(grad_logits_out))
     made = PLANS.get(key)
     if made is None:
         made = remember(key, Plan(x, z, labels_dtype, weight, pos_weight, reduction, out_dtype, grad_logits_in_fwd,
@@ -259,7 +260,7 @@ class Plan:
     """A forward launch with everything but the tensors' addresses worked
     out: the Launch; templates of the reduced loss (None: elementwise,
     shaped as the logits), the denominator and the 0-size gradients not
-    written; the coefficient materializer (`_layout.collapse_plan`) or None."""
+    written; the coefficient materializer (`layout.collapse_plan`) or None."""
 
     __slots__ = ("launch", "loss_like", "denom_like", "no_grad_logits", "no_grad_labels", "collapsed",
                  "grad_logits_in_fwd", "grad_labels_in_fwd", "out_dtype", "labels_dtype", "device", "ct")
@@ -274,14 +275,14 @@ class Plan:
         scalars, flags, self.collapsed = elementwise_launch("sigmoid_ce_fwd", x, z, weight, pos_weight, gamma,
                                                             alpha, hard_labels)
         self.launch = Launch(
-            _sigmoid_ce_fwd_kernel, _layout.persistent_grid(x.numel(), device), scalars,
+            _sigmoid_ce_fwd_kernel, _grid.persistent_grid(x.numel(), device), scalars,
             dict(REDUCTION=reduction, WRITE_GRAD_LOGITS=grad_logits_in_fwd, WRITE_GRAD_LABELS=grad_labels_in_fwd,
-                 MAX_PROGRAMS=_layout.partial_slots(device), **flags),
+                 MAX_PROGRAMS=_grid.partial_slots(device), **flags),
         )
-        self.loss_like = None if reduction == R.NONE else _layout.template(device, out_dtype)
-        self.denom_like = _layout.template(device, ct)
-        self.no_grad_logits = _layout.template(device, x.dtype, empty=True)
-        self.no_grad_labels = _layout.template(device, labels_dtype, empty=True)
+        self.loss_like = None if reduction == R.NONE else _grid.template(device, out_dtype)
+        self.denom_like = _grid.template(device, ct)
+        self.no_grad_logits = _grid.template(device, x.dtype, empty=True)
+        self.no_grad_labels = _grid.template(device, labels_dtype, empty=True)
         self.grad_logits_in_fwd, self.grad_labels_in_fwd = grad_logits_in_fwd, grad_labels_in_fwd
         self.out_dtype, self.labels_dtype = out_dtype, labels_dtype
         self.device, self.ct = device, ct
@@ -294,7 +295,7 @@ class Plan:
         to write the denominator into, and fresh=False: the gradients not
         asked for are then this plan's 0-size templates."""
         w, pw = (weight, pos_weight) if self.collapsed is None else self.collapsed(weight, pos_weight)
-        loss = _layout.empty_as(x, self.out_dtype) if self.loss_like is None else torch.empty_like(self.loss_like)
+        loss = _grid.empty_as(x, self.out_dtype) if self.loss_like is None else torch.empty_like(self.loss_like)
         grad_logits_in_fwd, grad_labels_in_fwd = self.grad_logits_in_fwd, self.grad_labels_in_fwd
         if denom is None:
             denom = torch.empty_like(self.denom_like)
@@ -307,8 +308,8 @@ class Plan:
             grad_logits = grad_logits_out
         else:
             grad_logits = torch.empty_like(x) if grad_logits_in_fwd else no_grad_logits
-        grad_labels = _layout.empty_as(z, self.labels_dtype) if grad_labels_in_fwd else no_grad_labels
-        ticket, partials = _layout.workspace(self.device, self.ct)
+        grad_labels = _grid.empty_as(z, self.labels_dtype) if grad_labels_in_fwd else no_grad_labels
+        ticket, partials = _grid.workspace(self.device, self.ct)
         self.launch(
             x, z, x if w is None else w, x if pw is None else pw, label_smoothing,
             *focal_pointers(label_smoothing, gamma, alpha), loss, denom,

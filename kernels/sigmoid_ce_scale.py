@@ -5,10 +5,11 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_sigxent._reference import compute_dtype
+from fused_sigxent.core.dtypes import compute_dtype
+from fused_sigxent.core.plans import PLANS, remember
 
-from . import _layout
-from ._launch import PLANS, Launch, LaunchPlan, aligned, remember
+from . import _grid
+from ._launch import Launch, LaunchPlan, aligned
 from ._configs import fixed, numel_class
 from ._math import block_mask, grid_stride
 
@@ -73,7 +74,7 @@ def _plan(grad, grad_logits, grad_labels) -> Launch:
     n = max(grad_logits.numel(), grad_labels.numel())
     dtype = grad_logits.dtype if has_logits else grad_labels.dtype
     return Launch(
-        _sigmoid_ce_scale_kernel, _layout.persistent_grid(n, grad.device), (n, numel_class("sigmoid_ce_scale", n)),
-        dict(HAS_GRAD_LOGITS=has_logits, HAS_GRAD_LABELS=has_labels, INT64=n >= _layout.INT32_LIMIT,
+        _sigmoid_ce_scale_kernel, _grid.persistent_grid(n, grad.device), (n, numel_class("sigmoid_ce_scale", n)),
+        dict(HAS_GRAD_LOGITS=has_logits, HAS_GRAD_LABELS=has_labels, INT64=n >= _grid.INT32_LIMIT,
              CT=tl.float64 if compute_dtype(dtype) == torch.float64 else tl.float32),
     )

@@ -208,7 +208,7 @@ def summarize(frame: pd.DataFrame) -> str:
     note = [] if not frame["device"].iloc[0].startswith("cpu") else [
         "", "On a 2-core machine shared with other jobs, run with `--threads 1`: with two threads, "
         "every parallel op waits at OpenMP's barrier for a descheduled thread, which punishes many small "
-        "ops (ours: the CPU loss path's 128k-element pieces) far more than a few big ones (eager)."]
+        "ops (ours: the CPU loss path's 256k-element tiles) far more than a few big ones (eager)."]
     return "\n".join(lines + note + ["", "## Goals (issue 13)", "", "Met only if both the median and the min ratio meet it (the goals are for "
                                                   "the full sizes; --quick shapes are a smoke test).", ""] + goals) + "\n"
 

@@ -102,7 +102,7 @@ def main(argv=None):
     if dev.type == "cuda":
         print(f"focal loss sweep on {env['device']}")
     else:
-        print(f"focal loss, CPU-only run (no GPU): {env['device']}; fused_sigxent's CPU path (its focal pieces) "
+        print(f"focal loss, CPU-only run (no GPU): {env['device']}; fused_sigxent's CPU path (its focal tiles) "
               "against torchvision's formula, eager and under torch.compile")
     copy_bw = _bench.copy_bandwidth_gbps(dev)
     reps = 15 if dev.type == "cpu" else 100

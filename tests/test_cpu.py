@@ -1,5 +1,5 @@
 """The CPU path (`fused_sigxent/_cpu.py`, what `auto` runs on CPU tensors):
-against float64 math and the reference, across piece boundaries, at the
+against float64 math and the reference, across tile boundaries, at the
 limits, in bounded memory, and fused by Inductor under torch.compile."""
 
 import os
@@ -26,15 +26,15 @@ REDUCTIONS = {R.NONE: "none", R.SUM: "sum", R.MEAN_BY_WEIGHTS: "mean", R.MEAN_BY
 @pytest.fixture(autouse=True)
 def _auto(monkeypatch):
     monkeypatch.setenv("FUSED_SIGXENT_BACKEND", "auto")
-    # Pieces of 257 elements (a prime): every shape above spans several,
+    # Tiles of 257 elements (a prime): every shape above spans several,
     # with a ragged last one, at a test's size.
-    monkeypatch.setattr(_cpu, "PIECE", 257)
+    monkeypatch.setattr(_cpu, "TILE", 257)
 
 
-@pytest.fixture(params=["loop", "pieces"])
+@pytest.fixture(params=["loop", "tiles"])
 def impl(request, monkeypatch):
     """The cross entropy's two CPU implementations: the compiled loop (built
-    on every machine with a C++ compiler, CI's included) and the ATen pieces
+    on every machine with a C++ compiler, CI's included) and the ATen tiles
     that run where none is."""
     if request.param == "loop":
         assert _cpu_loop.library() is not None
@@ -44,7 +44,7 @@ def impl(request, monkeypatch):
 
 
 @pytest.fixture
-def pieces(monkeypatch):
+def tiles(monkeypatch):
     monkeypatch.setattr(_cpu_loop, "library", lambda: None)
 
 
@@ -104,7 +104,7 @@ def test_label_dtypes_against_reference(label_dtype, monkeypatch, impl):
 
 
 def test_limits_nan_and_masking_match_the_reference(monkeypatch, impl):
-    # Pieces holding an infinite logit or a NaN fall back to the reference's
+    # Tiles holding an infinite logit or a NaN fall back to the reference's
     # masked formulas; the others stay on the fast ones.
     x = torch.randn(4, 300) * 3
     x[0, :6] = torch.tensor([float("inf"), float("inf"), float("-inf"), float("-inf"), 30.0, -30.0])
@@ -150,11 +150,11 @@ def _peak_above_inputs(code: str) -> int:
     return int(out.stdout.split()[-1])
 
 
-def test_peak_memory_is_the_gradient_plus_pieces():
+def test_peak_memory_is_the_gradient_plus_tiles():
     # 16M float32 elements (64 MiB per tensor). PyTorch eager holds ~128 MiB
     # above the inputs for a training step's loss and ~128 MiB for a
     # forward under no_grad; here a step holds the gradient it hands to
-    # autograd (64 MiB) and a forward only pieces.
+    # autograd (64 MiB) and a forward only tiles.
     mib = 1 << 20
     forward = _peak_above_inputs("""
         with torch.no_grad():
@@ -255,13 +255,13 @@ def _case(shape, dtype=torch.float32, label_dtype=None, smoothing=0.1, weight="c
     return x, z, _coefficient(shape, weight), _coefficient(shape, pos_weight), torch.tensor(smoothing)
 
 
-def test_finite_inputs_take_only_the_fast_formulas(pieces, monkeypatch):
-    # The reference's masked formulas are the fallback for a piece the fast
+def test_finite_inputs_take_only_the_fast_formulas(tiles, monkeypatch):
+    # The reference's masked formulas are the fallback for a tile the fast
     # ones get wrong; finite inputs never need it, and an infinite logit
-    # sends only its own piece there (pieces of 257 elements: 12 here).
+    # sends only its own tile there (tiles of 257 elements: 12 here).
     fallbacks = []
-    reference_piece = _cpu._reference_piece
-    monkeypatch.setattr(_cpu, "_reference_piece", lambda *a: fallbacks.append(a[0].shape) or reference_piece(*a))
+    reference_tile = _cpu._reference_tile
+    monkeypatch.setattr(_cpu, "_reference_tile", lambda *a: fallbacks.append(a[0].shape) or reference_tile(*a))
     x, z, w, p, s = _case((3, 1031), weight="full")
     x.view(-1)[700] = float("inf")
     for reduction in R.CODES:
@@ -373,12 +373,12 @@ class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
 
 @pytest.mark.parametrize("shape,weight", [((64, 1031), "class"), ((40000,), None), ((64, 1031), "scalar")])
 @pytest.mark.parametrize("dtype,label_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.uint8)])
-def test_temporaries_are_piece_sized(shape, weight, dtype, label_dtype, impl):
-    # Besides its outputs, a call allocates only buffers of a piece's size
-    # (PIECE = 257 elements here; a piece of whole rows when coefficients
+def test_temporaries_are_tile_sized(shape, weight, dtype, label_dtype, impl):
+    # Besides its outputs, a call allocates only buffers of a tile's size
+    # (TILE = 257 elements here; a tile of whole rows when coefficients
     # vary: one row of 1031), in float32, and the loop none: issue 11's
     # bound on memory.
-    piece = 1031 if weight == "class" else 257
+    tile = 1031 if weight == "class" else 257
     x, z, w, p, s = _case(shape, dtype, label_dtype, weight=weight, pos_weight=weight)
     for reduction in (R.NONE, R.TORCH_MEAN):
         with _Allocations() as fwd_allocs:
@@ -391,14 +391,14 @@ def test_temporaries_are_piece_sized(shape, weight, dtype, label_dtype, impl):
                                                                   - len(outputs)]
         assert sorted(fwd_allocs.sizes + bwd_allocs.sizes)[-len(outputs):] == outputs
         # The loop reads every dtype as it is: nothing beyond 0-d scalars.
-        assert max(temporaries) <= (piece * 4 if impl == "pieces" else 8), (reduction, temporaries)
+        assert max(temporaries) <= (tile * 4 if impl == "tiles" else 8), (reduction, temporaries)
 
 
 @pytest.mark.parametrize("gamma,alpha", [(0.5, None), (1.0, 0.25), (2.0, 0.75), (5.0, None)])
 @pytest.mark.parametrize("dtype,label_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.uint8),
                                                (torch.float64, torch.float64), (torch.float32, torch.bool)])
-def test_focal_pieces_against_float64(poisoned, gamma, alpha, dtype, label_dtype):
-    # The focal loss's own fast formulas, across pieces, for every output the
+def test_focal_tiles_against_float64(poisoned, gamma, alpha, dtype, label_dtype):
+    # The focal loss's own fast formulas, across tiles, for every output the
     # front end asks for, with weights of every layout and smoothing.
     # The op's 0-d arguments come in the compute dtype (`_op.sigmoid_ce`).
     ct = _reference.compute_dtype(dtype)
@@ -437,12 +437,12 @@ def test_focal_pieces_against_float64(poisoned, gamma, alpha, dtype, label_dtype
 def test_focal_takes_the_fast_formulas_until_they_fail(monkeypatch):
     # Finite ordinary logits never reach the reference; where 1 - p_t
     # underflows to 0 (a confident logit, gamma < 1: pow's derivative is inf
-    # there) or a logit is infinite, that piece alone is redone by it, and
+    # there) or a logit is infinite, that tile alone is redone by it, and
     # the result is the reference's: finite gradients, the limits.
     fallbacks = []
-    reference_piece = _cpu._reference_piece
-    monkeypatch.setattr(_cpu, "_reference_piece",
-                        lambda *a, **k: fallbacks.append(a[0].shape) or reference_piece(*a, **k))
+    reference_tile = _cpu._reference_tile
+    monkeypatch.setattr(_cpu, "_reference_tile",
+                        lambda *a, **k: fallbacks.append(a[0].shape) or reference_tile(*a, **k))
     x, z, _, _, _ = _case((3, 1031), label_dtype=torch.uint8, weight=None, pos_weight=None)
     g, a = torch.tensor(0.5), torch.tensor(0.25)
     _cpu.sigmoid_ce_fwd(x.clamp(-30, 30), z, None, None, torch.tensor(0.0), R.NONE, torch.float32, False, False, g, a)
@@ -475,8 +475,8 @@ def test_focal_nan_in_nan_out_and_zero_weight_masks():
     assert gx[0, 2] == 0 and gx[0, 1:].isfinite().all()
 
 
-def test_focal_variants_the_pieces_leave_to_the_reference(monkeypatch):
-    # pos_weight and a labels gradient: the reference's (class indices: pieces).
+def test_focal_variants_the_tiles_leave_to_the_reference(monkeypatch):
+    # pos_weight and a labels gradient: the reference's (class indices: tiles).
     seen = []
     ref_fwd = _reference.sigmoid_ce_fwd
     monkeypatch.setattr(_reference, "sigmoid_ce_fwd", lambda *a, **k: seen.append(a) or ref_fwd(*a, **k))
@@ -494,7 +494,7 @@ def test_focal_variants_the_pieces_leave_to_the_reference(monkeypatch):
 @pytest.mark.parametrize("reduction", [R.SUM, R.TORCH_MEAN, R.NONE])
 def test_focal_gradient_in_the_forward_falls_back_where_its_ratio_fails(reduction):
     # A confidently right logit (|x| >= ~104: 1 - p_t underflows) gives a
-    # finite loss but a 0/0 ratio in dF/dx: the piece goes to the reference
+    # finite loss but a 0/0 ratio in dF/dx: the tile goes to the reference
     # also when the forward writes the gradient (a training step's mean).
     x = torch.tensor([[200.0, -200.0, 1e4, 3.0], [-1e4, 0.5, -2.0, 150.0]], requires_grad=True)
     z = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.3, 1.0]])
@@ -530,7 +530,7 @@ def test_focal_loss_of_confident_logits_is_relatively_accurate():
 
 
 def test_reduced_loss_beyond_float32_range_is_inf(impl):
-    # Each piece's sum is finite, their float64 total is not a float32.
+    # Each tile's sum is finite, their float64 total is not a float32.
     x = torch.full((1 << 12,), -1e36)
     z = torch.ones(1 << 12)
     loss, *_ = _cpu.sigmoid_ce_fwd(x, z, None, None, torch.tensor(0.0), R.SUM, torch.float32, False, False)
@@ -538,11 +538,11 @@ def test_reduced_loss_beyond_float32_range_is_inf(impl):
 
 
 @pytest.mark.parametrize("focal", [False, True])
-def test_class_indices_in_pieces_never_dense(focal):
+def test_class_indices_in_tiles_never_dense(focal):
     # int64 class indices (C = background; outside [0, C]: that row's loss
-    # NaN) become one-hot rows a piece at a time: agreement with the
+    # NaN) become one-hot rows a tile at a time: agreement with the
     # reference in every output, and no temporary of the whole (N, C).
-    shape, piece_rows = (40, 13), 257 // 13
+    shape, tile_rows = (40, 13), 257 // 13
     x = torch.randn(shape) * 4
     index = torch.randint(0, 14, shape[:-1])
     index[[3, 30]] = torch.tensor([-1, 14])
@@ -559,9 +559,9 @@ def test_class_indices_in_pieces_never_dense(focal):
             assert_close(u, v, torch.float32)
         # the only allocations of the whole's size are the outputs (the
         # elementwise loss, or the gradient written ahead); the rest are a
-        # piece's rows at most
+        # tile's rows at most
         full_size_outputs = sum(t.numel() == x.numel() for t in got)
-        assert sorted(allocs.sizes)[-full_size_outputs - 1] <= piece_rows * 13 * 4 < x.numel() * 4, allocs.sizes
+        assert sorted(allocs.sizes)[-full_size_outputs - 1] <= tile_rows * 13 * 4 < x.numel() * 4, allocs.sizes
         assert sorted(allocs.sizes)[-full_size_outputs:] == [x.numel() * 4] * full_size_outputs, allocs.sizes
         if reduction == R.NONE:
             grad = torch.randn(shape)
@@ -573,8 +573,8 @@ def test_class_indices_in_pieces_never_dense(focal):
 
 def test_focal_labels_outside_the_unit_interval_are_the_references():
     # Section 2 allows such labels; the focal factor's 1 - p_t is then
-    # negative, which the reference's log space makes NaN. The pieces' pow
-    # would give a number for an integer gamma: such pieces take the reference.
+    # negative, which the reference's log space makes NaN. The tiles' pow
+    # would give a number for an integer gamma: such tiles take the reference.
     x = torch.randn(4, 7)
     for labels in (torch.full((4, 7), 2.0), torch.full((4, 7), -0.5)):
         z = torch.rand(4, 7)
@@ -591,9 +591,9 @@ def test_focal_labels_outside_the_unit_interval_are_the_references():
                     assert_close(u, v, torch.float32)
 
 
-def test_class_index_of_1d_logits_longer_than_a_piece():
+def test_class_index_of_1d_logits_longer_than_a_tile():
     # 1-D logits are one row of C classes and a 0-d index: slicing them into
-    # pieces would slice the classes (each piece a one-hot of its own).
+    # tiles would slice the classes (each tile a one-hot of its own).
     x = torch.randn(1000) * 3
     for index in (torch.tensor(3), torch.tensor(700), torch.tensor(1000), torch.tensor(1001)):
         for reduction in (R.NONE, R.SUM):

@@ -1,6 +1,6 @@
 """The compiled CPU loop (fused_sigxent/csrc/sigmoid_ce_cpu.cpp): built here
 (CI has a compiler), the kernels' formulas, across its chunks, the same sum
-for any thread count, and the ATen pieces where it cannot be built.
+for any thread count, and the ATen tiles where it cannot be built.
 tests/test_cpu.py runs the CPU path's semantics through both."""
 
 import os
@@ -80,7 +80,7 @@ def test_the_sum_is_the_same_for_any_thread_count():
 
 
 @pytest.mark.parametrize("cxx,message", [("no-such-compiler", "no C++ compiler"), ("false", "could not be built")])
-def test_without_a_build_the_pieces_run(cxx, message, tmp_path):
+def test_without_a_build_the_tiles_run(cxx, message, tmp_path):
     script = textwrap.dedent("""
         import warnings
         import torch

@@ -315,7 +315,7 @@ def test_module_is_torchvision_ordered_with_mean_default(backend):
     assert "weight" in module.state_dict() and "gamma=1.0" in repr(module)
 
 
-def test_cpu_auto_runs_focal_in_pieces(monkeypatch):
+def test_cpu_auto_runs_focal_in_tiles(monkeypatch):
     # The CPU path's pieces implement the focal loss, of dense and of
     # class-index targets (tests/test_cpu.py): the reference never runs.
     monkeypatch.setenv("FUSED_SIGXENT_BACKEND", "auto")

@@ -13,7 +13,7 @@ from conftest import oracle_elementwise
 from fused_sigxent import _linear
 
 # Float64 everywhere: the engine's only differences from the composition are
-# summation order (chunks, then pieces), so 1e-10 relative is plenty.
+# summation order (chunks, then tiles), so 1e-10 relative is plenty.
 F64 = dict(rtol=1e-10, atol=1e-12)
 TARGETS = ["float", "bool", "uint8", "int64_1", "int64_k"]
 # 1: every row its own chunk; 3: odd, with a ragged last chunk (B = 7);
@@ -251,7 +251,7 @@ def test_gradient_is_written_over_the_logits_chunk(cpu_backend, kind, monkeypatc
 def test_loss_writes_its_gradient_over_its_logits(backend, monkeypatch):
     # `grad_logits_out=logits`, what the engine passes: the gradient lands in
     # the logits tensor, equal to the one a separate output gets; on the CPU
-    # path a piece the fast formulas fail (an infinite logit) is redone by
+    # path a tile the fast formulas fail (an infinite logit) is redone by
     # the reference from logits still intact.
     monkeypatch.setenv("FUSED_SIGXENT_BACKEND", backend)
     from fused_sigxent import _cpu, _dispatch

@@ -1,20 +1,48 @@
-"""Derivatives of `fused_sigxent::sigmoid_ce_fwd`: reverse mode (first order
-fused; higher order through the reference formulas), forward mode, and vmap.
+"""Derivatives of the ops: of `fused_sigxent::sigmoid_ce_fwd` reverse mode
+(first order fused; higher order through the reference formulas), forward
+mode and vmap; of `fused_sigxent::linear_sigmoid_ce` the scaling of the
+gradients its forward wrote.
 
-One set of formulas serves three registrations: the op's own
-(`register_autograd`, for callers of the op); `SigmoidCE`, the
-autograd.Function the front ends apply, which adds what torch.library
-cannot register for a custom op (torch.func transforms, forward-mode AD and
-a batching rule); and `_PlainSigmoidCE`, the same Function at the least
-host cost, which plain eager code applies through a call plan (`_eager`).
+One set of derivative functions (`setup_context`, `backward`, `jvp`) serves
+every registration of the loss: the op's own (`register_autograd`, which
+compiled graphs differentiate); `SigmoidCE`, the autograd.Function of the
+observed route, which adds what torch.library cannot register for a custom
+op (torch.func transforms, forward-mode AD, a batching rule); `PlannedCE`,
+the same Function at the least host cost, which a call plan applies; and
+`TracedCE`, the compiled-CPU route's Function of plain ops. The route table
+that picks among them is in `op/routes.py`.
+
+The backward's launches go through `ctx.ops`: the registered ops
+(`REGISTERED`) for the op's and SigmoidCE's, so a mode, transform, profile
+or compiled graph sees them; a call plan for PlannedCE's, which runs the
+implementation directly while nothing observes the backward either.
 """
 
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad as _forward_ad
 
-from . import _dispatch, _reference
-from . import _reduction as R
+from ..core import reduction as R
+from ..core.dtypes import compute_dtype
+from ..impl import reference as _reference
+
+
+class RegisteredOps:
+    """The backward's launches through the registered ops (the dispatcher)."""
+
+    @staticmethod
+    def scale(grad: Tensor, grad_logits: Tensor, grad_labels: Tensor) -> None:
+        """Multiplies the gradients a forward wrote by the incoming gradient, in
+        place: one launch, which returns at once when `grad` is 1."""
+        torch.ops.fused_sigxent.sigmoid_ce_scale_(grad, grad_logits, grad_labels)
+
+    @staticmethod
+    def bwd(*args) -> tuple[Tensor, Tensor]:
+        """`sigmoid_ce_bwd(*args)`: the gradients recomputed in one launch."""
+        return torch.ops.fused_sigxent.sigmoid_ce_bwd(*args)
+
+
+REGISTERED = RegisteredOps()
 
 
 def setup_context(ctx, inputs, output):
@@ -26,20 +54,15 @@ def setup_context(ctx, inputs, output):
     # those outputs: a full-size tensor and a pass over it for grad_logits.
     ctx.set_materialize_grads(False)
     _save(ctx, logits, labels, weight, pos_weight, smoothing, denom, reduction, out_dtype, focal,
-          (grad_logits, grad_labels, scale) if grad_logits_in_fwd or grad_labels_in_fwd else None)
+          (grad_logits, grad_labels) if grad_logits_in_fwd or grad_labels_in_fwd else None, REGISTERED)
 
 
-def scale(grad, grad_logits, grad_labels) -> None:
-    """Multiplies the gradients a forward wrote by the incoming gradient, in
-    place: one launch, which returns at once when `grad` is 1."""
-    _dispatch.call("sigmoid_ce_scale_", grad_logits.device, grad, grad_logits, grad_labels)
-
-
-def _save(ctx, logits, labels, weight, pos_weight, smoothing, denom, reduction, out_dtype, focal, grads_from_fwd):
+def _save(ctx, logits, labels, weight, pos_weight, smoothing, denom, reduction, out_dtype, focal, grads_from_fwd,
+          ops):
     """What `backward` and `jvp` read. focal: (gamma, alpha, hard_labels) of
     the focal loss, or () (the defaults: the cross entropy). grads_from_fwd:
-    (grad_logits, grad_labels, their scaling: `scale` or a call plan's), or
-    None."""
+    (grad_logits, grad_labels) the forward wrote, or None. ops: what the
+    backward launches through (`REGISTERED`, or a call plan)."""
     gamma, alpha, hard_labels = (*focal, *(None, None, False)[len(focal):])
     ctx.save_for_backward(logits, labels, weight, pos_weight, smoothing, denom, gamma, alpha)
     if _forward_ad._current_level >= 0:
@@ -53,6 +76,7 @@ def _save(ctx, logits, labels, weight, pos_weight, smoothing, denom, reduction, 
     # save_for_backward on purpose: once handed out, a hook or an optimizer may
     # change them in place, and no later backward reads them (it recomputes).
     ctx.grads_from_fwd = grads_from_fwd
+    ctx.ops = ops
 
 
 def backward(ctx, grad, _grad_denom, _grad_grad_logits, _grad_grad_labels):
@@ -67,8 +91,8 @@ def backward(ctx, grad, _grad_denom, _grad_grad_logits, _grad_grad_labels):
     if grads_from_fwd is not None and not (differentiable or needs[2] or needs[3]):
         # The forward wrote the gradients: scaled in place (one launch that
         # returns at once when `grad` is 1), no saved tensor read.
-        grad_logits, grad_labels, scale_ = grads_from_fwd
-        scale_(grad, grad_logits, grad_labels)
+        grad_logits, grad_labels = grads_from_fwd
+        ctx.ops.scale(grad, grad_logits, grad_labels)
         return (grad_logits if needs[0] else None, grad_labels if needs[1] else None, None, None, *rest)
     logits, labels, weight, pos_weight, smoothing, denom, gamma, alpha = ctx.saved_tensors
     if differentiable:
@@ -78,10 +102,10 @@ def backward(ctx, grad, _grad_denom, _grad_grad_logits, _grad_grad_labels):
         # weight so that its dependence on the weight is seen too. A batch of
         # incoming gradients (jacobian(vectorize=True), is_grads_batched)
         # needs ops with batching rules: the same plain ops.
-        grads = _differentiable_grads(grad, logits, labels, weight, pos_weight, smoothing, ctx.reduction,
-                                      needs[:4], gamma, alpha)
+        grads = differentiable_grads(grad, logits, labels, weight, pos_weight, smoothing, ctx.reduction,
+                                     needs[:4], gamma, alpha)
     else:
-        grads = _fused_grads(grad, logits, labels, weight, pos_weight, smoothing, denom, ctx.reduction,
+        grads = _fused_grads(ctx.ops, grad, logits, labels, weight, pos_weight, smoothing, denom, ctx.reduction,
                              needs[:4], grads_from_fwd, gamma, alpha, ctx.hard_labels)
     return (*grads, *rest)
 
@@ -92,22 +116,20 @@ def _is_batched(t: Tensor) -> bool:
     return torch._C._functorch.is_legacy_batchedtensor(t) or torch._C._functorch.is_batchedtensor(t)
 
 
-def _fused_grads(grad, logits, labels, weight, pos_weight, smoothing, denom, reduction, needs, grads_from_fwd,
-                 gamma=None, alpha=None, hard_labels=False):
+def _fused_grads(ops, grad, logits, labels, weight, pos_weight, smoothing, denom, reduction, needs,
+                 grads_from_fwd, gamma=None, alpha=None, hard_labels=False):
     """First-order gradients: the forward's, scaled in place, or one
-    recompute launch; weight and pos_weight gradients on the slower
-    reference path."""
+    recompute launch (through `ops`); weight and pos_weight gradients on the
+    slower reference path."""
     need_logits, need_labels, need_weight, need_pos_weight = needs
     grad_logits = grad_labels = None
     if grads_from_fwd is not None and (need_logits or need_labels):
-        grad_logits, grad_labels, scale_ = grads_from_fwd
-        scale_(grad, grad_logits, grad_labels)
+        grad_logits, grad_labels = grads_from_fwd
+        ops.scale(grad, grad_logits, grad_labels)
     elif need_logits or need_labels:
         focal = () if gamma is None else (gamma, alpha, hard_labels)
-        grad_logits, grad_labels = _dispatch.call(
-            "sigmoid_ce_bwd", logits.device, grad, logits, labels, weight, pos_weight, denom, smoothing, reduction,
-            need_logits, need_labels, *focal,
-        )
+        grad_logits, grad_labels = ops.bwd(grad, logits, labels, weight, pos_weight, denom, smoothing, reduction,
+                                           need_logits, need_labels, *focal)
     grad_weight = grad_pos_weight = None
     if need_weight or need_pos_weight:
         grad_weight, grad_pos_weight = _reference.sigmoid_ce_param_grads(
@@ -117,10 +139,12 @@ def _fused_grads(grad, logits, labels, weight, pos_weight, smoothing, denom, red
     return (grad_logits if need_logits else None, grad_labels if need_labels else None, grad_weight, grad_pos_weight)
 
 
-def _differentiable_grads(grad, logits, labels, weight, pos_weight, smoothing, reduction, needs,
-                          gamma=None, alpha=None):
+def differentiable_grads(grad, logits, labels, weight, pos_weight, smoothing, reduction, needs,
+                         gamma=None, alpha=None):
+    """The four gradients as plain differentiable ops (the reference's
+    formulas), the denominator recomputed from the weight."""
     need_logits, need_labels, need_weight, need_pos_weight = needs
-    denom = _reference.denominator(reduction, weight, logits, _reference.compute_dtype(logits.dtype))
+    denom = _reference.denominator(reduction, weight, logits, compute_dtype(logits.dtype))
     grad_logits, grad_labels = _reference.sigmoid_ce_bwd(
         grad, logits, labels, weight, pos_weight, denom, smoothing, reduction, need_logits, need_labels,
         gamma, alpha,
@@ -142,14 +166,16 @@ def jvp(ctx, t_logits, t_labels, t_weight, t_pos_weight, *_):
 
 
 class SigmoidCE(torch.autograd.Function):
-    """The op with the derivatives above, in the form torch.func accepts."""
+    """The op with the derivatives above, in the form torch.func accepts: the
+    observed route's Function. Its forward calls the registered op, so a
+    mode or a profile sees `fused_sigxent::sigmoid_ce_fwd`."""
 
     @staticmethod
     def forward(logits, labels, weight, pos_weight, smoothing, reduction, out_dtype,
                 grad_logits_in_fwd, grad_labels_in_fwd, gamma=None, alpha=None, hard_labels=False):
         focal = () if gamma is None else (gamma, alpha, hard_labels)
-        return _dispatch.call(
-            "sigmoid_ce_fwd", logits.device, logits, labels, weight, pos_weight, smoothing, reduction, out_dtype,
+        return torch.ops.fused_sigxent.sigmoid_ce_fwd(
+            logits, labels, weight, pos_weight, smoothing, reduction, out_dtype,
             grad_logits_in_fwd, grad_labels_in_fwd, *focal,
         )
 
@@ -180,7 +206,7 @@ class SigmoidCE(torch.autograd.Function):
             return t.reshape(size, *(1,) * (x.dim() - t.dim()), *t.shape[1:])
 
         w, p = coefficient(weight, w_dim), coefficient(pos_weight, p_dim)
-        ct = _reference.compute_dtype(x.dtype)
+        ct = compute_dtype(x.dtype)
         loss, _, _, _ = SigmoidCE.apply(x, z, w, p, smoothing, R.NONE, out_dtype if reduction == R.NONE else ct,
                                         False, False, gamma, alpha, hard_labels)
         empty_logits, empty_labels = logits.new_empty(0), labels.new_empty(0)
@@ -194,22 +220,23 @@ class SigmoidCE(torch.autograd.Function):
         return (total.to(out_dtype), denom, empty_logits, empty_labels), (0, 0, None, None)
 
 
-class _PlainSigmoidCE(torch.autograd.Function):
-    """SigmoidCE as a call plan (`_eager.Plan`) applies it in plain eager
-    code, at the least host cost: the forward runs the plan's forward (the
-    dispatcher's layers would only add time, see `_dispatch.call`); it
-    returns the loss alone and takes the plan as its one non-differentiable
-    argument (autograd wraps each output and checks each input: ~1.5 us for
-    the op's 4 and 12); and it saves in the forward itself (the older form,
-    which torch.func does not accept, and none of its transforms comes
-    here). Same derivatives, same backward (which asks the dispatcher again:
-    a profiler or a mode may be on by the time it runs)."""
+class PlannedCE(torch.autograd.Function):
+    """SigmoidCE as a call plan (`op/routes.CallPlan`) applies it in plain
+    eager code, at the least host cost: the forward runs the plan's forward
+    (the implementation itself: the dispatcher's layers would only add
+    time); it returns the loss alone and takes the plan as its one
+    non-differentiable argument (autograd wraps each output and checks each
+    input, a cost per argument); and it saves in the forward itself (the
+    older form, which torch.func does not accept, and none of its
+    transforms comes here). Same derivatives, same backward, whose launches
+    go through the plan (which asks again whether anything observes them: a
+    profiler or a mode may be on by the time it runs)."""
 
     @staticmethod
     def forward(ctx, logits, labels, weight, pos_weight, plan):
         loss, denom, grad_logits, grad_labels = plan.forward(logits, labels, weight, pos_weight)
         _save(ctx, logits, labels, weight, pos_weight, plan.smoothing, denom, plan.reduction, plan.out_dtype,
-              plan.focal, (grad_logits, grad_labels, plan.scale) if plan.grads_in_forward else None)
+              plan.focal, (grad_logits, grad_labels) if plan.grads_in_forward else None, plan)
         return loss
 
     @staticmethod
@@ -224,10 +251,10 @@ class _PlainSigmoidCE(torch.autograd.Function):
 # Function.apply's Python prelude binds the arguments to forward's signature
 # (for setup_context) and unwraps dead functorch wrappers; in plain eager
 # code it has nothing to do, and its C++ core is called directly.
-apply_plain = super(torch.autograd.Function, _PlainSigmoidCE).apply
+apply_planned = super(torch.autograd.Function, PlannedCE).apply
 
 
-def plan_grads_in_forward(logits: Tensor, labels: Tensor, weight: Tensor | None, reduction: int) -> tuple[bool, bool]:
+def grads_in_forward(logits: Tensor, labels: Tensor, weight: Tensor | None, reduction: int) -> tuple[bool, bool]:
     """Whether the forward writes the final logits/labels gradients.
 
     Bytes per element, with e_x, e_z the logits and labels sizes, for a
@@ -256,3 +283,56 @@ def plan_grads_in_forward(logits: Tensor, labels: Tensor, weight: Tensor | None,
     if not R.denominator_is_static(reduction, None if weight is None else weight.numel()):
         return False, False
     return logits.requires_grad, labels.requires_grad
+
+
+class TracedCE(torch.autograd.Function):
+    """The compiled-CPU route's Function: Dynamo traces both methods into the
+    graph, plain ops, nothing opaque, and Inductor fuses them, forward and
+    backward, into its own vectorized loops. The forward is the reference's
+    loss. Autograd's derivative of it (through the masks, relus and
+    log1p(exp)) would be some forty vector operations per element; the
+    backward is `differentiable_grads` instead (for the logits, one exp and
+    one division per element). No jvp or vmap: a torch.func transform takes
+    the plain-ops route, and a double backward is refused by the compiled
+    graph itself."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, weight, pos_weight, smoothing, reduction, out_dtype, gamma, alpha):
+        loss, _, _, _ = _reference.sigmoid_ce_fwd(
+            logits, labels, weight, pos_weight, smoothing, reduction, out_dtype, False, False, gamma, alpha)
+        ctx.save_for_backward(logits, labels, weight, pos_weight, smoothing, gamma, alpha)
+        ctx.reduction = reduction
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, labels, weight, pos_weight, smoothing, gamma, alpha = ctx.saved_tensors
+        grads = differentiable_grads(grad, logits, labels, weight, pos_weight, smoothing, ctx.reduction,
+                                     ctx.needs_input_grad[:4], gamma, alpha)
+        return (*grads, None, None, None, None, None)
+
+
+def linear_setup_context(ctx, inputs, output):
+    _, *grads = output
+    ctx.mark_non_differentiable(*grads)
+    # Autograd would otherwise make zero "incoming gradients" for those outputs.
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*grads)
+    ctx.needs = tuple(inputs[10:15])
+
+
+def linear_backward(ctx, grad, *_):
+    """The chunked forward wrote every gradient for an incoming gradient of 1: scale them."""
+    if grad is None:
+        return (None,) * 15
+    if torch.is_grad_enabled():
+        # create_graph=True: these gradients were computed in the forward, as
+        # data; returned here they would differentiate as constants, a
+        # silently zero second derivative.
+        raise RuntimeError(
+            "fused_sigxent's fused linear losses (linear_sigmoid_cross_entropy, siglip_loss) do not support "
+            "double backward (create_graph=True): their gradients are computed in the forward. Use the unfused "
+            "composition, fs.binary_cross_entropy_with_logits(F.linear(input, weight, bias), target)")
+    grad_input, grad_weight, grad_bias, grad_scale, grad_pos_weight = (
+        g * grad if need else None for g, need in zip(ctx.saved_tensors, ctx.needs))
+    return (grad_input, grad_weight, grad_bias, grad_scale, None, None, grad_pos_weight) + (None,) * 8

@@ -5,8 +5,10 @@ import numbers
 import torch
 from torch import Tensor, nn
 
-from . import _eager, _validate
-from . import _reduction as R
+from ..core import reduction as R
+from ..core.dtypes import out_dtype
+from ..op import routes
+from . import checks
 
 
 def sigmoid_focal_loss(
@@ -34,14 +36,14 @@ def sigmoid_focal_loss(
     if isinstance(targets, Tensor) and targets.dtype == torch.int64 and targets.device.type == "cpu":
         # Class indices on the CPU: their values are checked on every call,
         # which a call plan (keyed on the signature alone) would skip.
-        return _eager.call(_arguments(inputs, targets, weight, None, *options))
-    return _eager.loss(_arguments, inputs, targets, weight, None, *options)
+        return routes.route(_arguments(inputs, targets, weight, None, *options))
+    return routes.loss(_arguments, inputs, targets, weight, None, *options)
 
 
 def _arguments(inputs, targets, weight, _pos_weight, alpha, gamma, reduction, label_smoothing) -> tuple:
-    """The checked arguments of `_op.sigmoid_ce` (with gamma and alpha where
-    the loss is not the plain cross entropy)."""
-    x = _validate.logits("inputs", inputs)
+    """The checked arguments of the loss op (`routes.route`), with gamma and
+    alpha where the loss is not the plain cross entropy."""
+    x = checks.logits("inputs", inputs)
     g = _number("gamma", gamma)
     if not g >= 0.0 or g == float("inf"):
         raise ValueError(f"gamma must be a finite number >= 0; got {gamma}")
@@ -49,14 +51,14 @@ def _arguments(inputs, targets, weight, _pos_weight, alpha, gamma, reduction, la
     if not a <= 1.0:
         raise ValueError(f"alpha must be <= 1 (or negative for no alpha_t); got {alpha}")
     z = _targets(targets, x)
-    w = None if weight is None else _validate.coefficient("weight", weight, x, "inputs")
-    s = _validate.label_smoothing(label_smoothing)
-    code = _reduction_code(reduction)
+    w = None if weight is None else checks.coefficient("weight", weight, x, "inputs")
+    s = checks.label_smoothing(label_smoothing)
+    code = R.torch_code(reduction)
     alpha_or_none = a if a >= 0 else None
     if g == 0 and alpha_or_none is None:
         # (1 - p_t)^0 alpha-free is the cross entropy itself: the same op, unchanged.
-        return x, z, w, None, s, code, _validate.out_dtype(x)
-    return x, z, w, None, s, code, _validate.out_dtype(x), g, alpha_or_none
+        return x, z, w, None, s, code, out_dtype(x)
+    return x, z, w, None, s, code, out_dtype(x), g, alpha_or_none
 
 
 def _number(name: str, value) -> float:
@@ -72,9 +74,9 @@ def _number(name: str, value) -> float:
 def _targets(targets, x: Tensor) -> Tensor:
     """Targets of x's shape (floating, bool, uint8), or int64 class indices
     of shape x.shape[:-1], each in [0, C]."""
-    t = _validate.tensor("targets", targets)
+    t = checks.tensor("targets", targets)
     if t.dtype != torch.int64:
-        return _validate.labels("targets", t, x, "inputs")
+        return checks.labels("targets", t, x, "inputs")
     if x.dim() == 0 or t.shape != x.shape[:-1]:
         raise ValueError(
             f"int64 class-index targets must have the shape of inputs without its last dimension; got targets "
@@ -95,12 +97,6 @@ def _targets(targets, x: Tensor) -> Tensor:
     return t
 
 
-def _reduction_code(reduction) -> int:
-    if reduction not in R.TORCH_CODES:
-        raise ValueError(f"{reduction!r} is not a valid value for reduction: use 'none', 'mean' or 'sum'")
-    return R.TORCH_CODES[reduction]
-
-
 class SigmoidFocalLoss(nn.Module):
     """`sigmoid_focal_loss` as a module (torchvision's argument order; reduction
     "mean" by default, as torch.nn's losses). `weight` is a buffer."""
@@ -113,7 +109,7 @@ class SigmoidFocalLoss(nn.Module):
             raise ValueError(f"gamma must be a finite number >= 0; got {gamma}")
         if not self.alpha <= 1.0:
             raise ValueError(f"alpha must be <= 1 (or negative for no alpha_t); got {alpha}")
-        _reduction_code(reduction)
+        R.torch_code(reduction)
         if weight is not None and not isinstance(weight, Tensor):
             raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
         self.register_buffer("weight", weight)

@@ -1,9 +1,9 @@
-"""Plans: what a call works out once per call signature and replays on every
-later call with that signature. Two levels keep theirs here: a plain eager
-loss call (`_eager`: the front end's checks and the op's route) and a kernel
-launch (`kernels/_launch.py`: layout, variant, config, grid). One store, so
-one `PLANS.clear()` forgets both: a call plan holds the launch plan it
-replays."""
+"""The plan store: what a call works out once per call signature and replays
+on every later call with that signature. Two kinds of plan are kept here: a
+call plan (`op/routes.py`: the front end's checks, the route, the gradients
+the forward writes) and a launch plan (`kernels/`: layout, variant, config,
+grid). One store, so one `PLANS.clear()` forgets both: a call plan holds the
+launch plan it replays."""
 
 # {(what makes the plan, signature...): plan}. A plan depends only on its
 # key, so two threads that make one at once make equal plans.

@@ -20,9 +20,9 @@ namespace {
 // Dtype codes (fused_sigxent/_cpu_loop.py DTYPE_CODES).
 enum : int32_t { F32 = 0, F64 = 1, BF16 = 2, F16 = 3, U8 = 4 };
 
-// Elements per chunk: the unit of a thread's work and of the reduction's
+// Elements per tile: the unit of a thread's work and of the reduction's
 // partial sums, fixed so that the sum does not depend on the thread count.
-constexpr int64_t CHUNK = 16384;
+constexpr int64_t TILE = 16384;
 
 // log1p(e) for e in [0, 1] as 2 atanh(e / (2 + e)): kernels/_math.py's
 // LOG1P_P0..P4 (tests/test_cpu_loop.py checks they are the same).
@@ -237,7 +237,7 @@ inline const void* advance(const void* p, int32_t dtype, int64_t offset) {
 // Elements [begin, end): segments that stay within one row of the collapsed
 // shape, so each coefficient's row offset is found once per segment.
 template <typename CT>
-double chunk(const Args& a, int64_t begin, int64_t end) {
+double tile(const Args& a, int64_t begin, int64_t end) {
   using Vec = at::vec::Vectorized<CT>;
   constexpr int64_t V = Vec::size();
   // Lane sums are flushed to double every FLUSH vectors: float error stays
@@ -276,13 +276,13 @@ double chunk(const Args& a, int64_t begin, int64_t end) {
 
 template <typename CT>
 double run(const Args& a) {
-  const int64_t n_chunks = (a.n + CHUNK - 1) / CHUNK;
-  std::vector<double> partial(n_chunks, 0.0);
-  at::parallel_for(0, n_chunks, 1, [&](int64_t first, int64_t last) {
-    for (int64_t c = first; c < last; ++c) partial[c] = chunk<CT>(a, c * CHUNK, std::min(a.n, (c + 1) * CHUNK));
+  const int64_t n_tiles = (a.n + TILE - 1) / TILE;
+  std::vector<double> partial(n_tiles, 0.0);
+  at::parallel_for(0, n_tiles, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) partial[c] = tile<CT>(a, c * TILE, std::min(a.n, (c + 1) * TILE));
   });
   double total = 0;
-  for (double t : partial) total += t;  // in chunk order: the same for any thread count
+  for (double t : partial) total += t;  // in tile order: the same for any thread count
   return total;
 }
 

@@ -1,16 +1,20 @@
 """SigLIP's pairwise sigmoid loss (open_clip's SigLipLoss, one device) on the
-chunked engine of `_linear.py`: the diagonal is the positive class."""
+chunked engine (`impl/chunked.py`): the diagonal is the positive class."""
 
 import torch
 from torch import Tensor
 
-from . import _linear, _reference, _validate
+from ..core import reduction as R
+from ..core.dtypes import compute_dtype, number_as_tensor
+from ..op import routes
+from . import checks
+from .linear import chunk_size_argument
 
 
 def _scalar(name: str, value, x: Tensor, dtype: torch.dtype) -> Tensor:
     """A number, or a one-element tensor (0-d, as open_clip's parameters), as a 0-d tensor on x's device."""
-    if _validate.is_number(value) or isinstance(value, torch.SymFloat):
-        return _validate.number_as_tensor(value, x, dtype)
+    if checks.is_number(value) or isinstance(value, torch.SymFloat):
+        return number_as_tensor(value, x, dtype)
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a number or a 0-d tensor; got {type(value).__name__}")
     if value.numel() != 1:
@@ -39,10 +43,9 @@ def siglip_loss(
     numbers or 0-d tensors. Float32 loss (float64 for float64 features);
     gradients for both features, t and b, from the forward's one pass.
     """
-    _validate.not_scripted()
-    _linear.check_mode("siglip_loss", image_features, text_features, logit_scale, logit_bias)
-    x = _validate.logits("image_features", image_features)
-    y = _validate.tensor("text_features", text_features)
+    routes.refuse_unsupported_linear("siglip_loss", image_features, text_features, logit_scale, logit_bias)
+    x = checks.logits("image_features", image_features)
+    y = checks.tensor("text_features", text_features)
     for name, t in (("image_features", x), ("text_features", y)):
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D (N, D); got shape {tuple(t.shape)}")
@@ -54,12 +57,9 @@ def siglip_loss(
             f"and {tuple(y.shape)}")
     if y.device != x.device:
         raise ValueError(f"text_features is on {y.device} but image_features is on {x.device}")
-    ct = _reference.compute_dtype(x.dtype)
+    ct = compute_dtype(x.dtype)
     t = _scalar("logit_scale", logit_scale, x, ct)
     b = _scalar("logit_bias", logit_bias, x, ct)
-    rows = _linear._chunk_size(chunk_size)
-    smoothing = _validate.number_as_tensor(0.0, x, ct)
-    needs = _linear._needs(x, y, b, t, None)
-    loss, *_ = torch.ops.fused_sigxent.linear_sigmoid_ce(
-        x, y, b, t, None, None, None, smoothing, _linear.DIVIDE_BY_ROWS, rows, *needs)
-    return loss
+    rows = chunk_size_argument(chunk_size)
+    smoothing = number_as_tensor(0.0, x, ct)
+    return routes.linear_loss(x, y, b, t, None, None, None, smoothing, R.MEAN_BY_ROWS, rows)

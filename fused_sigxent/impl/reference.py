@@ -1,16 +1,16 @@
 """Plain-PyTorch sigmoid cross entropy: the CPU implementation and the test oracle.
 
-Each function here has exactly the signature of the op it implements
-(`fused_sigxent/_op.py`), so the kernels can be swapped in one for one.
+Each op function here has the signature `impl.Implementation` gives it, so
+the kernels can be swapped in one for one.
 Math runs in float32 (float64 for float64 logits); results come back in the
 logits dtype (the loss), or in the dtype of the tensor differentiated.
 
-Notation (SPEC section 2): x logits, z labels, s label smoothing,
+Notation (docs/semantics.md): x logits, z labels, s label smoothing,
 z' = z (1 - s) + s / 2, w weight, p pos_weight, q = 1 + (p - 1) z'.
 
 Everything here is plain differentiable PyTorch, so the same functions also
 serve where autograd must see through the gradient itself (double backward,
-torch.func transforms, DTensor; see `_autograd.py`). The label smoothing is a
+torch.func transforms, DTensor; see `op/derivatives.py`). The label smoothing is a
 0-d tensor (or a number): it is data, never a branch on the host.
 """
 
@@ -20,12 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _reduction as R
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 math for float64 logits, float32 math for everything else."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ..core import reduction as R
+from ..core.dtypes import compute_dtype
 
 
 def mul0(a: Tensor, b: Tensor) -> Tensor:
@@ -68,7 +64,7 @@ def elementwise_loss(x: Tensor, z: Tensor, p: Tensor | None) -> Tensor:
 
     l = (1 - z') relu(x) + p z' relu(-x) + q log1p(exp(-|x|))
 
-    With p = 1 this is the seeds' max(x, 0) - x z + log1p(exp(-|x|)).
+    With p = 1 this is TensorFlow's max(x, 0) - x z + log1p(exp(-|x|)).
     The relu terms are masked products, so x = +-inf gives the limit
     (0 where the label agrees, inf where it does not), never NaN.
     """
@@ -180,7 +176,7 @@ def pointwise(x: Tensor, z: Tensor, p: Tensor | None, focal=None, need: str = "l
     """The elementwise loss and its derivatives, as `need` lists them ("l"
     loss, "x" dl/dx, "z" dl/dz', "p" dl/dp): sigmoid cross entropy, or with
     focal = (gamma, alpha) (0-d tensors, alpha None for no alpha_t) the
-    focal loss alpha_t (1 - p_t)^gamma l (SPEC section 6)."""
+    focal loss alpha_t (1 - p_t)^gamma l (docs/semantics.md)."""
     out = {}
     if focal is None:
         if "l" in need:
@@ -301,18 +297,9 @@ def sigmoid_ce_fwd(
     *,
     grad_logits_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Loss (reduced, or elementwise for NONE), its denominator, and, when
-    asked, the gradients of the loss for an incoming gradient of 1 (which the
-    backward then only scales). Unasked gradients come back empty.
-
-    grad_logits_out (not part of the op; for the chunked linear engine): a
-    tensor of the logits' shape and dtype, possibly the logits themselves,
-    that receives the logits gradient and is returned as it.
-
-    gamma (0-d): the focal loss (SPEC section 6) with that gamma and alpha
-    (0-d, or None for no alpha_t); None: sigmoid cross entropy. hard_labels:
-    a promise that z' is 0 or 1 (the kernels' cheaper focal factor); unused here.
-    int64 labels: class indices of shape logits.shape[:-1] (`class_index_labels`)."""
+    """`impl.Implementation.sigmoid_ce_fwd`, the definition. hard_labels
+    (the kernels' cheaper focal factor) is unused here; int64 labels are
+    read by `class_index_labels`."""
     ct, x, z, w, p = _upcast(logits, labels, weight, pos_weight, label_smoothing)
     focal = _focal(gamma, alpha, ct)
     loss = pointwise(x, z, p, focal)["l"]

@@ -1,4 +1,4 @@
-"""Reduction names of both front ends and the integer codes the op takes."""
+"""Reduction names of the front ends and the one table of integer codes the ops take."""
 
 import enum
 
@@ -15,15 +15,17 @@ class Reduction(str, enum.Enum):
     SUM_OVER_NONZERO_WEIGHTS = "weighted_sum_by_nonzero_weights"
 
 
-# The op's `reduction` argument. Every front end maps onto these six; the
-# numbers are part of the op schema, so they never change meaning.
+# The ops' `reduction` argument: one table for every op. Every front end maps
+# onto these; the numbers are part of the op schemas, so they never change
+# meaning.
 NONE = 0
 SUM = 1
 MEAN_BY_WEIGHTS = 2  # sum(w*l) / sum(w), 0 when sum(w) == 0 (TF MEAN)
 MEAN_BY_NUMEL = 3  # sum(w*l) / numel, 0 when empty (TF SUM_OVER_BATCH_SIZE)
 MEAN_BY_NONZERO = 4  # sum(w*l) / count(w != 0), 0 when the count is 0
 TORCH_MEAN = 5  # sum(w*l) / numel, NaN when empty, as PyTorch's "mean"
-CODES = (NONE, SUM, MEAN_BY_WEIGHTS, MEAN_BY_NUMEL, MEAN_BY_NONZERO, TORCH_MEAN)
+MEAN_BY_ROWS = 6  # sum(l) / rows, NaN when empty: SigLIP's (the chunked linear op only)
+CODES = (NONE, SUM, MEAN_BY_WEIGHTS, MEAN_BY_NUMEL, MEAN_BY_NONZERO, TORCH_MEAN)  # sigmoid_ce_fwd's
 
 TF_CODES = {
     Reduction.NONE: NONE,
@@ -35,11 +37,18 @@ TF_CODES = {
 TORCH_CODES = {"none": NONE, "sum": SUM, "mean": TORCH_MEAN}
 
 
+def torch_code(reduction) -> int:
+    """The code of a PyTorch-style reduction name; ValueError for any other value."""
+    if reduction not in TORCH_CODES:
+        raise ValueError(f"{reduction!r} is not a valid value for reduction: use 'none', 'mean' or 'sum'")
+    return TORCH_CODES[reduction]
+
+
 def denominator_is_static(reduction: int, weight_numel: int | None) -> bool:
     """True when the denominator needs no pass over a weight tensor.
 
     Then a kernel knows the gradient's scale before the reduction ends, so the
-    forward can write the final gradient (see `_op.plan_grads_in_forward`).
+    forward can write the final gradient (see `op/derivatives.grads_in_forward`).
     A single-element weight counts as static: every program reads it.
     """
     if reduction in (SUM, MEAN_BY_NUMEL, TORCH_MEAN):

@@ -2,14 +2,14 @@
 gradients in one vectorized, multithreaded pass, reading every dtype as it
 is (bf16 logits, uint8/bool labels) with no temporaries.
 
-It is compiled on first use, in ~2 s, by the machine's C++ compiler against
+It is compiled on first use by the machine's C++ compiler against
 this torch's own headers and vector math (ATen's at::vec, for the CPU
 capability ATen itself uses), cached per source, torch and flags under
 $FUSED_SIGXENT_CACHE (default ~/.cache/fused_sigxent, or a temporary directory where that
 cannot be written), and loaded with
 ctypes. Where it cannot be built (no compiler), `library()` warns once and
-returns None, and _cpu.py's ATen pieces run instead. It implements the
-cross entropy only: the focal loss and class-index labels take the pieces.
+returns None, and impl/cpu.py's ATen tiles run instead. It implements the
+cross entropy only: the focal loss and class-index labels take the tiles.
 """
 
 import ctypes
@@ -24,6 +24,8 @@ import warnings
 
 import torch
 from torch import Tensor
+
+from ..core import layout  # the kernels' broadcast layout: one copy at most, the same collapse
 
 SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "sigmoid_ce_cpu.cpp")
 CACHE_ENV = "FUSED_SIGXENT_CACHE"
@@ -116,7 +118,7 @@ def library():
     lib.fused_sigxent_cpu_loop.argtypes = [ctypes.POINTER(Args)]
     lib.fused_sigxent_cpu_loop_args_size.restype = ctypes.c_int64
     if lib.fused_sigxent_cpu_loop_args_size() != ctypes.sizeof(Args):
-        raise RuntimeError("fused_sigxent: the CPU loop's Args and _cpu_loop.Args differ")
+        raise RuntimeError("fused_sigxent: the CPU loop's Args and cpu_loop.Args differ")
     return lib
 
 
@@ -129,14 +131,12 @@ def serves(logits: Tensor, labels: Tensor, gamma) -> bool:
 def run(lib, logits: Tensor, labels: Tensor, weight: Tensor | None, pos_weight: Tensor | None, smoothing: float,
         scale: float, incoming: Tensor | None, want_loss: bool, loss: Tensor | None, gx: Tensor | None,
         gz: Tensor | None) -> float:
-    """`_cpu._run` for a variant the loop `serves`, on `lib`: the outputs
+    """`cpu._run` for a variant the loop `serves`, on `lib`: the outputs
     given (None: not asked) are written, and the sum of the weighted loss
-    (accumulated in float64 per fixed chunk, in order; 0 without
+    (accumulated in float64 per fixed tile, in order; 0 without
     `want_loss`) is returned."""
-    from .kernels import _layout  # the Triton launchers' layout: one copy at most, the same collapse
-
-    x, z = _layout.contiguous(logits), _layout.contiguous(labels)
-    sizes, (w, p), (w_strides, p_strides) = _layout.collapse(x.shape, [weight, pos_weight])
+    x, z = layout.contiguous(logits), layout.contiguous(labels)
+    sizes, (w, p), (w_strides, p_strides) = layout.collapse(x.shape, [weight, pos_weight])
     if incoming is not None:
         incoming = incoming.expand(x.shape).contiguous()
     a = Args(

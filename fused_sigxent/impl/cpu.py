@@ -1,26 +1,26 @@
-"""The op on CPU tensors: the compiled one-pass loop (`_cpu_loop`) for the
+"""The op on CPU tensors: the compiled one-pass loop (`cpu_loop`) for the
 cross entropy where it is built; else, and for the focal loss and class-index
-labels, the stable formulas as ATen ops in cache-sized pieces, with few passes.
+labels, the stable formulas as ATen ops in cache-sized tiles, with few passes.
 
 PyTorch eager evaluates a loss as a chain of full-size temporaries, each a
-trip through main memory. Here the loss and its gradient run on pieces of
-about `PIECE` elements whose temporaries are a few scratch buffers of a
-piece's size, reused piece after piece (they stay in the cache), and are
+trip through main memory. Here the loss and its gradient run on tiles of
+about `TILE` elements whose temporaries are a few scratch buffers of a
+tile's size, reused tile after tile (they stay in the cache), and are
 written into outputs allocated once: the loss (or only its sum) and, when
 asked, the gradient that autograd is handed. So a call's peak memory is its
-outputs plus a few pieces, and its inputs are read from memory once.
+outputs plus a few tiles, and its inputs are read from memory once.
 
-The formulas (`_fast_piece`) are PyTorch's own rewrite of the loss, with one
+The formulas (`_fast_tile`) are PyTorch's own rewrite of the loss, with one
 transcendental pass for the loss and one for the gradient, every other step
 a fused in-place primitive. They are exact for finite inputs; where they
 are not (an infinite logit, a NaN, a zero weight masking either) they give
-NaN, which the piece's sum shows, and that piece is redone by the masked
-formulas of `_reference.py`, which define those limits. Tests hold both to
+NaN, which the tile's sum shows, and that tile is redone by the masked
+formulas of `impl/reference.py`, which define those limits. Tests hold both to
 the reference and to float64 math (tests/test_cpu.py).
 
-Each op function has the signature of the op it implements (`_op.py`).
-Reduced sums accumulate per piece in float64 on the host (one read per
-piece), so the result does not depend on how the pieces fall.
+Each op function has the signature `impl.Implementation` gives it.
+Reduced sums accumulate per tile in float64 on the host (one read per
+tile), so the result does not depend on how the tiles fall.
 """
 
 import math
@@ -28,18 +28,17 @@ import math
 import torch
 from torch import Tensor
 
-from . import _cpu_loop, _reference
-from . import _reduction as R
+from ..core import reduction as R
+from ..core.dtypes import compute_dtype
+from . import cpu_loop, reference
 
-# Elements per piece: a few float32 temporaries of 256K elements (1 MiB each)
-# stay in the 32 MiB L3 (1 MiB L2 per core), and each of ATen's two threads
-# gets 128K elements per op. Timed with perf/cpu_kernels.py on this 2-core
-# machine (AMD EPYC, 16M float32, fwd / fwd+bwd ms, min of 5, shared with
-# other load): 64K 37/66, 128K 28/57, 256K 20/60, 512K 20/57, 1M 26/57;
-# smaller pieces pay more per-op joins of the two threads, larger ones fall
-# out of the caches and hold more memory (a 1M-element tensor's temporaries
-# must stay below PyTorch eager's).
-PIECE = 1 << 18
+# Elements per tile: a few float32 temporaries of 256K elements (1 MiB each)
+# stay in a server's L2/L3, and each of two ATen threads gets 128K elements
+# per op. Smaller tiles pay more per-op joins of the threads, larger ones
+# fall out of the caches and hold more memory (a 1M-element tensor's
+# temporaries must stay below PyTorch eager's). The sweep that chose it:
+# docs/performance.md.
+TILE = 1 << 18
 
 # 0-d ones of each compute dtype: the `1 +` of q = 1 + (p - 1) z' (a tensor
 # operand keeps float64 math in float64).
@@ -47,15 +46,15 @@ _ONE = {dt: torch.ones((), dtype=dt) for dt in (torch.float32, torch.float64)}
 
 
 class _Scratch:
-    """Named buffers of the first (largest) piece's shape, allocated on first
-    use and reused by every piece of a call: the temporaries stay in the
-    cache, and a call holds these few buffers however many pieces it has."""
+    """Named buffers of the first (largest) tile's shape, allocated on first
+    use and reused by every tile of a call: the temporaries stay in the
+    cache, and a call holds these few buffers however many tiles it has."""
 
     def __init__(self, dtype: torch.dtype):
         self.dtype, self.buffers = dtype, {}
 
     def __call__(self, name: str, like: Tensor) -> Tensor:
-        """Buffer `name` for piece `like` (the last piece may have fewer rows)."""
+        """Buffer `name` for tile `like` (the last tile may have fewer rows)."""
         buffer = self.buffers.get(name)
         if buffer is None:
             buffer = self.buffers[name] = torch.empty(like.shape, dtype=self.dtype)
@@ -76,14 +75,14 @@ def _scaled_into(t: Tensor, factor: Tensor | float, out: Tensor) -> None:
 
 
 def _loss_buffer(loss_out: Tensor | None, x: Tensor, scratch_buffer: Tensor) -> Tensor:
-    """Where a piece's loss is computed: `loss_out` itself when it has the
+    """Where a tile's loss is computed: `loss_out` itself when it has the
     compute dtype, else a scratch buffer (copied out by `_weighted_sum`)."""
     return loss_out if loss_out is not None and loss_out.dtype == x.dtype else scratch_buffer
 
 
 def _weighted_sum(loss: Tensor, w: Tensor | None, loss_out: Tensor | None) -> float:
-    """Weights a piece's loss (in place), copies it into `loss_out` if asked
-    and not already there, and returns its sum: the piece's one host read."""
+    """Weights a tile's loss (in place), copies it into `loss_out` if asked
+    and not already there, and returns its sum: the tile's one host read."""
     if w is not None:
         loss.mul_(w)
     total = loss.sum().item()
@@ -92,20 +91,20 @@ def _weighted_sum(loss: Tensor, w: Tensor | None, loss_out: Tensor | None) -> fl
     return total
 
 
-def _fast_piece(x, z, w, p, pm1, gw, label_factor, scratch, want_loss, loss_out, gx_out, gz_out) -> float:
-    """One piece by the fast formulas, into the outputs given (None: not
+def _fast_tile(x, z, w, p, pm1, gw, label_factor, scratch, want_loss, loss_out, gx_out, gz_out) -> float:
+    """One tile by the fast formulas, into the outputs given (None: not
     asked): the weighted loss (if `want_loss`) into `loss_out` (None: only
     its sum), gw dl/dx into `gx_out`, label_factor gw dl/dz' into `gz_out`.
-    x, z' and the pieces of w, p and p - 1 are in the compute dtype; gw is w
+    x, z' and the tiles of w, p and p - 1 are in the compute dtype; gw is w
     times the incoming gradient (a tensor, or a number). Returns a sum: of
-    the loss if asked, else of the gradients. NaN there marks a piece these
+    the loss if asked, else of the gradients. NaN there marks a tile these
     formulas got wrong.
 
     With ls = logsigmoid(x) = min(x, 0) - log1p(exp(-|x|)), q = 1 + (p - 1) z':
       l      = (1 - z') x - q ls      (PyTorch's form)
       dl/dx  = q sigmoid(x) - p z'    (sigmoid(x) - z' without pos_weight)
       dl/dz' = -x - (p - 1) ls
-    Each statement is one pass over the piece, in place where it can be.
+    Each statement is one pass over the tile, in place where it can be.
     """
     total = ls = q = None
     if want_loss or (gz_out is not None and p is not None):
@@ -127,7 +126,7 @@ def _fast_piece(x, z, w, p, pm1, gw, label_factor, scratch, want_loss, loss_out,
         total = _weighted_sum(loss, w, loss_out)
     if gx_out is not None:
         if total is not None and total != total:
-            # The reference redoes this piece: leave gx_out alone, since it
+            # The reference redoes this tile: leave gx_out alone, since it
             # may be the logits themselves (`grad_logits_out`).
             return total
         # The loss is summed by now, so its buffer can hold the gradient.
@@ -143,8 +142,8 @@ def _fast_piece(x, z, w, p, pm1, gw, label_factor, scratch, want_loss, loss_out,
     return total
 
 
-def _focal_piece(x, z, w, gamma: float, alpha: float | None, gw, scratch, want_loss, loss_out, gx_out) -> float:
-    """`_fast_piece` for the focal loss alpha_t (1 - p_t)^gamma l (no
+def _focal_tile(x, z, w, gamma: float, alpha: float | None, gw, scratch, want_loss, loss_out, gx_out) -> float:
+    """`_fast_tile` for the focal loss alpha_t (1 - p_t)^gamma l (no
     pos_weight, no labels gradient: those take the reference). With
     s = sigmoid(x) and s' = sigmoid(-x), each exact where the other rounds
     to 1:
@@ -153,12 +152,12 @@ def _focal_piece(x, z, w, gamma: float, alpha: float | None, gw, scratch, want_l
       dF/dx = gamma F s s' (1 - 2 z') / (A + B),
     the last never pow's gamma (A + B)^(gamma - 1), which is inf at a
     confident logit for gamma < 1 (torchvision's NaN). Where A + B is 0
-    (|x| beyond ~100) the ratio is 0/0: NaN, and the piece is redone by the
+    (|x| beyond ~100) the ratio is 0/0: NaN, and the tile is redone by the
     reference, as for an infinite logit. alpha_t = (1 - alpha) + (2 alpha - 1) z'
     multiplies F once, for the loss and the gradient. s' comes from
     logsigmoid's own exp(-|x|) (its backward's formula, no exp of its own)
     rather than a second sigmoid pass."""
-    # Seven piece-sized buffers, each reused once its value is
+    # Seven tile-sized buffers, each reused once its value is
     # spent (fresh memory costs a page fault per 4 KiB on every call).
     # logsigmoid(|x|) = -log1p(e) and its e = exp(-|x|), each without
     # cancellation; then l = relu(x) - z' x + log1p(e), exact where a hard
@@ -190,7 +189,7 @@ def _focal_piece(x, z, w, gamma: float, alpha: float | None, gw, scratch, want_l
         a.add_(t, alpha=gamma).mul_(factor)
         _scaled_into(a, gw, gx_out)
         # The ratio is 0/0 where A + B underflows, also where the loss is
-        # fine: a NaN (or inf) gradient sends the piece to the reference too.
+        # fine: a NaN (or inf) gradient sends the tile to the reference too.
         grad_total = gx_out.sum().item()
         if not math.isfinite(grad_total):
             return math.nan
@@ -198,21 +197,21 @@ def _focal_piece(x, z, w, gamma: float, alpha: float | None, gw, scratch, want_l
     return total
 
 
-def _reference_piece(x, z, w, p, scale, smoothing, x_raw, z_raw, want_loss, loss_out, gx_out, gz_out,
+def _reference_tile(x, z, w, p, scale, smoothing, x_raw, z_raw, want_loss, loss_out, gx_out, gz_out,
                      focal=None) -> float:
-    """One piece by the reference's masked formulas, which define the limits
+    """One tile by the reference's masked formulas, which define the limits
     (infinite logits, NaN inputs, zero weights masking), into the same
-    outputs as `_fast_piece`; the sum of its loss (0 when not asked).
+    outputs as `_fast_tile`; the sum of its loss (0 when not asked).
     focal: the reference's (gamma, alpha) tensors, or None."""
     total = 0.0
     if want_loss:
-        loss = _reference.pointwise(x, z, p, focal)["l"]
-        loss = loss if w is None else _reference.mul0(w, loss)
+        loss = reference.pointwise(x, z, p, focal)["l"]
+        loss = loss if w is None else reference.mul0(w, loss)
         if loss_out is not None:
             loss_out.copy_(loss)
         total = loss.sum().item()
     if gx_out is not None or gz_out is not None:
-        gx, gz = _reference._input_grads(
+        gx, gz = reference._input_grads(
             x, z, w, p, scale, smoothing, x_raw, z_raw, gx_out is not None, gz_out is not None, focal)
         for out, g in ((gx_out, gx), (gz_out, gz)):
             if out is not None:
@@ -220,50 +219,50 @@ def _reference_piece(x, z, w, p, scale, smoothing, x_raw, z_raw, want_loss, loss
     return total
 
 
-def _pieces(x_all: Tensor) -> list[slice | None]:
-    """Slices of x_all's first dimension of about PIECE elements each, or
-    [None] where one piece holds it all (no slicing at all)."""
+def _tiles(x_all: Tensor) -> list[slice | None]:
+    """Slices of x_all's first dimension of about TILE elements each, or
+    [None] where one tile holds it all (no slicing at all)."""
     numel = x_all.numel()
-    if numel <= PIECE:
+    if numel <= TILE:
         return [None]
-    rows = max(1, PIECE // max(1, numel // x_all.shape[0]))
+    rows = max(1, TILE // max(1, numel // x_all.shape[0]))
     return [slice(start, start + rows) for start in range(0, x_all.shape[0], rows)]
 
 
-def _at(t, piece):
-    """A tensor's piece; numbers and 0-d coefficients broadcast over every piece."""
-    if piece is None or t is None or isinstance(t, float) or t.dim() == 0:
+def _at(t, tile):
+    """A tensor's tile; numbers and 0-d coefficients broadcast over every tile."""
+    if tile is None or t is None or isinstance(t, float) or t.dim() == 0:
         return t
-    return t[piece]
+    return t[tile]
 
 
 def _run(logits, labels, weight, pos_weight, s: float, c: float, incoming, want_loss, loss, gx, gz,
          gamma=None, alpha=None) -> float:
-    """Every piece into the outputs given (None: not asked): the weighted loss
+    """Every tile into the outputs given (None: not asked): the weighted loss
     if `want_loss`, elementwise into `loss` (None: only its sum), and the
     gradients `gx`, `gz` for the chain-rule factor `c` or, for NONE, the
     elementwise incoming gradient `incoming`; s is the label smoothing;
     gamma (0-d): the focal loss, with alpha (0-d) or none. The fast
-    formulas run first, and a piece where they fail (NaN in their sum) is
+    formulas run first, and a tile where they fail (NaN in their sum) is
     redone by the reference's. Returns the sum of the weighted loss,
-    accumulated over pieces in float64 (0 when not asked)."""
-    if _cpu_loop.serves(logits, labels, gamma) and (lib := _cpu_loop.library()) is not None:
-        return _cpu_loop.run(lib, logits, labels, weight, pos_weight, s, c, incoming, want_loss, loss, gx, gz)
-    ct = _reference.compute_dtype(logits.dtype)
-    focal = None if gamma is None else _reference._focal(gamma, alpha, ct)
-    # Read once (CPU tensors: no sync): numbers for the pieces' primitives.
+    accumulated over tiles in float64 (0 when not asked)."""
+    if cpu_loop.serves(logits, labels, gamma) and (lib := cpu_loop.library()) is not None:
+        return cpu_loop.run(lib, logits, labels, weight, pos_weight, s, c, incoming, want_loss, loss, gx, gz)
+    ct = compute_dtype(logits.dtype)
+    focal = None if gamma is None else reference._focal(gamma, alpha, ct)
+    # Read once (CPU tensors: no sync): numbers for the tiles' primitives.
     numbers = None if gamma is None else (float(gamma), None if alpha is None else float(alpha))
     soft_labels = labels.dtype.is_floating_point
     x_all, z_all = logits.contiguous(), labels.contiguous()
-    # Flat pieces where every coefficient is a single number; else pieces of
+    # Flat tiles where every coefficient is a single number; else tiles of
     # whole rows, so that broadcast coefficients are sliced as strided views
-    # (and class indices, one per row, with their rows). One piece needs neither.
+    # (and class indices, one per row, with their rows). One tile needs neither.
     flat = ((weight is None or weight.numel() == 1) and (pos_weight is None or pos_weight.numel() == 1)
             and labels.dtype != torch.int64)
-    # (class indices need whole rows: 1-D logits are one row, one piece)
-    one_piece = x_all.numel() <= PIECE or (labels.dtype == torch.int64 and logits.dim() < 2)
-    shape = logits.shape if one_piece or not flat else (-1,)
-    if not one_piece and flat:
+    # (class indices need whole rows: 1-D logits are one row, one tile)
+    one_tile = x_all.numel() <= TILE or (labels.dtype == torch.int64 and logits.dim() < 2)
+    shape = logits.shape if one_tile or not flat else (-1,)
+    if not one_tile and flat:
         x_all, z_all = x_all.view(shape), z_all.view(shape)
 
     def coefficient(t):
@@ -281,49 +280,49 @@ def _run(logits, labels, weight, pos_weight, s: float, c: float, incoming, want_
     if shape != logits.shape:
         loss, gx, gz = (None if t is None else t.view(shape) for t in (loss, gx, gz))
     half_s = torch.tensor(0.5 * s, dtype=ct) if s else None
-    pieces = [None] if one_piece else _pieces(x_all)
+    tiles = [None] if one_tile else _tiles(x_all)
     scratch = _Scratch(ct)
     total = 0.0
-    for piece in pieces:
-        xp, zp = _at(x_all, piece), _at(z_all, piece)
-        x, z = _piece_inputs(xp, zp, s, half_s, ct, scratch)
-        gwp = gw_piece = _at(gw, piece)
+    for tile in tiles:
+        xp, zp = _at(x_all, tile), _at(z_all, tile)
+        x, z = _tile_inputs(xp, zp, s, half_s, ct, scratch)
+        gwp = gw_tile = _at(gw, tile)
         if incoming is not None:
-            gwp = _at(incoming, piece).to(ct)
-            gwp = gwp if isinstance(gw_piece, float) and gw_piece == 1.0 else gwp * gw_piece
-        outs = _at(loss, piece), _at(gx, piece), _at(gz, piece)
-        wp, pp = _at(w, piece), _at(p, piece)
+            gwp = _at(incoming, tile).to(ct)
+            gwp = gwp if isinstance(gw_tile, float) and gw_tile == 1.0 else gwp * gw_tile
+        outs = _at(loss, tile), _at(gx, tile), _at(gz, tile)
+        wp, pp = _at(w, tile), _at(p, tile)
         if focal is None:
-            check = _fast_piece(x, z, wp, pp, _at(pm1, piece), gwp, 1 - s, scratch, want_loss, *outs)
+            check = _fast_tile(x, z, wp, pp, _at(pm1, tile), gwp, 1 - s, scratch, want_loss, *outs)
         elif soft_labels and not _in_unit_interval(z):
             # 1 - p_t < 0: the reference's log gives NaN, where pow would
             # give a number for an integer gamma.
             check = math.nan
         else:
-            check = _focal_piece(x, z, wp, *numbers, gwp, scratch, want_loss, *outs[:2])
+            check = _focal_tile(x, z, wp, *numbers, gwp, scratch, want_loss, *outs[:2])
         if check != check:
-            scale = c if incoming is None else _at(incoming, piece).to(ct)
-            check = _reference_piece(x, z, wp, pp, scale, s, xp, zp, want_loss, *outs, focal)
+            scale = c if incoming is None else _at(incoming, tile).to(ct)
+            check = _reference_tile(x, z, wp, pp, scale, s, xp, zp, want_loss, *outs, focal)
         total += check
     return total if want_loss else 0.0
 
 
 def _in_unit_interval(z: Tensor) -> bool:
-    """Every label of a piece in [0, 1] (NaN counts as in: it propagates)."""
+    """Every label of a tile in [0, 1] (NaN counts as in: it propagates)."""
     lo, hi = torch.aminmax(z)
     return not (lo < 0 or hi > 1)
 
 
-def _piece_inputs(xp, zp, s: float, half_s, ct, scratch):
-    """Logits and smoothed labels z' = z (1 - s) + s / 2 of one piece, in the
-    compute dtype: the pieces themselves where they already are, else
+def _tile_inputs(xp, zp, s: float, half_s, ct, scratch):
+    """Logits and smoothed labels z' = z (1 - s) + s / 2 of one tile, in the
+    compute dtype: the tiles themselves where they already are, else
     converted into scratch (bool and uint8 labels smoothed in that pass).
-    int64 class indices become the piece's own one-hot rows (NaN rows for
-    an index outside [0, C], as the reference's): a piece's size, never the
+    int64 class indices become the tile's own one-hot rows (NaN rows for
+    an index outside [0, C], as the reference's): a tile's size, never the
     whole (N, C)."""
     x = xp if xp.dtype == ct else scratch("x", xp).copy_(xp)
     if zp.dtype == torch.int64:
-        zp = _reference.class_index_labels(zp, xp.shape[-1], ct)
+        zp = reference.class_index_labels(zp, xp.shape[-1], ct)
     if not s:
         return x, (zp if zp.dtype == ct else scratch("z", zp).copy_(zp))
     if zp.dtype.is_floating_point and zp.dtype != ct:
@@ -333,7 +332,7 @@ def _piece_inputs(xp, zp, s: float, half_s, ct, scratch):
 
 
 def _divide(numerator: float, denom: float, reduction: int) -> float:
-    """`_reference.divide`, on the host."""
+    """`reference.divide`, on the host."""
     if reduction == R.NONE:
         return numerator
     if denom == 0 and reduction != R.TORCH_MEAN:
@@ -342,13 +341,13 @@ def _divide(numerator: float, denom: float, reduction: int) -> float:
 
 
 def _denominator(reduction: int, weight: Tensor | None, logits: Tensor, ct) -> tuple[Tensor, float]:
-    """`_reference.denominator`, and its value on the host (read from the
+    """`reference.denominator`, and its value on the host (read from the
     weight only where it depends on it)."""
     if reduction in (R.NONE, R.SUM):
         return torch.ones((), dtype=ct), 1.0
     if weight is None or reduction in (R.MEAN_BY_NUMEL, R.TORCH_MEAN):
         return torch.full((), logits.numel(), dtype=ct), float(logits.numel())
-    denom = _reference.denominator(reduction, weight, logits, ct)
+    denom = reference.denominator(reduction, weight, logits, ct)
     return denom, denom.item()
 
 
@@ -368,19 +367,19 @@ def sigmoid_ce_fwd(
     *,
     grad_logits_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Same contract as `_reference.sigmoid_ce_fwd`, grad_logits_out included
-    (for the plain loss; each piece writes it only once its logits are
-    spent, and only where the fast formulas held, so a piece the reference
+    """Same contract as `reference.sigmoid_ce_fwd`, grad_logits_out included
+    (for the plain loss; each tile writes it only once its logits are
+    spent, and only where the fast formulas held, so a tile the reference
     redoes still finds its logits)."""
     if logits.numel() == 0 or _variant(gamma, labels, pos_weight, grad_labels_in_fwd):
-        # Nothing to cut into pieces (the reference's NaN or 0), or a variant
-        # the pieces do not implement: the reference runs it.
-        return _reference.sigmoid_ce_fwd(logits, labels, weight, pos_weight, label_smoothing, reduction,
+        # Nothing to cut into tiles (the reference's NaN or 0), or a variant
+        # the tiles do not implement: the reference runs it.
+        return reference.sigmoid_ce_fwd(logits, labels, weight, pos_weight, label_smoothing, reduction,
                                           out_dtype, grad_logits_in_fwd, grad_labels_in_fwd,
                                           gamma, alpha, hard_labels, grad_logits_out=grad_logits_out)
     if grad_logits_out is not None and gamma is not None:
-        raise ValueError("grad_logits_out is for the plain loss: the focal pieces spend the logits early")
-    ct = _reference.compute_dtype(logits.dtype)
+        raise ValueError("grad_logits_out is for the plain loss: the focal tiles spend the logits early")
+    ct = compute_dtype(logits.dtype)
     denom, d = _denominator(reduction, weight, logits, ct)
     loss = torch.empty(logits.shape, dtype=out_dtype) if reduction == R.NONE else None
     if grad_logits_out is not None:
@@ -415,9 +414,9 @@ def sigmoid_ce_bwd(
     alpha: Tensor | None = None,
     hard_labels: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Same contract as `_reference.sigmoid_ce_bwd`."""
+    """Same contract as `reference.sigmoid_ce_bwd`."""
     if _variant(gamma, labels, pos_weight, need_grad_labels):
-        return _reference.sigmoid_ce_bwd(grad, logits, labels, weight, pos_weight, denom, label_smoothing,
+        return reference.sigmoid_ce_bwd(grad, logits, labels, weight, pos_weight, denom, label_smoothing,
                                           reduction, need_grad_logits, need_grad_labels, gamma, alpha, hard_labels)
     grad_logits = torch.empty(logits.shape if need_grad_logits else (0,), dtype=logits.dtype)
     grad_labels = torch.empty(labels.shape if need_grad_labels else (0,), dtype=labels.dtype)
@@ -432,18 +431,18 @@ def sigmoid_ce_bwd(
 
 
 def _variant(gamma: Tensor | None, labels: Tensor, pos_weight: Tensor | None, grad_labels: bool) -> bool:
-    """What the pieces do not implement, and the reference runs on CPU
+    """What the tiles do not implement, and the reference runs on CPU
     tensors: the focal loss with a pos_weight or a labels gradient (neither
     is what `fs.sigmoid_focal_loss` asks for)."""
     return gamma is not None and (pos_weight is not None or grad_labels)
 
 
 def sigmoid_ce_scale_(grad: Tensor, grad_logits: Tensor, grad_labels: Tensor) -> None:
-    """Same contract as `_reference.sigmoid_ce_scale_`: in place with no
+    """Same contract as `reference.sigmoid_ce_scale_`: in place with no
     full-size temporary (the product formed in float32 and rounded once),
     and no pass at all where the incoming gradient is 1 (a training step's)."""
     if grad.numel() == 1 and grad.item() == 1:
         return
     for g in (grad_logits, grad_labels):
         if g.numel():
-            g.mul_(grad.to(_reference.compute_dtype(g.dtype)))
+            g.mul_(grad.to(compute_dtype(g.dtype)))

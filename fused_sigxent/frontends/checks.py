@@ -1,23 +1,13 @@
 """Argument checks shared by the front ends; each raises before any computation
 and names the argument, shape, dtype or device at fault."""
 
-import functools
 import numbers
 
 import torch
 from torch import Tensor
 
-from . import _backend
-
-try:
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor.experimental import implicit_replication as _implicit_replication
-except ImportError:  # a torch built without distributed support
-    DTensor = None
-
-LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Hard labels read as one byte each: the kernels load them as they are.
-BYTE_LABEL_DTYPES = (torch.bool, torch.uint8)
+from ..core import backend as _backend
+from ..core.dtypes import BYTE_LABEL_DTYPES, LOGITS_DTYPES
 
 
 def _dtype_names(dtypes) -> str:
@@ -51,7 +41,7 @@ def labels(name: str, value, x: Tensor, x_name: str, *, cast_integers: bool = Fa
             f"{name} and {x_name} must have the same shape; got {name} {tuple(z.shape)} "
             f"and {x_name} {tuple(x.shape)}"
         )
-    _same_device(name, z, x, x_name)
+    same_device(name, z, x, x_name)
     if z.is_floating_point() or z.dtype in BYTE_LABEL_DTYPES:
         return z
     if cast_integers and not z.is_complex():
@@ -60,7 +50,7 @@ def labels(name: str, value, x: Tensor, x_name: str, *, cast_integers: bool = Fa
     raise TypeError(f"{name} must have {allowed}; got {z.dtype}")
 
 
-def _same_device(name: str, t: Tensor, x: Tensor, x_name: str) -> None:
+def same_device(name: str, t: Tensor, x: Tensor, x_name: str) -> None:
     if t.device != x.device:
         raise ValueError(f"{name} is on {t.device} but {x_name} is on {x.device}")
 
@@ -81,34 +71,10 @@ def coefficient(name: str, value, x: Tensor, x_name: str) -> Tensor:
         )
     if t.dim() == 0 and t.device != x.device and t.device.type == "cpu":
         t = t.to(x.device, non_blocking=True)
-    _same_device(name, t, x, x_name)
+    same_device(name, t, x, x_name)
     if not t.is_floating_point():
         t = t.to(torch.float32)
     return t
-
-
-def number_as_tensor(value, x: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """A Python number as a 0-d tensor on x's device, made once per (value,
-    dtype, device) so a call with pos_weight=3.0 launches no fill kernel of
-    its own. A fill, not a host-to-device copy: safe in a CUDA graph capture.
-    Under torch.compile the fill is traced instead (Inductor folds it, Dynamo
-    does not trace through caches, and a float traced as a symbol stays one).
-    Inside a CUDA graph capture it is made anew: a tensor made there is filled
-    only when the graph replays and lives in the graph's pool, so it must
-    never be cached for eager calls."""
-    # is_compiling first: Dynamo cannot trace is_current_stream_capturing
-    # (torch 2.11 breaks the graph there).
-    if torch.compiler.is_compiling() or (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        return torch.full((), value, dtype=dtype, device=x.device)
-    return _constant(float(value), dtype, x.device)
-
-
-@functools.lru_cache(maxsize=64)
-def _constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    # Never an inference tensor (a first call under inference_mode, say an
-    # evaluation pass): training calls save it for backward.
-    with torch.inference_mode(False):
-        return torch.full((), value, dtype=dtype, device=device)
 
 
 def is_number(value) -> bool:
@@ -131,33 +97,3 @@ def label_smoothing(value):
     if not 0.0 <= s <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1]; got {value}")
     return s
-
-
-def not_scripted() -> None:
-    """TorchScript would bake this call's Python decisions (whether the
-    forward writes the gradient, the backend) into a graph that later runs
-    with other inputs: refuse it by name rather than trace a wrong graph."""
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
-        raise RuntimeError(
-            "fused_sigxent does not support TorchScript (torch.jit.trace / torch.jit.script); "
-            "use torch.export or torch.compile instead"
-        )
-
-
-def is_dtensor(*tensors) -> bool:
-    """Whether any argument is a DTensor (torch.distributed.tensor)."""
-    return DTensor is not None and any(isinstance(t, DTensor) for t in tensors)
-
-
-def implicit_replication():
-    """The DTensor context in which plain 0-d tensors (the smoothing, the
-    denominator's constants) count as replicated."""
-    return _implicit_replication()
-
-
-def out_dtype(x: Tensor) -> torch.dtype:
-    """The loss dtype: the logits', except under autocast, where PyTorch's own
-    loss runs (and returns) float32 for half-precision logits."""
-    if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
-        return torch.float32
-    return x.dtype

@@ -2,8 +2,10 @@
 
 from torch import Tensor, nn
 
-from . import _eager, _validate
-from . import _reduction as R
+from ..core import reduction as R
+from ..core.dtypes import out_dtype
+from ..op import routes
+from . import checks
 
 
 def binary_cross_entropy_with_logits(
@@ -21,28 +23,22 @@ def binary_cross_entropy_with_logits(
     numel; an empty "mean" is NaN), computed in float32 and returned in
     `input`'s dtype; `target` may also be bool or uint8.
     """
-    return _eager.loss(_arguments, input, target, weight, pos_weight, reduction, label_smoothing)
+    return routes.loss(_arguments, input, target, weight, pos_weight, reduction, label_smoothing)
 
 
 def _arguments(input, target, weight, pos_weight, reduction, label_smoothing) -> tuple:
-    """The checked arguments of `_op.sigmoid_ce`."""
+    """The checked arguments of the loss op (`routes.route`)."""
     x, z, w, p = _tensors(input, target, weight, pos_weight)
-    s = _validate.label_smoothing(label_smoothing)
-    return x, z, w, p, s, _reduction_code(reduction), _validate.out_dtype(x)
+    s = checks.label_smoothing(label_smoothing)
+    return x, z, w, p, s, R.torch_code(reduction), out_dtype(x)
 
 
 def _tensors(input, target, weight, pos_weight):
-    x = _validate.logits("input", input)
-    z = _validate.labels("target", target, x, "input")
-    w = None if weight is None else _validate.coefficient("weight", weight, x, "input")
-    p = None if pos_weight is None else _validate.coefficient("pos_weight", pos_weight, x, "input")
+    x = checks.logits("input", input)
+    z = checks.labels("target", target, x, "input")
+    w = None if weight is None else checks.coefficient("weight", weight, x, "input")
+    p = None if pos_weight is None else checks.coefficient("pos_weight", pos_weight, x, "input")
     return x, z, w, p
-
-
-def _reduction_code(reduction) -> int:
-    if reduction not in R.TORCH_CODES:
-        raise ValueError(f"{reduction!r} is not a valid value for reduction: use 'none', 'mean' or 'sum'")
-    return R.TORCH_CODES[reduction]
 
 
 class BCEWithLogitsLoss(nn.Module):
@@ -58,14 +54,14 @@ class BCEWithLogitsLoss(nn.Module):
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
-        _reduction_code(reduction)
+        R.torch_code(reduction)
         for name, value in (("weight", weight), ("pos_weight", pos_weight)):
             if value is not None and not isinstance(value, Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor or None, got {type(value).__name__}")
         self.register_buffer("weight", weight)
         self.register_buffer("pos_weight", pos_weight)
         self.reduction = reduction
-        self.label_smoothing = _validate.label_smoothing(label_smoothing)
+        self.label_smoothing = checks.label_smoothing(label_smoothing)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return binary_cross_entropy_with_logits(
