@@ -232,7 +232,7 @@ def no_vmap_fallback():
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 def test_vmap_batches_in_one_op_call(backend, reduction, no_vmap_fallback, launches, monkeypatch):
-    from fused_sigxent import _reference
+    from fused_sigxent.impl import reference as _reference
 
     calls = []
     fwd = _reference.sigmoid_ce_fwd

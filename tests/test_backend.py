@@ -1,10 +1,11 @@
-"""The backend switch and the device every launch runs on (`fused_sigxent/_backend.py`)."""
+"""The backend switch and the device every launch runs on (`fused_sigxent/core/backend.py`)."""
 
 import pytest
 import torch
 
 import fused_sigxent as fs
-from fused_sigxent import _backend, _eager
+from fused_sigxent.core import backend as _backend
+from fused_sigxent.op import routes
 
 
 def test_launches_run_on_the_tensors_device(monkeypatch):
@@ -20,7 +21,7 @@ def test_launches_run_on_the_tensors_device(monkeypatch):
 
 def test_every_op_enters_the_device_guard(backend, monkeypatch):
     # Through the op's route; a call plan holds only on the current device (below).
-    monkeypatch.setattr(_eager, "_unobserved", lambda: False)
+    monkeypatch.setattr(routes, "unobserved", lambda *a: False)
     entered = []
     on_device = _backend.on_device
     monkeypatch.setattr(_backend, "on_device", lambda device: entered.append(device.type) or on_device(device))
@@ -37,11 +38,11 @@ def test_call_plans_run_only_on_the_current_cuda_device_and_never_in_a_capture(m
     current, capturing = [0], [False]
     monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
-    assert _eager._runs_here(None) and _eager._runs_here(0) and not _eager._runs_here(1)
+    assert routes.unobserved(None) and routes.unobserved(0) and not routes.unobserved(1)
     current[0] = 1
-    assert _eager._runs_here(1) and not _eager._runs_here(0)
+    assert routes.unobserved(1) and not routes.unobserved(0)
     capturing[0] = True
-    assert not _eager._runs_here(1) and _eager._runs_here(None)
+    assert not routes.unobserved(1) and routes.unobserved(None)
 
 
 def test_unknown_backend_is_an_error(monkeypatch):

@@ -11,7 +11,7 @@ from importlib import resources
 import pytest
 import torch
 
-from fused_sigxent.kernels import _configs, _layout, _occupancy, _tuner
+from fused_sigxent.kernels import _configs, _grid, _occupancy, _tuner
 
 KERNELS = ["sigmoid_ce_fwd", "sigmoid_ce_bwd", "sigmoid_ce_scale"]
 
@@ -24,11 +24,11 @@ def test_every_kernel_has_valid_candidates(kernel):
     for block in blocks:
         # Powers of two for tl.arange; one grid stride (at most 16 programs
         # per SM, up to 148 SMs) within the headroom above
-        # _layout.INT32_LIMIT that keeps int32 offsets safe.
+        # _grid.INT32_LIMIT that keeps int32 offsets safe.
         assert block & (block - 1) == 0
-        assert block * _occupancy.MAX_BLOCKS_PER_SM * 148 < 2**31 - _layout.INT32_LIMIT
+        assert block * _occupancy.MAX_BLOCKS_PER_SM * 148 < 2**31 - _grid.INT32_LIMIT
     # The fewest warps bounds the programs per SM, so the partial sums' slots.
-    assert all(c["num_warps"] >= _layout.MIN_WARPS for c in spec["candidates"])
+    assert all(c["num_warps"] >= _grid.MIN_WARPS for c in spec["candidates"])
     for size_class in range(len(spec["numel_class_bounds"]) + 1):
         for elem_bytes in [2, 4, 8]:
             assert _configs.candidates(kernel, size_class, elem_bytes)
@@ -116,7 +116,7 @@ def tuner(monkeypatch):
     # and after, so no other test sees this stand-in.
     monkeypatch.setattr(_occupancy, "sm", lambda index: H100)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    _layout._partial_slots.cache_clear()
+    _grid._partial_slots.cache_clear()
     timed = []
     # The stand-in's time: each timing faster than the one before.
     monkeypatch.setattr(_tuner, "time_ms", lambda call: timed.append(call) or 1.0 / len(timed))
@@ -124,12 +124,12 @@ def tuner(monkeypatch):
     tuned = _tuner.Tuned(fn, lambda size_class, elem_bytes: [_configs.launch_options(c) for c in CANDIDATES],
                          dtype_arg="x_ptr")
     yield tuned, fn, timed
-    _layout._partial_slots.cache_clear()
+    _grid._partial_slots.cache_clear()
 
 
 def launch(tuned, n=1 << 22, **flags):
     flags = {"HAS_WEIGHT": False, "REDUCTION": 1, **flags}
-    tuned[_layout.persistent_grid(n, torch.device("cuda", 0))](CudaTensor(), CudaTensor(), n, 1, **flags)
+    tuned[_grid.persistent_grid(n, torch.device("cuda", 0))](CudaTensor(), CudaTensor(), n, 1, **flags)
 
 
 def test_tuner_drops_spilling_and_low_occupancy_candidates(tuner):
@@ -154,7 +154,7 @@ def test_tuner_keys_on_variant_flags_and_dtypes(tuner):
     launch(tuned, REDUCTION=0)
     assert len(tuned.cache) == 3 and len(fn.compiled) == 12
     n = 1 << 22
-    tuned[_layout.persistent_grid(n, torch.device("cuda", 0))](
+    tuned[_grid.persistent_grid(n, torch.device("cuda", 0))](
         CudaTensor(torch.float32), CudaTensor(torch.float32), n, 1, HAS_WEIGHT=False, REDUCTION=1)
     assert len(tuned.cache) == 4
 

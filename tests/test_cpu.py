@@ -13,8 +13,11 @@ import torch.nn.functional as F
 
 import fused_sigxent as fs
 from conftest import aot_graphs, assert_close, oracle_elementwise, oracle_reduce, torchvision_focal
-from fused_sigxent import _cpu, _cpu_loop, _op, _reference
-from fused_sigxent import _reduction as R
+from fused_sigxent.impl import cpu as _cpu
+from fused_sigxent.impl import cpu_loop as _cpu_loop
+from fused_sigxent.op import routes
+from fused_sigxent.impl import reference as _reference
+from fused_sigxent.core import reduction as R
 
 # As in test_kernels: one element, ragged 1-D, an odd prime width, one row
 # past a power of two, a width of 1, rank 3 with a broadcast middle dimension.
@@ -70,7 +73,7 @@ def test_every_reduction_and_coefficient_against_float64(poisoned, shape, dtype,
             x = (torch.randn(shape) * 5).to(dtype).requires_grad_()
             z = torch.rand(shape).to(dtype).requires_grad_()
             w, p = _coefficient(shape, w_kind), _coefficient(shape, p_kind)
-            loss = _op.sigmoid_ce(x, z, w, p, s, reduction, dtype)
+            loss = routes.sigmoid_ce(x, z, w, p, s, reduction, dtype)
             xd, zd = x.double().detach().requires_grad_(), z.double().detach().requires_grad_()
             expected = oracle_reduce(oracle_elementwise(xd, zd, p, s), w, name)
             assert_close(loss, expected, dtype, msg=where)
@@ -409,7 +412,7 @@ def test_focal_tiles_against_float64(poisoned, gamma, alpha, dtype, label_dtype)
             where = f"{name}, weight {w_kind}, smoothing {s}"
             x, z, w, _, _ = _case((3, 1031), dtype, label_dtype, s, w_kind, None)
             x.requires_grad_()
-            loss = _op.sigmoid_ce(x, z, w, None, s, reduction, dtype, gamma=gamma, alpha=alpha)
+            loss = routes.sigmoid_ce(x, z, w, None, s, reduction, dtype, gamma=gamma, alpha=alpha)
             xd = x.double().detach().requires_grad_()
             expected = oracle_reduce(torchvision_focal(xd, z, -1.0 if alpha is None else alpha, gamma,
                                                         label_smoothing=s), w, name)
@@ -499,7 +502,7 @@ def test_focal_gradient_in_the_forward_falls_back_where_its_ratio_fails(reductio
     x = torch.tensor([[200.0, -200.0, 1e4, 3.0], [-1e4, 0.5, -2.0, 150.0]], requires_grad=True)
     z = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.3, 1.0]])
     for gamma in (0.5, 2.0):
-        loss = _op.sigmoid_ce(x, z, None, None, 0.0, reduction, torch.float32, gamma=gamma, alpha=0.25)
+        loss = routes.sigmoid_ce(x, z, None, None, 0.0, reduction, torch.float32, gamma=gamma, alpha=0.25)
         (gx,) = torch.autograd.grad(loss.sum(), x)
         xd = x.double().detach().requires_grad_()
         expected = oracle_reduce(_reference.pointwise(xd, z.double(), None, (torch.tensor(gamma, dtype=torch.float64),
@@ -517,7 +520,7 @@ def test_focal_loss_of_confident_logits_is_relatively_accurate():
     # precision (not rounded to 0), and so is the gradient that scales with it.
     x = torch.tensor([17.0, -17.0, 30.0, -30.0], requires_grad=True)
     z = torch.tensor([1.0, 0.0, 1.0, 0.0])
-    loss = _op.sigmoid_ce(x, z, None, None, 0.0, R.NONE, torch.float32, gamma=0.5, alpha=0.25)
+    loss = routes.sigmoid_ce(x, z, None, None, 0.0, R.NONE, torch.float32, gamma=0.5, alpha=0.25)
     (gx,) = torch.autograd.grad(loss.sum(), x)
     xd = x.double().detach().requires_grad_()
     # (the reference's log-space formula in float64: torchvision's own loses

@@ -15,7 +15,7 @@ import torch
 
 import fused_sigxent as fs
 from conftest import assert_close, oracle_elementwise, oracle_reduce
-from fused_sigxent import _cpu_loop
+from fused_sigxent.impl import cpu_loop as _cpu_loop
 
 
 @pytest.fixture(autouse=True)

@@ -1,11 +1,11 @@
-"""Which route a call takes (`fused_sigxent/_dispatch.py`): plain eager code
+"""Which route a call takes (`fused_sigxent/op/routes.py`): plain eager code
 calls the implementation directly; anything that could observe or transform
 the call sees the registered op."""
 
 import torch
 
 import fused_sigxent as fs
-from fused_sigxent import _dispatch
+from fused_sigxent.op import routes
 
 from conftest import OpNames, assert_close
 
@@ -16,20 +16,24 @@ def _inputs():
 
 def test_plain_eager_tensors_skip_the_dispatcher():
     x, z = _inputs()
-    assert _dispatch.plain_eager(x.device, (x, z, None, torch.nn.Parameter(torch.rand(7)), 2, torch.float32))
+    assert routes.unobserved(None, (x, z, None, torch.nn.Parameter(torch.rand(7))))
 
 
 def test_anything_that_observes_the_call_sees_the_op():
     x, z = _inputs()
     args = (x, z)
     with OpNames():
-        assert not _dispatch.plain_eager(x.device, args)
+        assert not routes.unobserved(None, args)
     with torch.device("cpu"):  # a torch function mode
-        assert not _dispatch.plain_eager(x.device, args)
+        assert not routes.unobserved(None, args)
     with torch.autograd.profiler.profile():
-        assert not _dispatch.plain_eager(x.device, args)
-    assert not _dispatch.plain_eager(torch.device("meta"), args)
-    assert not torch.func.grad(lambda t: torch.tensor(float(_dispatch.plain_eager(t.device, (t,)))) * t.sum())(x[0, 0].detach())
+        assert not routes.unobserved(None, args)
+    assert not routes.unobserved(None, (x.to("meta").as_subclass(_Subclass), z))  # a tensor subclass
+    assert not torch.func.grad(lambda t: torch.tensor(float(routes.unobserved(None, (t,)))) * t.sum())(x[0, 0].detach())
+
+
+class _Subclass(torch.Tensor):
+    pass
 
 
 def test_a_dispatch_mode_records_both_ops(backend):

@@ -8,17 +8,18 @@ import pytest
 import torch
 
 import fused_sigxent as fs
-from fused_sigxent import _eager, _plans
+from fused_sigxent.op import routes as _eager
+from fused_sigxent.core import plans as _plans
 
 from conftest import OpNames, assert_close, on_reference
 
 
 def _plans_made() -> list:
     """The call plans made for the backend in use (the reference's calls make their own)."""
-    from fused_sigxent import _backend
+    from fused_sigxent.core import backend as _backend
 
     return [plan for plan in _plans.PLANS.values()
-            if isinstance(plan, _eager.Plan) and plan.backend == _backend.backend()]
+            if isinstance(plan, _eager.CallPlan) and plan.backend == _backend.backend()]
 
 
 def _grads(fn, x, *args, grad=None, **kwargs):
@@ -112,7 +113,7 @@ def test_grad_mode_reduction_smoothing_and_autocast_each_make_a_plan(backend):
 def test_the_backend_is_read_on_every_call(monkeypatch):
     x, z = torch.randn(3, 5), torch.rand(3, 5)
     calls = []
-    from fused_sigxent import _reference as reference
+    from fused_sigxent.impl import reference
     fwd = reference.sigmoid_ce_fwd
     monkeypatch.setattr(reference, "sigmoid_ce_fwd", lambda *a: calls.append(1) or fwd(*a))
     for name in ["triton", "reference", "triton", "reference"]:
@@ -249,7 +250,7 @@ def test_calls_no_kept_plan_serves_still_take_the_plain_function(backend):
                   fs.weighted_cross_entropy_with_logits(labels=z, logits=x, pos_weight=2.0).sum(),
                   fs.sigmoid_focal_loss(x, torch.tensor([0, 1, 4]), reduction="sum")]
         for loss in losses:
-            grad_fn = loss.grad_fn if loss.grad_fn.__class__.__name__.startswith("_Plain") else \
+            grad_fn = loss.grad_fn if loss.grad_fn.__class__.__name__.startswith("Planned") else \
                 loss.grad_fn.next_functions[0][0]
-            assert grad_fn.__class__.__name__ == "_PlainSigmoidCEBackward"
+            assert grad_fn.__class__.__name__ == "PlannedCEBackward"
     assert _plans_made() == []

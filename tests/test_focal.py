@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from conftest import TOLERANCES, assert_close, second_derivatives, torchvision_focal
 
 import fused_sigxent as fs
-from fused_sigxent import _cpu, _dispatch, _reference
-from fused_sigxent import _reduction as R
+from fused_sigxent.impl import cpu as _cpu
+from fused_sigxent import impl
+from fused_sigxent.impl import reference as _reference
+from fused_sigxent.core import reduction as R
 
 GAMMAS = [0.0, 0.5, 1.0, 2.0, 5.0]
 ALPHAS = [-1.0, 0.25, 0.75]
@@ -224,14 +226,14 @@ def test_class_index_targets_in_every_layout(monkeypatch, shape, weight_kind):
     # one-hot one, bit for bit: against the same kernels on dense uint8
     # one-hot labels, and against float64; an out-of-range index poisons
     # its row, and only its row, wherever that row falls.
-    from fused_sigxent.kernels import _layout
+    from fused_sigxent.core import layout
 
     monkeypatch.setenv("FUSED_SIGXENT_BACKEND", "triton")
     weight = {"class": torch.rand(shape[-1]), "full": torch.rand(shape), "middle": torch.rand(1, shape[1], 1),
               None: None}[weight_kind]
-    sizes, _, _ = _layout.collapse(torch.Size(shape), [weight, None], classes_apart=True)
+    sizes, _, _ = layout.collapse(torch.Size(shape), [weight, None], classes_apart=True)
     n_rows = math.prod(shape[:-1])
-    assert _layout.ndim(sizes) == (3 if weight_kind == "middle" else 1 if n_rows == 1 else 2), sizes
+    assert layout.ndim(sizes) == (3 if weight_kind == "middle" else 1 if n_rows == 1 else 2), sizes
     assert sizes[-1] == shape[-1]
     x = (torch.randn(shape) * 4).requires_grad_()
     index = torch.randint(0, shape[-1] + 1, shape[:-1])
@@ -316,14 +318,14 @@ def test_module_is_torchvision_ordered_with_mean_default(backend):
 
 
 def test_cpu_auto_runs_focal_in_tiles(monkeypatch):
-    # The CPU path's pieces implement the focal loss, of dense and of
+    # The CPU path's tiles implement the focal loss, of dense and of
     # class-index targets (tests/test_cpu.py): the reference never runs.
     monkeypatch.setenv("FUSED_SIGXENT_BACKEND", "auto")
     seen = []
     ref_fwd = _reference.sigmoid_ce_fwd
     monkeypatch.setattr(_reference, "sigmoid_ce_fwd", lambda *a, **k: seen.append(len(a)) or ref_fwd(*a, **k))
     x, z = torch.randn(SHAPE), torch.rand(SHAPE)
-    assert _dispatch.implementation("sigmoid_ce_fwd", x.device) is _cpu.sigmoid_ce_fwd
+    assert impl.implementation(x.device).sigmoid_ce_fwd is _cpu.sigmoid_ce_fwd
     fs.binary_cross_entropy_with_logits(x, z)
     assert seen == []
     got = fs.sigmoid_focal_loss(x, z, reduction="sum")

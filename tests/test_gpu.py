@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fused_sigxent as fs
-from fused_sigxent._backend import interpreting
+from fused_sigxent.core.backend import interpreting
 
 pytestmark = [
     pytest.mark.gpu,
@@ -164,7 +164,7 @@ def test_one_kernel_each_way():
 
 def test_torch_compile_with_cuda_graphs():
     # mode="reduce-overhead" replays CUDA graphs whose pool memory torch.compile
-    # reuses: the reduction's workspace must not live there (kernels/_layout.py).
+    # reuses: the reduction's workspace must not live there (kernels/_grid.py).
     torch.manual_seed(0)
     model = torch.nn.Linear(64, 1000).cuda()
 
@@ -255,7 +255,7 @@ def test_nothing_is_allocated_or_tuned_inside_a_capture(monkeypatch):
     # A capture may not allocate the reduction's workspace (graph-pool memory
     # that torch.compile reuses) or tune a kernel (compiles and timing runs):
     # either asks for an eager call first, which then makes capture work.
-    from fused_sigxent.kernels import _launch, _layout
+    from fused_sigxent.kernels import _grid, _launch
     from fused_sigxent.kernels.sigmoid_ce_fwd import _sigmoid_ce_fwd_kernel
 
     x, z = torch.randn(64, 33, device="cuda"), torch.rand(64, 33, device="cuda")
@@ -266,7 +266,7 @@ def test_nothing_is_allocated_or_tuned_inside_a_capture(monkeypatch):
         # The launch plans go too: they hold the config a capture would launch.
         _launch.PLANS.clear()
         if forget == "workspace":
-            monkeypatch.setattr(_layout, "_WORKSPACES", {})
+            monkeypatch.setattr(_grid, "_WORKSPACES", {})
         else:
             monkeypatch.setattr(_sigmoid_ce_fwd_kernel, "cache", {})
         graph = torch.cuda.CUDAGraph()
@@ -283,7 +283,7 @@ def test_nothing_is_allocated_or_tuned_inside_a_capture(monkeypatch):
 
 
 def test_grid_follows_the_compiled_kernels_occupancy():
-    from fused_sigxent.kernels import _layout, _occupancy
+    from fused_sigxent.kernels import _grid, _occupancy
     from fused_sigxent.kernels.sigmoid_ce_fwd import _sigmoid_ce_fwd_kernel
 
     x = torch.randn(1 << 24, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -294,7 +294,7 @@ def test_grid_follows_the_compiled_kernels_occupancy():
         # Every kept config fits at least one program per SM and no grid
         # outgrows the partial sums' slots.
         assert choice.per_sm >= 1 and choice.spills == 0
-        assert choice.per_sm * sm.count <= _layout.partial_slots(x.device)
+        assert choice.per_sm * sm.count <= _grid.partial_slots(x.device)
 
 
 def test_in_place_scale_is_never_timed(monkeypatch):

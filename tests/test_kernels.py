@@ -7,9 +7,10 @@ import torch
 
 import fused_sigxent as fs
 from conftest import HAS_GPU, assert_close, oracle_elementwise, oracle_reduce
-from fused_sigxent import _op
-from fused_sigxent import _reduction as R
-from fused_sigxent.kernels import _launch, _layout
+from fused_sigxent.op import routes
+from fused_sigxent.core import reduction as R
+from fused_sigxent.core import layout
+from fused_sigxent.kernels import _launch, _grid
 
 # 1: a single element; 17: under one block; 1000, 4099: ragged tails past
 # several blocks and more blocks than programs (grid-stride loop); (3, 1031):
@@ -51,7 +52,7 @@ def test_every_reduction_and_coefficient_against_float64(poisoned, shape, dtype)
             z = torch.rand(shape).to(dtype).requires_grad_()
             w, p = weights_for(shape, w_kind), weights_for(shape, p_kind)
             where = f"{name}, weight {w_kind}, pos_weight {p_kind}, smoothing {s}"
-            loss = _op.sigmoid_ce(x, z, w, p, s, reduction, dtype)
+            loss = routes.sigmoid_ce(x, z, w, p, s, reduction, dtype)
             xd, zd = x.double().detach().requires_grad_(), z.double().detach().requires_grad_()
             expected = oracle_reduce(oracle_elementwise(xd, zd, p, s), w, name)
             assert_close(loss, expected, dtype, msg=where)
@@ -145,16 +146,16 @@ def test_rank_five_interleaved_broadcast():
 
 def test_collapse_reads_broadcast_coefficients_through_strides():
     class_vector = torch.rand(1, 128)
-    sizes, (w, _), (sw, _) = _layout.collapse(torch.Size([64, 128]), [class_vector, None])
+    sizes, (w, _), (sw, _) = layout.collapse(torch.Size([64, 128]), [class_vector, None])
     assert sizes == [1, 1, 64, 128] and sw == [0, 0, 0, 1] and w is class_vector
     per_sample = torch.rand(64, 1)
-    sizes, _, (sw,) = _layout.collapse(torch.Size([64, 1]), [per_sample])
+    sizes, _, (sw,) = layout.collapse(torch.Size([64, 1]), [per_sample])
     assert sizes == [1, 1, 1, 64] and sw == [0, 0, 0, 1]
     scalar = torch.tensor(2.0)
-    sizes, _, (sw,) = _layout.collapse(torch.Size([5, 6, 7]), [scalar])
-    assert _layout.ndim(sizes) == 1 and sw == [0, 0, 0, 0]
+    sizes, _, (sw,) = layout.collapse(torch.Size([5, 6, 7]), [scalar])
+    assert layout.ndim(sizes) == 1 and sw == [0, 0, 0, 0]
     middle = torch.rand(1, 6, 1)
-    sizes, _, (sw,) = _layout.collapse(torch.Size([5, 6, 7]), [middle])
+    sizes, _, (sw,) = layout.collapse(torch.Size([5, 6, 7]), [middle])
     assert sizes == [1, 5, 6, 7] and sw == [0, 0, 1, 0]
 
 
@@ -164,7 +165,7 @@ def test_collapse_materializes_nothing_at_rank_four(monkeypatch):
     contiguous = torch.Tensor.contiguous
     monkeypatch.setattr(torch.Tensor, "contiguous", lambda t, *a, **k: calls.append(t.shape) or contiguous(t, *a, **k))
     for w_shape in [(1, 5, 1, 7), (4, 1, 6, 1), (5, 1, 1), ()]:
-        _layout.collapse(torch.Size([4, 5, 6, 7]), [torch.rand(w_shape), torch.rand(7)])
+        layout.collapse(torch.Size([4, 5, 6, 7]), [torch.rand(w_shape), torch.rand(7)])
     assert calls == []
 
 
@@ -185,8 +186,8 @@ def test_int64_offsets_compute_the_same(monkeypatch):
     x = torch.randn(3, 1031, requires_grad=True)
     z, w = torch.rand(3, 1031), torch.rand(1031)
     results = []
-    for limit in [_layout.INT32_LIMIT, 0]:
-        monkeypatch.setattr(_layout, "INT32_LIMIT", limit)
+    for limit in [_grid.INT32_LIMIT, 0]:
+        monkeypatch.setattr(_grid, "INT32_LIMIT", limit)
         _launch.PLANS.clear()  # plans made with the other limit would be replayed
         for reduction in ["none", "mean"]:
             x.grad = None

@@ -1,7 +1,9 @@
-"""fs.linear_sigmoid_cross_entropy and the chunked engine (fused_sigxent/_linear.py)
+"""fs.linear_sigmoid_cross_entropy and the chunked engine (fused_sigxent/chunked.py)
 against the unfused composition in float64, on both backends."""
 
 import math
+
+import types
 
 import pytest
 import torch
@@ -10,7 +12,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_sigxent as fs
 from conftest import oracle_elementwise
-from fused_sigxent import _linear
+from fused_sigxent.core import reduction as R
+from fused_sigxent.impl import chunked
 
 # Float64 everywhere: the engine's only differences from the composition are
 # summation order (chunks, then tiles), so 1e-10 relative is plenty.
@@ -206,8 +209,8 @@ def test_sparse_targets_never_dense(kind):
     x, w, b, _, target, _ = make_case(kind, B=B, H=H, C=C)
     positives = target.reshape(B, -1)
     with _LargestOutput() as mode:
-        _linear.run_chunks(x, w, b, None, None, positives, None, torch.tensor(0.0, dtype=torch.float64),
-                           _linear.DIVIDE_BY_NUMEL, chunk, True, True, True, False, False)
+        chunked.run_chunks(x, w, b, None, None, positives, None, torch.tensor(0.0, dtype=torch.float64),
+                           R.TORCH_MEAN, chunk, True, True, True, False, False)
     assert 0 < mode.largest <= max(chunk * C, B * H, C * H) < B * C
 
 
@@ -216,26 +219,26 @@ def test_gradient_is_written_over_the_logits_chunk(cpu_backend, kind, monkeypatc
     # The issue's design: the loss writes d(loss)/d(logits) in place over the
     # chunk's logits (one chunk-sized float buffer serves every chunk), and
     # every gradient still matches the composition.
-    from fused_sigxent import _dispatch
+    from fused_sigxent import impl
     B, H, C, chunk = 10, 6, 30, 4
     x, w, b, p, target, dense = make_case(kind, B=B, H=H, C=C)
     dense_target = None if kind.startswith("int64") else target
     positives = target.reshape(B, -1) if kind.startswith("int64") else None
     calls = []
-    implementation = _dispatch.implementation
+    implementation = impl.implementation
 
-    def recording(name, device):
-        impl = implementation(name, device)
+    def recording(device):
+        fwd = implementation(device).sigmoid_ce_fwd
 
-        def run(logits, *args, **kwargs):
-            out = impl(logits, *args, **kwargs)
+        def sigmoid_ce_fwd(logits, *args, **kwargs):
+            out = fwd(logits, *args, **kwargs)
             calls.append((logits.data_ptr(), out[2].data_ptr(), logits.shape))
             return out
-        return run
+        return types.SimpleNamespace(sigmoid_ce_fwd=sigmoid_ce_fwd)
 
-    monkeypatch.setattr(_dispatch, "implementation", recording)
-    got = _linear.run_chunks(x, w, b, None, dense_target, positives, p, torch.tensor(0.1, dtype=torch.float64),
-                             _linear.DIVIDE_BY_NUMEL, chunk, True, True, True, False, True)
+    monkeypatch.setattr(impl, "implementation", recording)
+    got = chunked.run_chunks(x, w, b, None, dense_target, positives, p, torch.tensor(0.1, dtype=torch.float64),
+                             R.TORCH_MEAN, chunk, True, True, True, False, True)
     assert [shape[0] for _, _, shape in calls] == [4, 4, 2]
     assert all(logits == grad for logits, grad, _ in calls)
     assert len({logits for logits, _, _ in calls}) == 1  # one buffer, reused
@@ -254,9 +257,10 @@ def test_loss_writes_its_gradient_over_its_logits(backend, monkeypatch):
     # path a tile the fast formulas fail (an infinite logit) is redone by
     # the reference from logits still intact.
     monkeypatch.setenv("FUSED_SIGXENT_BACKEND", backend)
-    from fused_sigxent import _cpu, _dispatch
-    monkeypatch.setattr(_cpu, "PIECE", 16)
-    impl = _dispatch.implementation("sigmoid_ce_fwd", torch.device("cpu"))
+    from fused_sigxent import impl as implementations
+    from fused_sigxent.impl import cpu
+    monkeypatch.setattr(cpu, "TILE", 16)
+    impl = implementations.implementation(torch.device("cpu")).sigmoid_ce_fwd
     for dtype in (torch.float32, torch.bfloat16):
         logits = (torch.randn(5, 13) * 4).to(dtype)
         logits[2, 3] = float("inf")
@@ -274,10 +278,10 @@ def test_loss_writes_its_gradient_over_its_logits(backend, monkeypatch):
 
 def test_chunk_heuristic():
     cpu = torch.device("cpu")
-    assert _linear.chunk_rows(8192, 32768, cpu) == 256  # 8M elements / C
-    assert _linear.chunk_rows(2048, 262144, cpu) == _linear.MIN_CHUNK_ROWS  # wide C: the row floor
-    assert _linear.chunk_rows(10, 5, cpu) == 10  # never more than B
-    assert _linear.chunk_rows(10, 5, cpu, 3) == 3 and _linear.chunk_rows(10, 5, cpu, 50) == 10
+    assert chunked.chunk_rows(8192, 32768, cpu) == 256  # 8M elements / C
+    assert chunked.chunk_rows(2048, 262144, cpu) == chunked.MIN_CHUNK_ROWS  # wide C: the row floor
+    assert chunked.chunk_rows(10, 5, cpu) == 10  # never more than B
+    assert chunked.chunk_rows(10, 5, cpu, 3) == 3 and chunked.chunk_rows(10, 5, cpu, 50) == 10
 
 
 def test_opcheck():
@@ -286,9 +290,9 @@ def test_opcheck():
     s = torch.tensor(0.1, dtype=torch.float64)
     xg, wg, bg, pg = (t.requires_grad_() for t in (x, w, b, p))
     op = torch.ops.fused_sigxent.linear_sigmoid_ce
-    torch.library.opcheck(op, (xg, wg, bg, None, None, target, pg, s, _linear.DIVIDE_BY_NUMEL, 3,
+    torch.library.opcheck(op, (xg, wg, bg, None, None, target, pg, s, R.TORCH_MEAN, 3,
                                True, True, True, False, True))
-    torch.library.opcheck(op, (xg, wg, None, None, dense, None, None, s, _linear.DIVIDE_BY_ONE, 0,
+    torch.library.opcheck(op, (xg, wg, None, None, dense, None, None, s, R.SUM, 0,
                                True, False, False, False, False))
 
 
@@ -386,9 +390,9 @@ def test_unsupported_modes_are_refused_by_name():
 
 
 def test_dtensor_inputs_are_refused_by_name(monkeypatch):
-    from fused_sigxent import _validate
+    from fused_sigxent.op import routes
 
-    monkeypatch.setattr(_validate, "is_dtensor", lambda *tensors: True)
+    monkeypatch.setattr(routes, "is_dtensor", lambda *tensors: True)
     with pytest.raises(NotImplementedError, match="DTensor"):
         fs.linear_sigmoid_cross_entropy(torch.randn(4, 3), torch.randn(5, 3), torch.rand(4, 5))
     with pytest.raises(NotImplementedError, match="DTensor"):

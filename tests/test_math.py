@@ -14,9 +14,10 @@ import triton.language as tl
 
 import fused_sigxent as fs
 from conftest import assert_close, oracle_elementwise, oracle_reduce
-from fused_sigxent import _op
-from fused_sigxent import _reduction as R
-from fused_sigxent.kernels import _launch, _layout, _math
+from fused_sigxent.op import routes
+from fused_sigxent.core import reduction as R
+from fused_sigxent.core import layout
+from fused_sigxent.kernels import _launch, _grid, _math
 
 FLT_MIN = tl.constexpr(1.1754943508222875e-38)  # the smallest normal float32: .ftz flushes below it
 # PTX ISA: ex2.approx.f32 is within 2 ulp (relative 2**-22), rcp.approx.f32
@@ -101,7 +102,7 @@ def test_fast_math_path_against_float64(fast_math, dtype):
     p = torch.rand(x.shape) * 3
     for s in (0.0, 0.1):
         xg, zg = x.clone().requires_grad_(), z.clone().requires_grad_()
-        loss = _op.sigmoid_ce(xg, zg, None, p, s, R.NONE, dtype)
+        loss = routes.sigmoid_ce(xg, zg, None, p, s, R.NONE, dtype)
         xd, zd = x.double().requires_grad_(), z.double().requires_grad_()
         want = oracle_elementwise(xd, zd, p, s)
         assert_close(loss, want, dtype)
@@ -179,14 +180,14 @@ def test_every_coefficient_layout_against_float64(poisoned, shape):
     seen = set()
     for w_kind, p_kind in LAYOUT_CASES if len(shape) == 2 else LAYOUT_CASES_3D:
         w, p = _coefficients(shape, w_kind), _coefficients(shape, p_kind)
-        sizes, _, (sw, sp) = _layout.collapse(torch.Size(shape), [w, p])
-        nd = _layout.ndim(sizes)
+        sizes, _, (sw, sp) = layout.collapse(torch.Size(shape), [w, p])
+        nd = layout.ndim(sizes)
         seen |= {_math.coefficient_layout(w, sw, sizes, nd), _math.coefficient_layout(p, sp, sizes, nd)}
         for reduction, name in [(R.NONE, "none"), (R.TORCH_MEAN, "torch_mean"), (R.MEAN_BY_WEIGHTS, "mean")]:
             x = (torch.randn(shape) * 5).requires_grad_()
             z = torch.rand(shape).requires_grad_()
             where = f"{shape}, weight {w_kind}, pos_weight {p_kind}, {name}"
-            loss = _op.sigmoid_ce(x, z, w, p, 0.1, reduction, torch.float32)
+            loss = routes.sigmoid_ce(x, z, w, p, 0.1, reduction, torch.float32)
             xd, zd = x.double().detach().requires_grad_(), z.double().detach().requires_grad_()
             want = oracle_reduce(oracle_elementwise(xd, zd, p, 0.1), w, name)
             assert_close(loss, want, torch.float32, msg=where)
@@ -217,8 +218,8 @@ def test_stepped_layouts_with_int64_offsets(monkeypatch):
     x = torch.randn(301, 5, requires_grad=True)
     z, w, p = torch.rand(301, 5), torch.rand(5), torch.rand(301, 1)
     results = []
-    for limit in [_layout.INT32_LIMIT, 0]:
-        monkeypatch.setattr(_layout, "INT32_LIMIT", limit)
+    for limit in [_grid.INT32_LIMIT, 0]:
+        monkeypatch.setattr(_grid, "INT32_LIMIT", limit)
         _launch.PLANS.clear()  # plans made with the other limit would be replayed
         x.grad = None
         loss = fs.binary_cross_entropy_with_logits(x, z, w, "mean", p)

@@ -6,8 +6,9 @@ import torch
 
 import fused_sigxent as fs
 from conftest import aot_graphs, assert_close, oracle_elementwise, oracle_reduce
-from fused_sigxent import _autograd, _op
-from fused_sigxent import _reduction as R
+from fused_sigxent.op import derivatives as _autograd
+from fused_sigxent.op import routes
+from fused_sigxent.core import reduction as R
 
 OPS = torch.ops.fused_sigxent
 
@@ -54,7 +55,7 @@ def test_learned_weight_and_pos_weight_gradients(backend, reduction):
     w = torch.rand(1, 6, dtype=torch.float64, requires_grad=True)
     p = (torch.rand(6, dtype=torch.float64) + 0.5).requires_grad_()
     code = R.TF_CODES[reduction]
-    loss = _op.sigmoid_ce(x, z, w, p, 0.1, code, torch.float64)
+    loss = routes.sigmoid_ce(x, z, w, p, 0.1, code, torch.float64)
     name = {R.NONE: "none", R.SUM: "sum", R.MEAN_BY_WEIGHTS: "mean", R.MEAN_BY_NUMEL: "numel",
             R.MEAN_BY_NONZERO: "nonzero"}[code]
     expected = oracle_reduce(oracle_elementwise(x, z, p, 0.1), w, name)
@@ -66,13 +67,13 @@ def test_learned_weight_and_pos_weight_gradients(backend, reduction):
 @pytest.mark.parametrize("reduction", [R.SUM, R.TORCH_MEAN, R.MEAN_BY_WEIGHTS, R.NONE])
 def test_gradient_in_forward_plan(reduction):
     x, z, w, _ = _inputs()
-    planned = _autograd.plan_grads_in_forward(x, z, None, reduction)
+    planned = _autograd.grads_in_forward(x, z, None, reduction)
     assert planned == ((False, False) if reduction == R.NONE else (True, True))
     # A full weight makes MEAN's denominator data-dependent: recompute instead.
-    assert _autograd.plan_grads_in_forward(x, z, w, R.MEAN_BY_WEIGHTS) == (False, False)
-    assert _autograd.plan_grads_in_forward(x, z.detach(), w, R.SUM) == (True, False)
+    assert _autograd.grads_in_forward(x, z, w, R.MEAN_BY_WEIGHTS) == (False, False)
+    assert _autograd.grads_in_forward(x, z.detach(), w, R.SUM) == (True, False)
     with torch.no_grad():
-        assert _autograd.plan_grads_in_forward(x, z, None, reduction) == (False, False)
+        assert _autograd.grads_in_forward(x, z, None, reduction) == (False, False)
 
 
 def test_compiled_graph_recomputes_instead_of_scaling_a_saved_gradient(monkeypatch):

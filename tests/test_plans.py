@@ -7,8 +7,10 @@ import pytest
 import torch
 
 import fused_sigxent as fs
-from fused_sigxent import _plans, _torch_api
-from fused_sigxent.kernels import _launch, _layout
+from fused_sigxent.core import plans as _plans
+from fused_sigxent.frontends import torch_api as _torch_api
+from fused_sigxent.core import layout
+from fused_sigxent.kernels import _launch
 
 from conftest import assert_close, on_reference
 
@@ -26,8 +28,8 @@ def test_a_repeated_call_works_out_nothing_again(triton_backend, monkeypatch):
     # Layout, variant and grid are worked out once per signature; new values
     # of the same signature replay the plan and get their own results.
     collapsed = []
-    collapse_plan = _layout.collapse_plan
-    monkeypatch.setattr(_layout, "collapse_plan", lambda *a, **k: collapsed.append(a[0]) or collapse_plan(*a, **k))
+    collapse_plan = layout.collapse_plan
+    monkeypatch.setattr(layout, "collapse_plan", lambda *a, **k: collapsed.append(a[0]) or collapse_plan(*a, **k))
     for step in range(3):
         x = torch.randn(6, 37, requires_grad=True)
         z, w, p = torch.rand(6, 37), torch.rand(37), torch.rand(6, 1) * 3
@@ -71,7 +73,7 @@ def test_anything_a_launch_depends_on_makes_a_plan_of_its_own(triton_backend, ch
 
 
 def _reference_op(x, z, w, smoothing, reduction):
-    from fused_sigxent import _reference
+    from fused_sigxent.impl import reference as _reference
 
     return _reference.sigmoid_ce_fwd(x, z, w, None, smoothing, reduction, x.dtype, False, False)
 
@@ -131,7 +133,7 @@ def test_a_replaced_environment_is_read(monkeypatch):
     # A test's mock of os.environ (not monkeypatch.setenv) still chooses the backend.
     import os
 
-    from fused_sigxent import _backend
+    from fused_sigxent.core import backend as _backend
 
     monkeypatch.setattr(os, "environ", {"FUSED_SIGXENT_BACKEND": "reference"})
     assert _backend.backend() == "reference"

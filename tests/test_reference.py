@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TOLERANCES, assert_close, oracle_elementwise
-from fused_sigxent import _op, _reference
-from fused_sigxent import _reduction as R
+from fused_sigxent.op import routes
+from fused_sigxent.impl import reference as _reference
+from fused_sigxent.core import reduction as R
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
@@ -58,7 +59,7 @@ def test_gradcheck_every_input(monkeypatch, reduction):
     monkeypatch.setenv("FUSED_SIGXENT_BACKEND", "reference")
 
     def loss(x, z, w, p):
-        return _op.sigmoid_ce(x, z, w, p, 0.2, reduction, x.dtype)
+        return routes.sigmoid_ce(x, z, w, p, 0.2, reduction, x.dtype)
 
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     z = torch.rand(3, 4, dtype=torch.float64, requires_grad=True)

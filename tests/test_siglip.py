@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_sigxent as fs
+from fused_sigxent.core import reduction as R
 
 F64 = dict(rtol=1e-10, atol=1e-12)
 
@@ -119,7 +120,7 @@ def test_opcheck():
     b = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
     s = torch.tensor(0.0, dtype=torch.float64)
     torch.library.opcheck(torch.ops.fused_sigxent.linear_sigmoid_ce,
-                          (x, y, b, t, None, None, None, s, fs._linear.DIVIDE_BY_ROWS, 4, True, True, True, True, False))
+                          (x, y, b, t, None, None, None, s, R.MEAN_BY_ROWS, 4, True, True, True, True, False))
 
 
 def test_compiled_fullgraph_matches_eager():

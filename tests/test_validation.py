@@ -1,5 +1,5 @@
 """Bad arguments raise ValueError/TypeError naming what is wrong, before any
-kernel runs (fused_sigxent/_validate.py and the front ends)."""
+kernel runs (fused_sigxent/frontends/checks.py and the front ends)."""
 
 import pytest
 import torch
@@ -72,13 +72,13 @@ def test_number_constants_are_never_cached_from_a_capture(monkeypatch):
     # lives in the graph's pool: cached, it would feed later eager calls garbage.
     import types
 
-    from fused_sigxent import _validate
+    from fused_sigxent.core.dtypes import number_as_tensor
 
     made = []
     monkeypatch.setattr(torch, "full", lambda *a, **k: made.append(k["device"]) or object())
     x = types.SimpleNamespace(device=torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    assert _validate.number_as_tensor(0.37, x) is not _validate.number_as_tensor(0.37, x)
+    assert number_as_tensor(0.37, x) is not number_as_tensor(0.37, x)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    assert _validate.number_as_tensor(0.37, x) is _validate.number_as_tensor(0.37, x)
+    assert number_as_tensor(0.37, x) is number_as_tensor(0.37, x)
     assert len(made) == 3

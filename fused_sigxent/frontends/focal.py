@@ -36,12 +36,12 @@ def sigmoid_focal_loss(
     if isinstance(targets, Tensor) and targets.dtype == torch.int64 and targets.device.type == "cpu":
         # Class indices on the CPU: their values are checked on every call,
         # which a call plan (keyed on the signature alone) would skip.
-        return routes.route(_arguments(inputs, targets, weight, None, *options))
+        return routes.sigmoid_ce(*_arguments(inputs, targets, weight, None, *options))
     return routes.loss(_arguments, inputs, targets, weight, None, *options)
 
 
 def _arguments(inputs, targets, weight, _pos_weight, alpha, gamma, reduction, label_smoothing) -> tuple:
-    """The checked arguments of the loss op (`routes.route`), with gamma and
+    """The checked arguments of `routes.sigmoid_ce`, with gamma and
     alpha where the loss is not the plain cross entropy."""
     x = checks.logits("inputs", inputs)
     g = _number("gamma", gamma)

@@ -12,7 +12,7 @@ from . import checks
 REDUCTIONS = {"sum": R.SUM, "mean": R.TORCH_MEAN}
 
 
-def chunk_size_argument((value) -> int:
+def chunk_size_argument(value) -> int:
     """0 (choose from the sizes) for None, else a positive int."""
     if value is None:
         return 0

@@ -26,14 +26,14 @@ def weighted_cross_entropy_with_logits(*, labels: Tensor, logits: Tensor, pos_we
 
 
 def _elementwise(logits, labels, _weight, _pos_weight, labels_name: str) -> tuple:
-    """The checked arguments of the loss op (`routes.route`) for TF's elementwise loss."""
+    """The checked arguments of `routes.sigmoid_ce` for TF's elementwise loss."""
     x = checks.logits("logits", logits)
     z = checks.labels(labels_name, labels, x, "logits")
     return x, z, None, None, 0.0, R.NONE, out_dtype(x)
 
 
 def _weighted(logits, labels, _weight, pos_weight) -> tuple:
-    """The checked arguments of the loss op (`routes.route`) for TF's weighted elementwise loss."""
+    """The checked arguments of `routes.sigmoid_ce` for TF's weighted elementwise loss."""
     x, z, *_ = _elementwise(logits, labels, None, None, "labels")
     if checks.is_number(pos_weight):
         pos_weight = number_as_tensor(pos_weight, x)
@@ -91,7 +91,7 @@ def sigmoid_cross_entropy(
 
 
 def _losses(logits, multi_class_labels, weights, _pos_weight, number, label_smoothing, reduction) -> tuple:
-    """The checked arguments of the loss op (`routes.route`) for `sigmoid_cross_entropy`."""
+    """The checked arguments of `routes.sigmoid_ce` for `sigmoid_cross_entropy`."""
     x = checks.logits("logits", logits)
     z = checks.labels("multi_class_labels", multi_class_labels, x, "logits", cast_integers=True)
     w = _tf_weights(number if weights is None else weights, x)

@@ -27,7 +27,7 @@ def binary_cross_entropy_with_logits(
 
 
 def _arguments(input, target, weight, pos_weight, reduction, label_smoothing) -> tuple:
-    """The checked arguments of the loss op (`routes.route`)."""
+    """The checked arguments of `routes.sigmoid_ce`."""
     x, z, w, p = _tensors(input, target, weight, pos_weight)
     s = checks.label_smoothing(label_smoothing)
     return x, z, w, p, s, R.torch_code(reduction), out_dtype(x)

@@ -82,6 +82,15 @@ def loss(prepare, logits, labels, weight, pos_weight, *options) -> Tensor:
     return route(prepare(logits, labels, weight, pos_weight, *options), key, (logits, labels, weight, pos_weight))
 
 
+def sigmoid_ce(logits: Tensor, labels: Tensor, weight: Tensor | None, pos_weight: Tensor | None,
+               label_smoothing: float, reduction: int, out_dtype: torch.dtype, gamma: float | None = None,
+               alpha: float | None = None) -> Tensor:
+    """The loss of arguments a front end checked on this very call (no plan
+    is kept for them): sigmoid cross entropy, or with `gamma` the focal loss
+    (alpha None: no alpha_t)."""
+    return route((logits, labels, weight, pos_weight, label_smoothing, reduction, out_dtype, gamma, alpha))
+
+
 def route(args: tuple, key: tuple | None = None, given: tuple = ()) -> Tensor:
     """The loss of checked op arguments `args`, by the first route taken.
     key: the call's plan key, where a plan made for it may be kept (it is,
