@@ -30,7 +30,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, 
           "u8": torch.uint8, "index": torch.int64}
 # Kernel module (and configs/ file) of each kernel.
 CONFIG_NAMES = {"fwd": "sigmoid_ce_fwd", "bwd": "sigmoid_ce_bwd", "scale": "sigmoid_ce_scale"}
-# Partial-sum slots on an H100 (kernels/_layout.py partial_slots): 132 SMs x
+# Partial-sum slots on an H100 (kernels/_grid.py partial_slots): 132 SMs x
 # 16 resident programs of 4 warps, rounded up to a power of two.
 H100_PARTIAL_SLOTS = 4096
 # Reduction names of the sweep -> the op's codes (fused_sigxent/_reduction.py).
@@ -47,7 +47,7 @@ class Variant:
     reduction: a key of REDUCTIONS. grads: the gradients written ("logits",
       "labels", "both" or "" for none): in the forward (gradient in the
       forward), recomputed by the backward, or scaled by the scale kernel.
-    int64: offsets in int64 (numel past kernels/_layout.py INT32_LIMIT).
+    int64: offsets in int64 (numel past kernels/_grid.py INT32_LIMIT).
     arch: the compute capability compiled for. classes: the logits' last
     dimension (SHAPE's unless a variant needs another).
     focal: "" (sigmoid cross entropy) or the focal loss (SPEC section 6) with
@@ -158,7 +158,7 @@ def launch_args(v: Variant) -> tuple[object, tuple, dict]:
     """(kernel, args, kwargs) that the launcher passes for variant `v`,
     captured from a call on CPU tensors of SHAPE (with an H100's number of
     partial-sum slots, not the interpreter's)."""
-    from fused_sigxent.kernels import _launch, _layout
+    from fused_sigxent.kernels import _grid, _launch
 
     shape = (SHAPE[0], v.classes)
     x = torch.randn(shape).to(DTYPES[v.logits])
@@ -178,14 +178,14 @@ def launch_args(v: Variant) -> tuple[object, tuple, dict]:
     module = importlib.import_module(f"fused_sigxent.kernels.{name}")
     kernel_attr = f"_{name}_kernel"
     kernel, recorder = getattr(module, kernel_attr), _Recorder()
-    limit = _layout.INT32_LIMIT
+    limit = _grid.INT32_LIMIT
     setattr(module, kernel_attr, recorder)
     # A launch plan holds the kernel (here the recorder) and the int64 choice
     # it was made with: this capture makes its own, and leaves none behind.
     _launch.PLANS.clear()
     try:
         if v.int64:
-            _layout.INT32_LIMIT = 0
+            _grid.INT32_LIMIT = 0
         if v.kernel == "fwd":
             module.sigmoid_ce_fwd(x, z, w, pw, smoothing, code, x.dtype, dx, dz, *focal)
         elif v.kernel == "bwd":
@@ -195,7 +195,7 @@ def launch_args(v: Variant) -> tuple[object, tuple, dict]:
             module.sigmoid_ce_scale_(torch.ones(()), x if dx else x[:0], z if dz else z[:0])
     finally:
         setattr(module, kernel_attr, kernel)
-        _layout.INT32_LIMIT = limit
+        _grid.INT32_LIMIT = limit
         _launch.PLANS.clear()
     assert len(recorder.calls) == 1, f"{v.name}: {len(recorder.calls)} launches"
     args, kwargs = recorder.calls[0]

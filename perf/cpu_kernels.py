@@ -25,8 +25,8 @@ import time
 import torch
 
 import fused_sigxent as fs
-from fused_sigxent import _cpu
-from fused_sigxent import _reduction as R
+from fused_sigxent.impl import cpu as _cpu
+from fused_sigxent.core import reduction as R
 
 from . import _memory
 from .sweep_loss import FEATURES, eager_loss, make_inputs

@@ -112,7 +112,7 @@ def stubbed_launches(launch: str):
     import triton
     from triton.runtime.driver import driver
 
-    from fused_sigxent import _backend
+    from fused_sigxent.core import backend as _backend
     from fused_sigxent.kernels import _launch, _tuner
 
     saved = (triton.runtime.jit.JITFunction.run, _backend.use_kernels, _tuner.time_ms)
