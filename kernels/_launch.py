@@ -13,12 +13,9 @@ compiled kernel's C launcher.
 
 from typing import Callable, NamedTuple
 
-from triton import knobs
-from triton.runtime.driver import driver
-
 from fused_sigxent.core.plans import PLANS
 
-from . import _tuner
+from . import _triton, _tuner
 
 
 def launches() -> list[tuple[str, "Launch"]]:
@@ -33,13 +30,14 @@ class Launch:
 
     The first call goes through `kernel[grid]` (tuning the variant on its
     first launch, as ever). Then Triton's own lookup (binder and cache key,
-    `_tuner.Tuned.lookup`) is asked which compiled kernel those arguments
+    `Tuned.lookup`) is asked which compiled kernel those arguments
     select; where it names the kernel JITFunction.run just launched, later
-    calls launch that kernel directly, with the arguments JITFunction.run
-    bound. Where it does not (a Triton whose run this lookup does not
-    match), every call keeps going through JITFunction.run. So does any call
-    made while a Triton hook is set (launch hooks, pre-run hooks, a custom
-    pipeline), since only JITFunction.run runs those.
+    calls launch that kernel directly (`_triton.DirectLaunch`), with the
+    arguments JITFunction.run bound. Where it does not (a Triton whose run
+    this lookup does not match), every call keeps going through
+    JITFunction.run. So does any call made while a Triton hook is set
+    (launch hooks, pre-run hooks, a custom pipeline), since only
+    JITFunction.run runs those.
 
     Tensor arguments must come first in the kernel's parameters (as every
     kernel here has them), and only their addresses may change between
@@ -48,27 +46,17 @@ class Launch:
     (TRITON_DEBUG, instrumentation) are those of the plan's first launch.
     """
 
-    __slots__ = ("kernel", "grid", "scalars", "constexprs", "direct", "compiled", "checked")
+    __slots__ = ("kernel", "grid", "scalars", "constexprs", "direct", "checked")
 
     def __init__(self, kernel, grid, scalars: tuple, constexprs: dict):
         self.kernel, self.grid, self.scalars, self.constexprs = kernel, grid, scalars, constexprs
-        self.direct = None  # what a direct launch needs, once Triton's lookup agreed
-        self.compiled = None  # the compiled kernel it launches
+        self.direct = None  # a _triton.DirectLaunch, once Triton's lookup agreed
         self.checked = False
 
     def __call__(self, *tensors) -> None:
         direct = self.direct
-        if direct is not None:
-            fn, run, function, metadata, grid_0, grid_1, grid_2, get_stream, device, tail = direct
-            runtime = knobs.runtime
-            enter, exit_ = runtime.launch_enter_hook, runtime.launch_exit_hook
-            if not (fn.pre_run_hooks or _set(enter) or _set(exit_)
-                    or getattr(runtime, "add_stages_inspection_hook", None) is not None):
-                # What JITFunction.run passes when no hook is set: no launch metadata, the hooks as they are.
-                run(grid_0, grid_1, grid_2, get_stream(device), function, metadata, None, enter, exit_,
-                    *tensors, *tail)
-                return
-        self.through_triton(tensors)
+        if direct is None or not direct(tensors):
+            self.through_triton(tensors)
 
     def through_triton(self, tensors) -> None:
         kernel, args = self.kernel, (*tensors, *self.scalars)
@@ -77,19 +65,19 @@ class Launch:
             return
         grid, kwargs = kernel.prepare(args, self.constexprs, self.grid)
         compiled = kernel.fn.run(*args, grid=grid, warmup=False, **kwargs)
-        if not self.checked and not _hooked(kernel.fn):
+        if not self.checked and not _triton.hooked(kernel.fn):
             self.checked = True
             found = kernel.lookup(args, kwargs)
             if found is not None and found[0] is compiled:
                 _, bound, device = found
                 values = tuple(bound.values())
                 if all(a is b for a, b in zip(values, tensors)):
-                    grid = (*grid, 1, 1)
-                    compiled._init_handles()
-                    self.compiled = compiled
-                    self.direct = (kernel.fn, compiled.run, compiled.function, compiled.packed_metadata,
-                                   grid[0], grid[1], grid[2], driver.active.get_current_stream, device,
-                                   values[len(tensors):])
+                    self.direct = _triton.DirectLaunch(kernel.fn, compiled, grid, device, values[len(tensors):])
+
+    @property
+    def compiled(self):
+        """The compiled kernel this plan launches directly, or None."""
+        return None if self.direct is None else self.direct.compiled
 
 
 class LaunchPlan(NamedTuple):
@@ -98,19 +86,6 @@ class LaunchPlan(NamedTuple):
 
     launch: Launch
     collapsed: Callable | None = None
-
-
-def _set(hook) -> bool:
-    """Whether a launch hook is set: a function (Triton 3.6), or a chain
-    with calls in it (Triton >= 3.7 keeps an empty HookChain there)."""
-    return hook is not None and bool(getattr(hook, "calls", True))
-
-
-def _hooked(fn) -> bool:
-    """Whether JITFunction.run has a hook to run for `fn`, which a direct launch would skip."""
-    runtime = knobs.runtime
-    return (bool(fn.pre_run_hooks) or _set(runtime.launch_enter_hook) or _set(runtime.launch_exit_hook)
-            or getattr(runtime, "add_stages_inspection_hook", None) is not None)
 
 
 def aligned(t) -> int:

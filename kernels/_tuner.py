@@ -7,11 +7,8 @@ from dataclasses import dataclass
 
 import torch
 import triton
-from triton import knobs
-from triton.runtime.driver import driver
-from triton.runtime.jit import compute_cache_key
 
-from . import _grid, _occupancy
+from . import _grid, _occupancy, _triton
 
 
 _DTYPE = operator.attrgetter("dtype")
@@ -96,29 +93,8 @@ class Tuned(triton.runtime.KernelInterface):
 
     def lookup(self, args, kwargs):
         """(compiled kernel, bound arguments, device) that JITFunction.run
-        would pick for these arguments, by Triton's own binder and cache key
-        (so specialization is Triton's); None where this copy of its lookup
-        does not apply (the interpreter, a hook, nothing compiled yet).
-        `_launch.Launch` compares it with what JITFunction.run launched
-        before trusting it."""
-        fn = self.fn
-        if not hasattr(fn, "device_caches") or getattr(knobs.runtime, "add_stages_inspection_hook", None) is not None:
-            return None
-        device = driver.active.get_current_device()
-        caches = fn.device_caches.get(device)
-        if caches is None:
-            return None
-        kernel_cache, kernel_key_cache, _target, _backend, binder = caches
-        kwargs = dict(kwargs)
-        kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
-        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-        if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):  # triton >= 3.7
-            kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
-        bound, specialization, options = binder(*args, **kwargs)
-        kernel = kernel_cache.get(compute_cache_key(kernel_key_cache, specialization, options))
-        if kernel is None or hasattr(kernel, "result"):  # absent, or still compiling asynchronously
-            return None
-        return kernel, bound, device
+        would pick for these arguments (`_triton.cached_kernel`), or None."""
+        return _triton.cached_kernel(self.fn, args, kwargs)
 
     def tune(self, key, args, grid, kwargs) -> Choice:
         with self.lock:
@@ -161,20 +137,15 @@ class Tuned(triton.runtime.KernelInterface):
     def compile(self, device, args, kwargs, options) -> Choice | None:
         """Compiles one candidate without launching it; None if it cannot
         run on this device (too many threads, registers or shared memory)."""
-        kernel = self.fn.run(*args, grid=(1,), warmup=True, **kwargs, **options)
-        kernel = kernel.result() if hasattr(kernel, "result") else kernel
+        kernel = _triton.compiled(self.fn.run(*args, grid=(1,), warmup=True, **kwargs, **options))
         if device.type != "cuda":
             return Choice(options, None)
         try:
-            kernel._init_handles()
-        except triton.runtime.OutOfResources:
+            registers, spills, num_warps, shared, warp_size = _triton.resources(kernel)
+        except _triton.OutOfResources:
             return None
         sm = _occupancy.sm(device.index if device.index is not None else torch.cuda.current_device())
-        warp_size = getattr(kernel.metadata, "warp_size", 32)
-        num_warps = kernel.metadata.num_warps
-        per_sm = _occupancy.programs_per_sm(sm, getattr(kernel, "n_regs", 0), num_warps,
-                                            getattr(kernel.metadata, "shared", 0), warp_size)
+        per_sm = _occupancy.programs_per_sm(sm, registers, num_warps, shared, warp_size)
         if per_sm == 0:
             return None
-        return Choice(options, per_sm, getattr(kernel, "n_spills", 0),
-                      _occupancy.occupancy(sm, per_sm, num_warps, warp_size))
+        return Choice(options, per_sm, spills, _occupancy.occupancy(sm, per_sm, num_warps, warp_size))
