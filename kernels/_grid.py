@@ -19,8 +19,8 @@ def template(device: torch.device, dtype: torch.dtype, empty: bool = False) -> T
     """A tensor for `torch.empty_like` to copy: 0-d (`empty`: 0-size, the
     gradient an op returns where it was not asked for one) in `dtype` on
     `device`. A launch plan keeps its outputs' templates: `empty_like` of
-    one costs half of `torch.empty` with dtype and device keywords (~0.5 us
-    of ~1 us, 2-core CPU). It is a view of the device's workspace, so making
+    one costs half of `torch.empty` with dtype and device keywords
+    (docs/performance.md). It is a view of the device's workspace, so making
     one allocates nothing (an allocation could land in a CUDA graph's pool,
     see `_new_workspace`), and what `empty_like` makes of it is a tensor of
     its own, in the caller's inference mode (not the plan's)."""
@@ -40,7 +40,7 @@ FALLBACK_PROGRAMS_PER_SM = 8
 # The interpreter runs programs one after another: a few exercise the
 # grid-stride loop and the cross-program reduction.
 INTERPRETER_PROGRAMS = 4
-# The fewest warps of any candidate in configs/ (tests/test_configs.py checks
+# The fewest warps of any candidate in configs/ (tests/kernels/test_configs.py checks
 # it): it bounds programs per SM, so the partial sums have room for any grid.
 MIN_WARPS = 4
 

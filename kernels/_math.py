@@ -1,7 +1,7 @@
 """Device functions shared by the sigmoid cross entropy kernels: the block
 layout, loads through broadcast strides (with no per-element integer
 division for a (rows, classes) broadcast), and the stable loss and gradient
-formulas of `fused_sigxent/_reference.py`, term for term."""
+formulas of `fused_sigxent/impl/reference.py`, term for term."""
 
 import torch
 import triton
@@ -27,15 +27,15 @@ TORCH_MEAN = tl.constexpr(5)
 COEF_NONE = tl.constexpr(0)  # absent: 1.0
 COEF_SCALAR = tl.constexpr(1)  # one element, loaded once per program
 COEF_FLAT = tl.constexpr(2)  # offsets from the flat index (integer divisions where NDIM > 2)
-COEF_CLASSES = tl.constexpr(3)  # (rows, classes), contiguous along classes: CHUNK-wide vector loads
-# (where CHUNK divides the classes; else one load per element of a per-class vector)
-COEF_ROWS = tl.constexpr(4)  # (rows, classes), constant along classes: one load per chunk
+COEF_CLASSES = tl.constexpr(3)  # (rows, classes), contiguous along classes: VEC-wide vector loads
+# (where VEC divides the classes; else one load per element of a per-class vector)
+COEF_ROWS = tl.constexpr(4)  # (rows, classes), constant along classes: one load per vector
 COEF_STRIDED = tl.constexpr(5)  # (rows, classes), any strides or rows straddled: one load per element
-# Consecutive elements a thread takes as one chunk when coefficients are
+# Consecutive elements a thread takes as one vector when coefficients are
 # stepped over (rows, classes): 8 is one 16-byte access of bf16 logits, two of
-# fp32. The per-chunk layouts need a multiple of CHUNK classes (no chunk
+# fp32. The per-vector layouts need a multiple of VEC classes (no vector
 # straddles two rows).
-CHUNK = tl.constexpr(8)
+VEC = tl.constexpr(8)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 # A finite stand-in for log2(0) in the focal factor's exponent (2**-1e30 is 0,
@@ -47,7 +47,7 @@ FLT_MIN_BITS = tl.constexpr(0x00800000)  # FLT_MIN's: below them, as unsigned, +
 # 2 atanh(t) = t * P(t^2), P of degree 4 fitted (Lawson's minimax) to
 # 2 atanh(sqrt(s)) / sqrt(s) on s in [0, 1/9]: relative error 8e-9 in exact
 # arithmetic, 2.4e-7 (2 ulp) evaluated in float32 with a correctly rounded
-# reciprocal; tests/test_math.py checks it with rcp.approx's ulp too.
+# reciprocal; tests/kernels/test_math.py checks it with rcp.approx's ulp too.
 LOG1P_P0 = tl.constexpr(2.0)
 LOG1P_P1 = tl.constexpr(0.66666314)
 LOG1P_P2 = tl.constexpr(0.4002491)
@@ -67,7 +67,7 @@ def coefficient_layout(coefficient, strides: list[int], sizes: list[int], ndim: 
     if not stepped:
         return COEF_FLAT.value
     s_rows, s_classes = strides[2], strides[3]
-    if s_classes == 1 and (s_rows % CHUNK.value == 0 if aligned else s_rows == 0):
+    if s_classes == 1 and (s_rows % VEC.value == 0 if aligned else s_rows == 0):
         return COEF_CLASSES.value
     if aligned and s_classes == 0:
         return COEF_ROWS.value
@@ -75,15 +75,15 @@ def coefficient_layout(coefficient, strides: list[int], sizes: list[int], ndim: 
 
 
 def classes_stepped(sizes: list[int], ndim: int) -> tuple[bool, int]:
-    """Host side: the kernels' (STEP_CLASSES, CHUNK_WRAPS). Indices are
-    stepped per chunk over two collapsed dimensions (rows, d3 classes);
-    CHUNK_WRAPS is how many row ends a chunk can cross: 0 where CHUNK divides
-    d3, else 1 + (CHUNK - 2) // d3 (a chunk starting at class d3 - 1 ends at
-    class d3 - 1 + CHUNK - 1)."""
+    """Host side: the kernels' (STEP_CLASSES, VEC_WRAPS). Indices are
+    stepped per vector over two collapsed dimensions (rows, d3 classes);
+    VEC_WRAPS is how many row ends a vector can cross: 0 where VEC divides
+    d3, else 1 + (VEC - 2) // d3 (a vector starting at class d3 - 1 ends at
+    class d3 - 1 + VEC - 1)."""
     if ndim != 2:
         return False, 0
     d3 = sizes[3]
-    return True, 0 if d3 % CHUNK.value == 0 else 1 + (CHUNK.value - 2) // d3
+    return True, 0 if d3 % VEC.value == 0 else 1 + (VEC.value - 2) // d3
 
 
 def fast_math(compute_dtype: torch.dtype) -> bool:
@@ -188,7 +188,7 @@ def log1p_small(e):
 def log1p_unit(e, CT: tl.constexpr, FAST_MATH: tl.constexpr):
     """log(1 + e) for e in [0, 1]. float64: libdevice's log (exact path).
     float32: 2 atanh(e / (2 + e)) by a polynomial, no log at all; relative
-    error a few ulp, with FAST_MATH's reciprocal too (tests/test_math.py)."""
+    error a few ulp, with FAST_MATH's reciprocal too (tests/kernels/test_math.py)."""
     if CT == tl.float64:
         res = log1p_small(e)
     else:
@@ -221,39 +221,39 @@ def coefficient_offsets(offs, d1, d2, d3, s0, s1, s2, s3, NDIM: tl.constexpr):
 
 
 @triton.jit
-def stepped_indices(start, step, d3, STEP_CLASSES: tl.constexpr, CHUNK_: tl.constexpr, BLOCK: tl.constexpr):
-    """(row, class) of the first element of each chunk of the block at
+def stepped_indices(start, step, d3, STEP_CLASSES: tl.constexpr, VEC_: tl.constexpr, BLOCK: tl.constexpr):
+    """(row, class) of the first element of each vector of the block at
     `start`, over two collapsed dimensions (rows, d3 classes), and the
     (rows, classes) one grid stride `step` spans: divisions once per program,
     which `step_rows_classes` then avoids. Zeros (unused) unless STEP_CLASSES."""
     if STEP_CLASSES:
-        first = start + tl.arange(0, BLOCK // CHUNK_) * CHUNK_
+        first = start + tl.arange(0, BLOCK // VEC_) * VEC_
         row, col = first // d3, first % d3
         d_row, d_col = step // d3, step % d3
     else:
-        row = tl.zeros([BLOCK // CHUNK_], tl.int32)
-        col = tl.zeros([BLOCK // CHUNK_], tl.int32)
+        row = tl.zeros([BLOCK // VEC_], tl.int32)
+        col = tl.zeros([BLOCK // VEC_], tl.int32)
         d_row, d_col = 0, 0
     return row, col, d_row, d_col
 
 
 @triton.jit
 def step_rows_classes(row, col, d_row, d_col, d3):
-    """(row, class) of each chunk one grid stride on, d_row = step // d3 and
-    d_col = step % d3: a compare and two adds per chunk, no division."""
+    """(row, class) of each vector one grid stride on, d_row = step // d3 and
+    d_col = step % d3: a compare and two adds per vector, no division."""
     col = col + d_col
     wrap = col >= d3
     return row + d_row + wrap.to(row.dtype), tl.where(wrap, col - d3, col)
 
 
 @triton.jit
-def element_rows_classes(row, col, d3, CHUNK_WRAPS: tl.constexpr, CHUNK_: tl.constexpr):
-    """(row, class) of every element of each chunk, from the chunk's first:
-    class + j, carried past the row end at most CHUNK_WRAPS times (a compare
+def element_rows_classes(row, col, d3, VEC_WRAPS: tl.constexpr, VEC_: tl.constexpr):
+    """(row, class) of every element of each vector, from the vector's first:
+    class + j, carried past the row end at most VEC_WRAPS times (a compare
     and two adds each, no division)."""
-    col_j = col[:, None] + tl.arange(0, CHUNK_)[None, :]
+    col_j = col[:, None] + tl.arange(0, VEC_)[None, :]
     row_j = row[:, None] + tl.zeros_like(col_j)
-    for _ in tl.static_range(CHUNK_WRAPS):
+    for _ in tl.static_range(VEC_WRAPS):
         wrap = col_j >= d3
         col_j = tl.where(wrap, col_j - d3, col_j)
         row_j = row_j + wrap.to(row_j.dtype)
@@ -262,12 +262,12 @@ def element_rows_classes(row, col, d3, CHUNK_WRAPS: tl.constexpr, CHUNK_: tl.con
 
 @triton.jit
 def load_coefficient(ptr, scalar, offs, mask, row, col, d1, d2, d3, s0, s1, s2, s3,
-                     LAYOUT: tl.constexpr, NDIM: tl.constexpr, CHUNK_WRAPS: tl.constexpr, MASKED: tl.constexpr,
-                     CT: tl.constexpr, CHUNK_: tl.constexpr):
-    """A coefficient at the block's elements (flat offsets offs, [BLOCK // CHUNK_, CHUNK_];
+                     LAYOUT: tl.constexpr, NDIM: tl.constexpr, VEC_WRAPS: tl.constexpr, MASKED: tl.constexpr,
+                     CT: tl.constexpr, VEC_: tl.constexpr):
+    """A coefficient at the block's elements (flat offsets offs, [BLOCK // VEC_, VEC_];
     only COEF_FLAT reads them, so the others cost nothing for them),
     upcast to the compute dtype, 0 where masked; 1.0 when absent. row, col:
-    each chunk's (row, class) where LAYOUT steps them; scalar: the value of a
+    each vector's (row, class) where LAYOUT steps them; scalar: the value of a
     one-element coefficient."""
     if LAYOUT == COEF_NONE:
         res = tl.full(offs.shape, 1.0, CT)
@@ -277,28 +277,28 @@ def load_coefficient(ptr, scalar, offs, mask, row, col, d1, d2, d3, s0, s1, s2, 
         coef_offs = coefficient_offsets(offs, d1, d2, d3, s0, s1, s2, s3, NDIM)
         res = tl.load(ptr + coef_offs, mask=mask, other=0).to(CT)
     elif LAYOUT == COEF_CLASSES:
-        if CHUNK_WRAPS == 0:
-            # Classes contiguous, each chunk within one row and CHUNK-aligned
+        if VEC_WRAPS == 0:
+            # Classes contiguous, each vector within one row and VEC-aligned
             # (the host checked d3 and the row stride): vector loads.
-            base = tl.multiple_of(row * s2 + col, CHUNK_)
-            res = tl.load(ptr + base[:, None] + tl.arange(0, CHUNK_)[None, :], mask=mask, other=0).to(CT)
+            base = tl.multiple_of(row * s2 + col, VEC_)
+            res = tl.load(ptr + base[:, None] + tl.arange(0, VEC_)[None, :], mask=mask, other=0).to(CT)
         else:
-            # One vector over the classes (row stride 0): a chunk running
+            # One vector over the classes (row stride 0): a vector running
             # past the last class goes on from the first.
-            _, col_j = element_rows_classes(row, col, d3, CHUNK_WRAPS, CHUNK_)
+            _, col_j = element_rows_classes(row, col, d3, VEC_WRAPS, VEC_)
             res = tl.load(ptr + col_j, mask=mask, other=0).to(CT)
     elif LAYOUT == COEF_ROWS:
-        # Constant along classes: one value per chunk, broadcast. (Chunks of
+        # Constant along classes: one value per vector, broadcast. (Vectors of
         # the tail block past the last row read the last row, then masked.)
         if MASKED:
             row = tl.minimum(row, d2 - 1)
         base = row * s2
         res = tl.load(ptr + base)[:, None].to(CT) * tl.full(offs.shape, 1.0, CT)
     else:
-        if CHUNK_WRAPS == 0:
-            coef_offs = (row * s2 + col * s3)[:, None] + tl.arange(0, CHUNK_)[None, :] * s3
+        if VEC_WRAPS == 0:
+            coef_offs = (row * s2 + col * s3)[:, None] + tl.arange(0, VEC_)[None, :] * s3
         else:
-            row_j, col_j = element_rows_classes(row, col, d3, CHUNK_WRAPS, CHUNK_)
+            row_j, col_j = element_rows_classes(row, col, d3, VEC_WRAPS, VEC_)
             coef_offs = row_j * s2 + col_j * s3
         res = tl.load(ptr + coef_offs, mask=mask, other=0).to(CT)
     if MASKED:
@@ -358,12 +358,12 @@ def elementwise_launch(kernel: str, x, z, weight, pos_weight, gamma, alpha, hard
     sizes, (w, pw), (stride_w, stride_pw), collapsed = layout.collapse_plan(
         x.shape, [weight, pos_weight], classes_apart=class_index)
     nd = layout.ndim(sizes)
-    step_classes, chunk_wraps = classes_stepped(sizes, nd)
+    step_classes, vec_wraps = classes_stepped(sizes, nd)
     n_cols = max(1, x.shape[-1]) if x.dim() else 1
     scalars = (n, numel_class(kernel, n), sizes[1], sizes[2], sizes[3], n_cols, *stride_w, *stride_pw)
     flags = dict(
         W_LAYOUT=coefficient_layout(w, stride_w, sizes, nd), PW_LAYOUT=coefficient_layout(pw, stride_pw, sizes, nd),
-        NDIM=nd, STEP_CLASSES=step_classes, CHUNK_WRAPS=chunk_wraps,
+        NDIM=nd, STEP_CLASSES=step_classes, VEC_WRAPS=vec_wraps,
         FOCAL=gamma is not None, HAS_ALPHA=gamma is not None and alpha is not None,
         HARD_LABELS=gamma is not None and hard_labels, CLASS_INDEX=class_index,
         INT64=n >= _grid.INT32_LIMIT, CT=tl.float64 if ct == torch.float64 else tl.float32, FAST_MATH=fast_math(ct),
@@ -516,12 +516,12 @@ def block_mask(offs, n_elements, MASKED: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def block_lanes(CHUNK_: tl.constexpr, BLOCK: tl.constexpr):
-    """Offsets within a block, int32, as [BLOCK // CHUNK_, CHUNK_]: chunks of
-    CHUNK_ consecutive elements (one chunk of BLOCK where no coefficient is
-    stepped per chunk, the plain 1-D block). Pointers are formed as
+def block_lanes(VEC_: tl.constexpr, BLOCK: tl.constexpr):
+    """Offsets within a block, int32, as [BLOCK // VEC_, VEC_]: vectors of
+    VEC_ consecutive elements (one vector of BLOCK where no coefficient is
+    stepped per vector, the plain 1-D block). Pointers are formed as
     ptr + start + lanes: one scalar (maybe int64) add per block, int32 lanes."""
-    return tl.arange(0, BLOCK // CHUNK_)[:, None] * CHUNK_ + tl.arange(0, CHUNK_)[None, :]
+    return tl.arange(0, BLOCK // VEC_)[:, None] * VEC_ + tl.arange(0, VEC_)[None, :]
 
 
 @triton.jit
@@ -530,15 +530,15 @@ def load_block(
     n_elements, d1, d2, d3,
     stride_w_0, stride_w_1, stride_w_2, stride_w_3, stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
     s, n_cols,
-    W_LAYOUT: tl.constexpr, PW_LAYOUT: tl.constexpr, NDIM: tl.constexpr, CHUNK_WRAPS: tl.constexpr,
-    CLASS_INDEX: tl.constexpr, MASKED: tl.constexpr, CT: tl.constexpr, CHUNK_: tl.constexpr, BLOCK: tl.constexpr,
+    W_LAYOUT: tl.constexpr, PW_LAYOUT: tl.constexpr, NDIM: tl.constexpr, VEC_WRAPS: tl.constexpr,
+    CLASS_INDEX: tl.constexpr, MASKED: tl.constexpr, CT: tl.constexpr, VEC_: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Lanes (block_lanes), mask and inputs of the block at `start`, upcast
     to the compute dtype: x, the smoothed label z' = z (1 - s) + 0.5 s, the
     weight w and pos_weight p (1.0 when absent; 0 where masked).
     CLASS_INDEX: labels_ptr holds one int64 class index per row of n_cols
     logits; z is 1 where the column is the row's index (see `class_index_label`)."""
-    lanes = block_lanes(CHUNK_, BLOCK)
+    lanes = block_lanes(VEC_, BLOCK)
     if MASKED:
         # The tail: fewer than BLOCK elements remain, an int32 count.
         mask = block_mask(lanes, (n_elements - start).to(tl.int32), MASKED, BLOCK)
@@ -546,23 +546,23 @@ def load_block(
         mask = block_mask(lanes, n_elements, MASKED, BLOCK)
     x = tl.load(logits_ptr + start + lanes, mask=mask, other=0).to(CT)
     if CLASS_INDEX:
-        z = class_index_label(labels_ptr, start + lanes, mask, row, col, d2, n_cols, s, NDIM, CHUNK_WRAPS, MASKED,
-                              CHUNK_)
+        z = class_index_label(labels_ptr, start + lanes, mask, row, col, d2, n_cols, s, NDIM, VEC_WRAPS, MASKED,
+                              VEC_)
     else:
         z = tl.load(labels_ptr + start + lanes, mask=mask, other=0).to(CT)
         z = z * (1.0 - s) + 0.5 * s
     w = load_coefficient(weight_ptr, w_scalar, start + lanes, mask, row, col, d1, d2, d3,
-                         stride_w_0, stride_w_1, stride_w_2, stride_w_3, W_LAYOUT, NDIM, CHUNK_WRAPS, MASKED, CT,
-                         CHUNK_)
+                         stride_w_0, stride_w_1, stride_w_2, stride_w_3, W_LAYOUT, NDIM, VEC_WRAPS, MASKED, CT,
+                         VEC_)
     p = load_coefficient(pos_weight_ptr, pw_scalar, start + lanes, mask, row, col, d1, d2, d3,
-                         stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, PW_LAYOUT, NDIM, CHUNK_WRAPS, MASKED, CT,
-                         CHUNK_)
+                         stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, PW_LAYOUT, NDIM, VEC_WRAPS, MASKED, CT,
+                         VEC_)
     return lanes, mask, x, z, w, p
 
 
 @triton.jit
 def class_index_label(labels_ptr, offs, mask, row, col, d2, n_cols, s, NDIM: tl.constexpr,
-                      CHUNK_WRAPS: tl.constexpr, MASKED: tl.constexpr, CHUNK_: tl.constexpr):
+                      VEC_WRAPS: tl.constexpr, MASKED: tl.constexpr, VEC_: tl.constexpr):
     """The smoothed one-hot label z' at flat offsets offs of (rows, n_cols)
     logits from one int64 class index per row (n_cols: background, no
     positive): 1 - s / 2 where the column is the row's index, s / 2
@@ -572,21 +572,21 @@ def class_index_label(labels_ptr, offs, mask, row, col, d2, n_cols, s, NDIM: tl.
     The index is a coefficient constant along the classes, read as
     `load_coefficient` reads one: the launchers collapse with the classes
     apart (`layout.collapse`), so NDIM == 2 means (rows d2, classes
-    n_cols), each chunk's (row, class) stepped. Chunks within a row: one
-    index per chunk, and per element one compare of the lane with the
-    index's place in the chunk (no add, no division, no gather). Chunks
+    n_cols), each vector's (row, class) stepped. Vectors within a row: one
+    index per vector, and per element one compare of the lane with the
+    index's place in the vector (no add, no division, no gather). Vectors
     crossing row ends: per element, carried past them. Any other collapse
     (rows interleaved with a weight's dimensions): the row by division."""
-    if NDIM == 2 and CHUNK_WRAPS == 0:
-        # (Chunks of the tail block past the last row read the last row, then masked.)
+    if NDIM == 2 and VEC_WRAPS == 0:
+        # (Vectors of the tail block past the last row read the last row, then masked.)
         if MASKED:
             row = tl.minimum(row, d2 - 1)
         index = tl.load(labels_ptr + row)[:, None]
         # int32 after the int64 check below: a valid index is within a row of the column.
-        hot = tl.arange(0, CHUNK_)[None, :] == (index - col[:, None]).to(tl.int32)
+        hot = tl.arange(0, VEC_)[None, :] == (index - col[:, None]).to(tl.int32)
     else:
         if NDIM == 2:
-            row_j, col_j = element_rows_classes(row, col, n_cols, CHUNK_WRAPS, CHUNK_)
+            row_j, col_j = element_rows_classes(row, col, n_cols, VEC_WRAPS, VEC_)
         else:
             row_j = offs // n_cols
             col_j = offs - row_j * n_cols
@@ -632,7 +632,7 @@ def focal_hard_labels(x, z, e, r, log_term, ce, gamma, alpha, HAS_ALPHA: tl.cons
 def weighted_loss_and_grads(x, z, w, p, gamma, alpha, HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr,
                             FOCAL: tl.constexpr, HAS_ALPHA: tl.constexpr, HARD_LABELS: tl.constexpr,
                             CT: tl.constexpr, FAST_MATH: tl.constexpr):
-    """`loss_and_grads` (FOCAL: times alpha_t (1 - p_t)^gamma, SPEC section 6)
+    """`loss_and_grads` (FOCAL: times alpha_t (1 - p_t)^gamma)
     times the weight; a zero weight masks all three.
 
     focal: L = alpha_t F l, alpha_t = (1 - alpha) + (2 alpha - 1) z' (1 without HAS_ALPHA),
@@ -654,7 +654,7 @@ def weighted_loss_and_grads(x, z, w, p, gamma, alpha, HAS_WEIGHT: tl.constexpr, 
 
 @triton.jit
 def total_of(acc):
-    """The sum of a [rows, chunk] block of running sums, in a fixed order."""
+    """The sum of a [rows, vector] block of running sums, in a fixed order."""
     return tl.sum(tl.sum(acc, axis=1), axis=0)
 
 

@@ -70,7 +70,7 @@ class Tuned(triton.runtime.KernelInterface):
 
     def key(self, args, kwargs) -> tuple:
         """Device, numel class, every constexpr flag, the pointers' dtypes.
-        Built on every launch, so kept to a few C-level calls (~2 us)."""
+        Built on every launch, so kept to a few C-level calls."""
         tensors = self.pointers(args)
         size_class = args[self.numel_class_pos] if self.numel_class_pos is not None else 0
         return (tensors[0].device, size_class, tuple(map(kwargs.get, self.flag_names)), tuple(map(_DTYPE, tensors)))

@@ -13,7 +13,7 @@ from . import _grid
 from ._launch import Launch, LaunchPlan, aligned
 from ._configs import tuned
 from ._math import (
-    CHUNK,
+    VEC,
     COEF_NONE,
     NONE,
     divide,
@@ -36,19 +36,19 @@ def _bwd_block(
     grad_logits_ptr, grad_labels_ptr, n_elements, d1, d2, d3, stride_w_0, stride_w_1, stride_w_2, stride_w_3,
     stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, s, one_minus_s, scale, gamma, alpha, n_cols,
     REDUCTION: tl.constexpr, W_LAYOUT: tl.constexpr, PW_LAYOUT: tl.constexpr, NDIM: tl.constexpr,
-    CHUNK_WRAPS: tl.constexpr, NEED_GRAD_LOGITS: tl.constexpr, NEED_GRAD_LABELS: tl.constexpr,
+    VEC_WRAPS: tl.constexpr, NEED_GRAD_LOGITS: tl.constexpr, NEED_GRAD_LABELS: tl.constexpr,
     FOCAL: tl.constexpr, HAS_ALPHA: tl.constexpr, HARD_LABELS: tl.constexpr, CLASS_INDEX: tl.constexpr,
-    MASKED: tl.constexpr, CT: tl.constexpr, FAST_MATH: tl.constexpr, CHUNK_: tl.constexpr, BLOCK: tl.constexpr,
+    MASKED: tl.constexpr, CT: tl.constexpr, FAST_MATH: tl.constexpr, VEC_: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Gradients of one block of BLOCK elements from `start`. MASKED only for
     the ragged tail; `scale` is the incoming gradient over the denominator
     (unused for NONE, whose incoming gradient is read per element); row,
-    col: each CHUNK_-element chunk's (row, class) where STEP_CLASSES."""
+    col: each VEC_-element vector's (row, class) where STEP_CLASSES."""
     lanes, mask, x, z, w, p = load_block(
         start, row, col, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, w_scalar, pw_scalar,
         n_elements, d1, d2, d3,
         stride_w_0, stride_w_1, stride_w_2, stride_w_3, stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
-        s, n_cols, W_LAYOUT, PW_LAYOUT, NDIM, CHUNK_WRAPS, CLASS_INDEX, MASKED, CT, CHUNK_, BLOCK)
+        s, n_cols, W_LAYOUT, PW_LAYOUT, NDIM, VEC_WRAPS, CLASS_INDEX, MASKED, CT, VEC_, BLOCK)
     _, d_logits, d_labels = weighted_loss_and_grads(
         x, z, w, p, gamma, alpha, W_LAYOUT != COEF_NONE, PW_LAYOUT != COEF_NONE, FOCAL, HAS_ALPHA, HARD_LABELS,
         CT, FAST_MATH)
@@ -71,7 +71,7 @@ def _sigmoid_ce_bwd_kernel(
     stride_w_0, stride_w_1, stride_w_2, stride_w_3,
     stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
     REDUCTION: tl.constexpr, W_LAYOUT: tl.constexpr, PW_LAYOUT: tl.constexpr, NDIM: tl.constexpr,
-    STEP_CLASSES: tl.constexpr, CHUNK_WRAPS: tl.constexpr,
+    STEP_CLASSES: tl.constexpr, VEC_WRAPS: tl.constexpr,
     NEED_GRAD_LOGITS: tl.constexpr, NEED_GRAD_LABELS: tl.constexpr,
     FOCAL: tl.constexpr, HAS_ALPHA: tl.constexpr, HARD_LABELS: tl.constexpr, CLASS_INDEX: tl.constexpr,
     INT64: tl.constexpr, CT: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK: tl.constexpr,
@@ -81,14 +81,14 @@ def _sigmoid_ce_bwd_kernel(
     grad_ptr: the incoming gradient, [] for a reduced loss, [n_elements]
       (contiguous) for REDUCTION == NONE. denom_ptr: [] the forward's denominator.
     logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, smoothing_ptr, gamma_ptr, alpha_ptr, d1..d3, n_cols,
-      strides, W_LAYOUT, PW_LAYOUT, STEP_CLASSES, CHUNK_WRAPS, FOCAL, HAS_ALPHA,
+      strides, W_LAYOUT, PW_LAYOUT, STEP_CLASSES, VEC_WRAPS, FOCAL, HAS_ALPHA,
       HARD_LABELS, CLASS_INDEX, FAST_MATH: as in
       _sigmoid_ce_fwd_kernel.
     grad_logits_ptr, grad_labels_ptr: [n_elements] outputs, written when NEED_GRAD_*.
     numel_class: the autotune key only.
     """
     first, step, n_full, owns_tail = grid_stride(n_elements, INT64, BLOCK)
-    CHUNK_: tl.constexpr = CHUNK if STEP_CLASSES else BLOCK
+    VEC_: tl.constexpr = VEC if STEP_CLASSES else BLOCK
     s = smoothing(smoothing_ptr, CT)
     one_minus_s = 1.0 - s
     gamma, alpha = focal_parameters(gamma_ptr, alpha_ptr, FOCAL, HAS_ALPHA, CT)
@@ -102,23 +102,23 @@ def _sigmoid_ce_bwd_kernel(
     # be, in quarter blocks (fewer predicates live at a time: no spills); then
     # whole blocks unmasked, so loads and stores stay 16-byte vectors.
     TAIL_BLOCK: tl.constexpr = BLOCK // 4
-    TAIL_CHUNK: tl.constexpr = CHUNK if STEP_CLASSES else TAIL_BLOCK
+    TAIL_VEC: tl.constexpr = VEC if STEP_CLASSES else TAIL_BLOCK
     for t in range(tl.where(owns_tail, n_full, n_elements), n_elements, TAIL_BLOCK):
-        t_row, t_col, _, _ = stepped_indices(t, step, d3, STEP_CLASSES, TAIL_CHUNK, TAIL_BLOCK)
+        t_row, t_col, _, _ = stepped_indices(t, step, d3, STEP_CLASSES, TAIL_VEC, TAIL_BLOCK)
         _bwd_block(t, t_row, t_col, grad_ptr, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr,
                    w_scalar, pw_scalar, grad_logits_ptr, grad_labels_ptr, n_elements, d1, d2, d3,
                    stride_w_0, stride_w_1, stride_w_2, stride_w_3, stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
-                   s, one_minus_s, scale, gamma, alpha, n_cols, REDUCTION, W_LAYOUT, PW_LAYOUT, NDIM, CHUNK_WRAPS,
+                   s, one_minus_s, scale, gamma, alpha, n_cols, REDUCTION, W_LAYOUT, PW_LAYOUT, NDIM, VEC_WRAPS,
                    NEED_GRAD_LOGITS, NEED_GRAD_LABELS, FOCAL, HAS_ALPHA, HARD_LABELS, CLASS_INDEX,
-                   True, CT, FAST_MATH, TAIL_CHUNK, TAIL_BLOCK)
-    row, col, d_row, d_col = stepped_indices(first, step, d3, STEP_CLASSES, CHUNK_, BLOCK)
+                   True, CT, FAST_MATH, TAIL_VEC, TAIL_BLOCK)
+    row, col, d_row, d_col = stepped_indices(first, step, d3, STEP_CLASSES, VEC_, BLOCK)
     for start in range(first, n_full, step):
         _bwd_block(start, row, col, grad_ptr, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr,
                    w_scalar, pw_scalar, grad_logits_ptr, grad_labels_ptr, n_elements, d1, d2, d3,
                    stride_w_0, stride_w_1, stride_w_2, stride_w_3, stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
-                   s, one_minus_s, scale, gamma, alpha, n_cols, REDUCTION, W_LAYOUT, PW_LAYOUT, NDIM, CHUNK_WRAPS,
+                   s, one_minus_s, scale, gamma, alpha, n_cols, REDUCTION, W_LAYOUT, PW_LAYOUT, NDIM, VEC_WRAPS,
                    NEED_GRAD_LOGITS, NEED_GRAD_LABELS, FOCAL, HAS_ALPHA, HARD_LABELS, CLASS_INDEX,
-                   False, CT, FAST_MATH, CHUNK_, BLOCK)
+                   False, CT, FAST_MATH, VEC_, BLOCK)
         if STEP_CLASSES:
             row, col = step_rows_classes(row, col, d_row, d_col, d3)
 

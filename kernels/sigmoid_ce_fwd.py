@@ -14,7 +14,7 @@ from . import _grid
 from ._launch import Launch, aligned
 from ._configs import tuned
 from ._math import (
-    CHUNK,
+    VEC,
     COEF_NONE,
     COEF_SCALAR,
     MEAN_BY_NONZERO,
@@ -44,18 +44,18 @@ def _fwd_block(
     stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, s, one_minus_s, grad_scale, gamma, alpha, n_cols,
     acc_loss, acc_weight, acc_nonzero,
     REDUCTION: tl.constexpr, W_LAYOUT: tl.constexpr, PW_LAYOUT: tl.constexpr, COUNT_WEIGHTS: tl.constexpr,
-    NDIM: tl.constexpr, CHUNK_WRAPS: tl.constexpr, WRITE_GRAD_LOGITS: tl.constexpr, WRITE_GRAD_LABELS: tl.constexpr,
+    NDIM: tl.constexpr, VEC_WRAPS: tl.constexpr, WRITE_GRAD_LOGITS: tl.constexpr, WRITE_GRAD_LABELS: tl.constexpr,
     FOCAL: tl.constexpr, HAS_ALPHA: tl.constexpr, HARD_LABELS: tl.constexpr, CLASS_INDEX: tl.constexpr,
-    MASKED: tl.constexpr, CT: tl.constexpr, FAST_MATH: tl.constexpr, CHUNK_: tl.constexpr, BLOCK: tl.constexpr,
+    MASKED: tl.constexpr, CT: tl.constexpr, FAST_MATH: tl.constexpr, VEC_: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One block of BLOCK elements from `start`: stores what the forward writes
     and returns the running sums. MASKED only for the ragged tail block; row,
-    col: each CHUNK_-element chunk's (row, class) where STEP_CLASSES."""
+    col: each VEC_-element vector's (row, class) where STEP_CLASSES."""
     lanes, mask, x, z, w, p = load_block(
         start, row, col, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, w_scalar, pw_scalar,
         n_elements, d1, d2, d3,
         stride_w_0, stride_w_1, stride_w_2, stride_w_3, stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
-        s, n_cols, W_LAYOUT, PW_LAYOUT, NDIM, CHUNK_WRAPS, CLASS_INDEX, MASKED, CT, CHUNK_, BLOCK)
+        s, n_cols, W_LAYOUT, PW_LAYOUT, NDIM, VEC_WRAPS, CLASS_INDEX, MASKED, CT, VEC_, BLOCK)
     # Loss and gradients (stable forms in _math.loss_and_grads).
     loss, d_logits, d_labels = weighted_loss_and_grads(
         x, z, w, p, gamma, alpha, W_LAYOUT != COEF_NONE, PW_LAYOUT != COEF_NONE, FOCAL, HAS_ALPHA, HARD_LABELS,
@@ -90,7 +90,7 @@ def _sigmoid_ce_fwd_kernel(
     stride_w_0, stride_w_1, stride_w_2, stride_w_3,
     stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3,
     REDUCTION: tl.constexpr, W_LAYOUT: tl.constexpr, PW_LAYOUT: tl.constexpr, NDIM: tl.constexpr,
-    STEP_CLASSES: tl.constexpr, CHUNK_WRAPS: tl.constexpr,
+    STEP_CLASSES: tl.constexpr, VEC_WRAPS: tl.constexpr,
     WRITE_GRAD_LOGITS: tl.constexpr, WRITE_GRAD_LABELS: tl.constexpr,
     FOCAL: tl.constexpr, HAS_ALPHA: tl.constexpr, HARD_LABELS: tl.constexpr, CLASS_INDEX: tl.constexpr,
     INT64: tl.constexpr, MAX_PROGRAMS: tl.constexpr, CT: tl.constexpr, FAST_MATH: tl.constexpr,
@@ -107,7 +107,7 @@ def _sigmoid_ce_fwd_kernel(
       focal loss's gamma and alpha, in CT, read where FOCAL (and HAS_ALPHA).
     n_cols: the logits' last dimension, read where CLASS_INDEX (labels_ptr
       then holds [n_elements / n_cols] int64 class indices, read as one-hot rows).
-    FOCAL: the focal loss (SPEC section 6) instead of the cross entropy; HAS_ALPHA:
+    FOCAL: the focal loss instead of the cross entropy; HAS_ALPHA:
       its alpha_t factor; HARD_LABELS: smoothed labels known to be 0 or 1 (a
       cheaper focal factor, _math.focal_hard_labels).
     loss_ptr: [n_elements] for REDUCTION == NONE, else [] (the reduced loss).
@@ -117,10 +117,10 @@ def _sigmoid_ce_fwd_kernel(
     partials_ptr: [3, MAX_PROGRAMS] per-program sums (loss, weight, nonzero
       weights); ticket_ptr: [1] int32 arrival counter, 0 on entry and on exit.
     numel_class: the autotune key only.
-    REDUCTION: an op reduction code. STEP_CLASSES: each _math.CHUNK-element
-      chunk's (row, class) index over (d2, d3) is stepped along the grid
-      stride, no division per element; CHUNK_WRAPS: how many row ends a chunk
-      can cross (0: CHUNK divides d3). FAST_MATH: the SFU's approximate exp2
+    REDUCTION: an op reduction code. STEP_CLASSES: each _math.VEC-element
+      vector's (row, class) index over (d2, d3) is stepped along the grid
+      stride, no division per element; VEC_WRAPS: how many row ends a vector
+      can cross (0: VEC divides d3). FAST_MATH: the SFU's approximate exp2
       and reciprocal (float32, compiled: not under the interpreter).
     """
     first, step, n_full, owns_tail = grid_stride(n_elements, INT64, BLOCK)
@@ -128,9 +128,9 @@ def _sigmoid_ce_fwd_kernel(
     SCALAR_WEIGHT: tl.constexpr = W_LAYOUT == COEF_SCALAR
     COUNT_WEIGHTS: tl.constexpr = HAS_WEIGHT and not SCALAR_WEIGHT and (
         REDUCTION == MEAN_BY_WEIGHTS or REDUCTION == MEAN_BY_NONZERO)
-    # Chunks of CHUNK consecutive elements where coefficients are stepped over
-    # (rows, classes); else the block is one chunk (a plain 1-D block).
-    CHUNK_: tl.constexpr = CHUNK if STEP_CLASSES else BLOCK
+    # Vectors of VEC consecutive elements where coefficients are stepped over
+    # (rows, classes); else the block is one vector (a plain 1-D block).
+    VEC_: tl.constexpr = VEC if STEP_CLASSES else BLOCK
     s = smoothing(smoothing_ptr, CT)
     one_minus_s = 1.0 - s
     gamma, alpha = focal_parameters(gamma_ptr, alpha_ptr, FOCAL, HAS_ALPHA, CT)
@@ -154,32 +154,32 @@ def _sigmoid_ce_fwd_kernel(
     # fewer at a time, no spills), with running sums of its own. Then whole
     # blocks unmasked, so loads and stores stay 16-byte vectors.
     TAIL_BLOCK: tl.constexpr = BLOCK // 4
-    TAIL_CHUNK: tl.constexpr = CHUNK if STEP_CLASSES else TAIL_BLOCK
-    tail_loss = tl.zeros([TAIL_BLOCK // TAIL_CHUNK, TAIL_CHUNK], CT)
-    tail_weight = tl.zeros([TAIL_BLOCK // TAIL_CHUNK, TAIL_CHUNK], CT)
-    tail_nonzero = tl.zeros([TAIL_BLOCK // TAIL_CHUNK, TAIL_CHUNK], CT)
+    TAIL_VEC: tl.constexpr = VEC if STEP_CLASSES else TAIL_BLOCK
+    tail_loss = tl.zeros([TAIL_BLOCK // TAIL_VEC, TAIL_VEC], CT)
+    tail_weight = tl.zeros([TAIL_BLOCK // TAIL_VEC, TAIL_VEC], CT)
+    tail_nonzero = tl.zeros([TAIL_BLOCK // TAIL_VEC, TAIL_VEC], CT)
     for t in range(tl.where(owns_tail, n_full, n_elements), n_elements, TAIL_BLOCK):
-        t_row, t_col, _, _ = stepped_indices(t, step, d3, STEP_CLASSES, TAIL_CHUNK, TAIL_BLOCK)
+        t_row, t_col, _, _ = stepped_indices(t, step, d3, STEP_CLASSES, TAIL_VEC, TAIL_BLOCK)
         tail_loss, tail_weight, tail_nonzero = _fwd_block(
             t, t_row, t_col, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, w_scalar, pw_scalar,
             loss_ptr, grad_logits_ptr, grad_labels_ptr,
             n_elements, d1, d2, d3, stride_w_0, stride_w_1, stride_w_2, stride_w_3,
             stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, s, one_minus_s, grad_scale, gamma, alpha, n_cols,
-            tail_loss, tail_weight, tail_nonzero, REDUCTION, W_LAYOUT, PW_LAYOUT, COUNT_WEIGHTS, NDIM, CHUNK_WRAPS,
-            WRITE_GRAD_LOGITS, WRITE_GRAD_LABELS, FOCAL, HAS_ALPHA, HARD_LABELS, CLASS_INDEX, True, CT, FAST_MATH, TAIL_CHUNK, TAIL_BLOCK)
-    acc_loss = tl.zeros([BLOCK // CHUNK_, CHUNK_], CT)
-    acc_weight = tl.zeros([BLOCK // CHUNK_, CHUNK_], CT)
-    acc_nonzero = tl.zeros([BLOCK // CHUNK_, CHUNK_], CT)
-    row, col, d_row, d_col = stepped_indices(first, step, d3, STEP_CLASSES, CHUNK_, BLOCK)
+            tail_loss, tail_weight, tail_nonzero, REDUCTION, W_LAYOUT, PW_LAYOUT, COUNT_WEIGHTS, NDIM, VEC_WRAPS,
+            WRITE_GRAD_LOGITS, WRITE_GRAD_LABELS, FOCAL, HAS_ALPHA, HARD_LABELS, CLASS_INDEX, True, CT, FAST_MATH, TAIL_VEC, TAIL_BLOCK)
+    acc_loss = tl.zeros([BLOCK // VEC_, VEC_], CT)
+    acc_weight = tl.zeros([BLOCK // VEC_, VEC_], CT)
+    acc_nonzero = tl.zeros([BLOCK // VEC_, VEC_], CT)
+    row, col, d_row, d_col = stepped_indices(first, step, d3, STEP_CLASSES, VEC_, BLOCK)
     for start in range(first, n_full, step):
         acc_loss, acc_weight, acc_nonzero = _fwd_block(
             start, row, col, logits_ptr, labels_ptr, weight_ptr, pos_weight_ptr, w_scalar, pw_scalar,
             loss_ptr, grad_logits_ptr, grad_labels_ptr,
             n_elements, d1, d2, d3, stride_w_0, stride_w_1, stride_w_2, stride_w_3,
             stride_pw_0, stride_pw_1, stride_pw_2, stride_pw_3, s, one_minus_s, grad_scale, gamma, alpha, n_cols,
-            acc_loss, acc_weight, acc_nonzero, REDUCTION, W_LAYOUT, PW_LAYOUT, COUNT_WEIGHTS, NDIM, CHUNK_WRAPS,
+            acc_loss, acc_weight, acc_nonzero, REDUCTION, W_LAYOUT, PW_LAYOUT, COUNT_WEIGHTS, NDIM, VEC_WRAPS,
             WRITE_GRAD_LOGITS, WRITE_GRAD_LABELS, FOCAL, HAS_ALPHA, HARD_LABELS, CLASS_INDEX,
-            False, CT, FAST_MATH, CHUNK_, BLOCK)
+            False, CT, FAST_MATH, VEC_, BLOCK)
         if STEP_CLASSES:
             row, col = step_rows_classes(row, col, d_row, d_col, d3)
 
@@ -242,7 +242,8 @@ def sigmoid_ce_fwd(
 
 
 def plan(x, z, labels_dtype, weight, pos_weight, label_smoothing, reduction, out_dtype, grad_logits_in_fwd,
-         grad_labels_in_fwd, gamma=None, alpha=None, hard_labels=False, grad_logits_out=None) -> "Plan":
+         grad_labels_in_fwd, gamma=None, alpha=None, hard_labels=False,
+         grad_logits_out=None) -> "ForwardLaunchPlan":
     """The launch plan of every call with this call's signature (x, z: the
     contiguous logits and labels, as `layout.contiguous` makes them)."""
     # Everything the launch depends on but the tensors' addresses (see kernels/_launch.py).
@@ -251,12 +252,12 @@ def plan(x, z, labels_dtype, weight, pos_weight, label_smoothing, reduction, out
            layout.signature(label_smoothing), layout.signature(gamma), layout.signature(alpha), layout.signature(grad_logits_out))
     made = PLANS.get(key)
     if made is None:
-        made = remember(key, Plan(x, z, labels_dtype, weight, pos_weight, reduction, out_dtype, grad_logits_in_fwd,
-                                  grad_labels_in_fwd, gamma, alpha, hard_labels))
+        made = remember(key, ForwardLaunchPlan(x, z, labels_dtype, weight, pos_weight, reduction, out_dtype,
+                                               grad_logits_in_fwd, grad_labels_in_fwd, gamma, alpha, hard_labels))
     return made
 
 
-class Plan:
+class ForwardLaunchPlan:
     """A forward launch with everything but the tensors' addresses worked
     out: the Launch; templates of the reduced loss (None: elementwise,
     shaped as the logits), the denominator and the 0-size gradients not
@@ -291,7 +292,7 @@ class Plan:
                  denom=None, fresh=True):
         """(loss, denom, grad_logits, grad_labels) of one call, fresh tensors
         each (the op's contract). A caller that keeps the outputs to itself
-        (`fused_sigxent._eager`) may pass a 0-d tensor of the compute dtype
+        (a call plan, `fused_sigxent/op/routes.py`) may pass a 0-d tensor of the compute dtype
         to write the denominator into, and fresh=False: the gradients not
         asked for are then this plan's 0-size templates."""
         w, pw = (weight, pos_weight) if self.collapsed is None else self.collapsed(weight, pos_weight)

@@ -1,5 +1,5 @@
 """Shared fixtures: both backends, the dtype-keyed tolerance table, a float64
-oracle written independently of `_reference.py`, and poisoned allocations."""
+oracle written independently of `impl/reference.py`, and poisoned allocations."""
 
 import math
 import os
@@ -56,7 +56,7 @@ def assert_close(actual, expected, dtype=None, msg=""):
 
 def oracle_elementwise(x, z, pos_weight=None, label_smoothing=0.0):
     """l = p z' softplus(-x) + (1 - z') softplus(x), in float64, from the
-    definition (not from `_reference.py`'s stable rewrite)."""
+    definition (not from `impl/reference.py`'s stable rewrite)."""
     x, z = x.double(), z.double()
     z = z * (1 - label_smoothing) + 0.5 * label_smoothing
     p = 1.0 if pos_weight is None else pos_weight.double()
@@ -92,7 +92,7 @@ def aot_graphs():
 
 
 def oracle_reduce(loss, weight, reduction):
-    """TF/PyTorch reductions (SPEC section 2) in float64, on an elementwise loss."""
+    """TF/PyTorch reductions (docs/semantics.md) in float64, on an elementwise loss."""
     w = torch.ones_like(loss) if weight is None else weight.double().expand(loss.shape)
     total = (w * loss).sum()
     if reduction == "none":
@@ -106,6 +106,18 @@ def oracle_reduce(loss, weight, reduction):
     return total / denom if denom != 0 else total * 0
 
 
+TOOLING = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tooling")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests under tests/tooling/ check the repository's tools (perf sweeps,
+    PTX and SASS reports) rather than the package: marked `tooling`, so
+    `-m tooling` (or `-m "not tooling"`) selects them."""
+    for item in items:
+        if str(item.path).startswith(TOOLING + os.sep):
+            item.add_marker(pytest.mark.tooling)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -113,14 +125,14 @@ def _seed():
 
 @pytest.fixture(autouse=True)
 def _fresh_plans():
-    """Launch plans (kernels/_launch.py) made by no other test: a plan keeps
+    """Plans (call plans and launch plans) made by no other test: a plan keeps
     what was decided when it was made (FAST_MATH, int64 offsets, the kernel
     object), and tests patch those."""
-    from fused_sigxent.kernels import _launch
+    from fused_sigxent.core.plans import PLANS
 
-    _launch.PLANS.clear()
+    PLANS.clear()
     yield
-    _launch.PLANS.clear()
+    PLANS.clear()
 
 
 @pytest.fixture(params=["reference", "triton"])

@@ -1,26 +1,33 @@
 """The perf scripts run on the CPU (forced: a GPU box's `make test` must not
-start a GPU sweep): the sweep in --quick mode writes SPEC section 4's columns
+start a GPU sweep): the sweep in --quick mode writes the report's columns
 exactly, with every pass timed (no 0.0 medians) and peak memory measured, and
 its report is a short page with the headline table; the memory measurement
 sees a known allocation; the timing loop times what it is given; the
-training-step and host-overhead benchmarks run."""
+training-step and host-overhead benchmarks run; `make perf` runs the default
+plan; the GPU check's plan, budgets, runner and archive work without a GPU,
+and its config grid runs against a stand-in GPU."""
 
+import importlib
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tarfile
+import time
 
 import pandas as pd
 import pytest
 import torch
 
-from perf import _bench, _memory, host_overhead, report, sweep_loss, train_step
+from perf import _bench, _memory, gpu_check, host_overhead, linear_loss, plan, report, sweep_loss, train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_rss = pytest.mark.skipif(not _memory.rss_available(), reason="needs Linux's /proc/self/clear_refs")
 
 
 @needs_rss
-def test_quick_sweep_writes_spec_columns_and_report(tmp_path, monkeypatch):
+def test_quick_sweep_writes_report_columns_and_report(tmp_path, monkeypatch):
     monkeypatch.delenv("FUSED_SIGXENT_BACKEND", raising=False)
     out = tmp_path / "sweep.csv"
     sweep_loss.main(["--quick", "--device", "cpu", "--out", str(out)])
@@ -47,6 +54,8 @@ def test_quick_sweep_writes_spec_columns_and_report(tmp_path, monkeypatch):
     assert len(lines) < 80
     assert "(sweep-speedup.png)" in text and os.path.exists(tmp_path / "sweep-speedup.png")
     assert report.build(str(out))[0].endswith(".md")
+    # The GPU check's summary reads such a CSV.
+    assert "cases; fwd+bwd median ms" in "\n".join(gpu_check._loss_table(str(out)))
 
 
 def test_report_headline_ratios(tmp_path):
@@ -138,3 +147,138 @@ def test_host_overhead_runs_through_triton_launch_path(tmp_path):
     assert (frame["p50"] > 0).all() and (frame["unit"] == "us").all()
     assert "median ours / eager host time, fwd+bwd" in run.stdout
     assert "median floor / eager host time, fwd+bwd" in run.stdout
+
+
+# What `make perf` sweeps: literal here, so a change to the plan is a change to this test too.
+DEFAULT_PLAN = {
+    "cpu": {"loss": (["65536", "1048576", "16777216"], 12), "focal": (["65536", "1048576"], 8),
+            "linear+siglip": (["2048", "512", "4096"], 3)},
+    "cuda": {"loss": (["1048576", "16777216", "67108864", "268435456"], 32), "focal": (["1048576", "16777216",
+             "67108864"], 12), "linear+siglip": (["8192", "65536"], 3)},
+}
+
+
+def test_make_perf_runs_the_default_plan(capsys):
+    # make perf is `python -m perf` with no arguments ...
+    if shutil.which("make"):
+        dry = subprocess.run(["make", "-n", "perf"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert dry.returncode == 0, dry.stderr
+        assert re.search(r"python\S* -m perf$", dry.stdout.strip().splitlines()[-1])
+    # ... whose dry run lists the default plan's sweeps and cases on this machine's device.
+    main = importlib.import_module("perf.__main__").main
+    assert main(["--dry-run"]) == 0
+    text = capsys.readouterr().out
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert text.startswith(f"default plan on {device}:")
+    sweeps = re.findall(r"^(\S+): python -m (\S+) (.*)$", text, re.M)
+    assert [name for name, _, _ in sweeps] == ["loss", "focal", "linear+siglip"]
+    blocks = re.split(r"^\S+: python -m .*$", text, flags=re.M)[1:]
+    for (name, module, args), block in zip(sweeps, blocks):
+        sizes, n_cases = DEFAULT_PLAN[device][name]
+        cases = [line.strip() for line in block.splitlines() if line.startswith("    ")]
+        assert len(cases) == n_cases, (name, cases)
+        for size in sizes:
+            assert re.search(rf"(=|\b){size}\b", " ".join(cases)), (name, size, cases)
+        assert "--out " + os.path.join(plan.RESULTS, "") in args
+
+
+def test_gpu_check_dry_run_lists_steps_within_eight_minutes(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "perf.gpu_check", "--dry-run", "--out", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    steps = re.findall(r"^(\S+) \[(\d+) s\]: .*\n    (.*)$", run.stdout, re.M)
+    assert [name for name, _, _ in steps] == ["env", "gpu-tests", "host-overhead", "loss-bf16-uint8", "loss-float32",
+                                             "focal", "linear-siglip", "config-grid"]
+    budgets = [int(b) for _, b, _ in steps]
+    # Every step killed at its budget, SIGKILL after the grace, and the packing: still within 8 minutes.
+    assert sum(budgets) + len(budgets) * (gpu_check.GRACE_S + 1) + gpu_check.RESERVE_S <= 8 * 60
+    commands = {name: command for name, _, command in steps}
+    assert "-m pytest -q -m gpu" in commands["gpu-tests"] and "--junitxml" in commands["gpu-tests"]
+    assert "perf.host_overhead --device cuda" in commands["host-overhead"]
+    assert "--pairs bfloat16/uint8" in commands["loss-bf16-uint8"] and "--pairs float32/float32" in commands["loss-float32"]
+    for name in ("loss-bf16-uint8", "loss-float32", "focal"):
+        assert "--numel 67108864,16777216,1048576" in commands[name]
+    assert "--case dense,siglip" in commands["linear-siglip"]
+    assert f"archive {tmp_path / gpu_check.ARCHIVE}" in run.stdout
+    # Where the archive goes: --out, else $OUT, else perf/results/gpu-check/.
+    assert gpu_check.out_dir("/a", {"OUT": "/b"}) == "/a"
+    assert gpu_check.out_dir(None, {"OUT": "/b"}) == "/b"
+    assert gpu_check.out_dir(None, {}) == os.path.join(ROOT, "perf", "results", "gpu-check")
+
+
+def test_gpu_check_steps_parse_their_arguments(capsys):
+    # Each sweep step's own arguments, listed by that sweep's dry run (no GPU needed to plan one).
+    for step in gpu_check.steps("/tmp/gpu-check-test"):
+        module = step.argv[2] if step.argv[1:2] == ("-m",) else None
+        if module in ("perf.sweep_loss", "perf.sweep_focal", "perf.linear_loss", "perf.config_grid"):
+            importlib.import_module(module).main(list(step.argv[3:]) + ["--dry-run"])
+            listed = capsys.readouterr().out.splitlines()
+            assert listed, step.name
+            if step.name.startswith("loss"):
+                assert len(listed) == 12 and listed[0].startswith("numel=67108864 C=1000"), listed
+            if step.name == "config-grid":
+                assert len(listed) >= 15 and listed[0].endswith("x plain,weight,pos_weight")
+
+
+def test_gpu_check_runner_keeps_budgets_and_packs_everything(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    py = sys.executable
+    steps = [
+        gpu_check.Step("ok", "prints the interpreter setting", 20,
+                       (py, "-c", "import os; print('TRITON_INTERPRET=' + os.environ['TRITON_INTERPRET'])")),
+        gpu_check.Step("fails", "exits 3", 20, (py, "-c", "raise SystemExit(3)")),
+        gpu_check.Step("slow", "outlives its budget", 1, (py, "-c", "import time; print('started', flush=True); time.sleep(60)")),
+        gpu_check.Step("missing", "no such program", 5, (str(tmp_path / "nothing"),)),
+    ]
+    started = time.monotonic()
+    results = gpu_check.run_all(steps, str(work))
+    assert time.monotonic() - started < 20
+    status = {r["step"]: r["status"] for r in results}
+    assert status["ok"] == "ok" and status["fails"] == "failed (exit 3)"
+    assert status["slow"].startswith("killed at") and status["missing"].startswith("could not start")
+    slow = next(r for r in results if r["step"] == "slow")
+    assert slow["wall_s"] < 1 + gpu_check.GRACE_S + 1
+    assert "TRITON_INTERPRET=0" in (work / "ok.log").read_text()
+    assert "started" in (work / "slow.log").read_text()
+    # No time left: a step is skipped, not started.
+    skipped = gpu_check.run_all(steps[:1], str(work), total_s=gpu_check.RESERVE_S + 1)
+    assert skipped[0]["status"].startswith("skipped")
+    text = gpu_check.summary(str(work), results, 3.0)
+    assert "| slow | killed at" in text and "Last lines of the log" in text
+    (work / "summary.md").write_text(text)
+    path = gpu_check.pack(str(work), str(out))
+    assert path == str(out / gpu_check.ARCHIVE)
+    with tarfile.open(path) as tar:
+        names = set(tar.getnames())
+    assert {"gpu-check/summary.md", "gpu-check/ok.log", "gpu-check/slow.log"} <= names
+
+
+def test_config_grid_runs_against_a_stand_in_gpu(tmp_path):
+    # A process of its own, kernels compiled for a stand-in sm_90 and launched
+    # as no-ops (perf.host_overhead's): the GPU script's code paths, no GPU.
+    out = tmp_path / "grid.csv"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSED_SIGXENT_BACKEND")}
+    run = subprocess.run([sys.executable, "-m", "perf.config_grid", "--device", "cpu", "--stand-in", "--numel", "65536",
+                          "--limit", "1", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    from perf import config_grid
+
+    frame = pd.read_csv(out)
+    assert list(frame.columns) == config_grid.COLUMNS
+    assert (frame["status"] == "ok").all(), frame["status"].tolist()
+    assert list(frame["source"]) == ["tuner"] * 3 + ["grid"] * 3
+    assert set(frame["feature"]) == set(config_grid.FEATURES) and frame["ptx_md5"].notna().all()
+    assert (tmp_path / "grid.md").read_text().startswith("# Forward launch configs")
+    assert "fastest per feature" in "\n".join(gpu_check._best_configs(str(out)))
+
+
+def test_linear_gpu_targets_verdicts():
+    rows = []
+    for case, ms, peak in [("dense", 50.0, 5 << 30), ("siglip", 60.0, 1 << 30)]:
+        spec = linear_loss.GPU_CASES[case]
+        rows.append(dict(impl="fused_sigxent", case=case, B=spec["B"], H=spec["H"], C=spec["C"], K=spec["K"],
+                         **{"pass": "fwd+bwd"}, median_ms=ms, input_bytes=1 << 20, peak_mem_bytes=peak))
+    checks = {c["case"]: c["verdict"] for c in linear_loss.target_checks(pd.DataFrame(rows))}
+    assert checks == {"dense": "pass", "siglip": "FAIL"}

@@ -21,7 +21,7 @@ def backend() -> str:
 
 
 # os.environ.get encodes the name and decodes the value in Python on every
-# call (~0.5 us; the backend is read several times per loss call). CPython's
+# call, and the backend is read several times per loss call. CPython's
 # os.environ keeps its entries, encoded, in a dict that every update of
 # os.environ (monkeypatch.setenv included) writes through: read there, the
 # same answer costs a dictionary lookup. Where os.environ is not that

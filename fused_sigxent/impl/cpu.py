@@ -16,7 +16,7 @@ a fused in-place primitive. They are exact for finite inputs; where they
 are not (an infinite logit, a NaN, a zero weight masking either) they give
 NaN, which the tile's sum shows, and that tile is redone by the masked
 formulas of `impl/reference.py`, which define those limits. Tests hold both to
-the reference and to float64 math (tests/test_cpu.py).
+the reference and to float64 math (tests/impl/test_cpu.py).
 
 Each op function has the signature `impl.Implementation` gives it.
 Reduced sums accumulate per tile in float64 on the host (one read per

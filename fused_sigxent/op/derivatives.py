@@ -68,7 +68,7 @@ def _save(ctx, logits, labels, weight, pos_weight, smoothing, denom, reduction, 
     if _forward_ad._current_level >= 0:
         # jvp runs only where an input has a tangent, which needs a dual
         # level (forward_ad.dual_level, torch.func.jvp); outside one, saving
-        # for it would only cost host time (~1 us a call).
+        # for it would only cost host time on every call.
         ctx.save_for_forward(logits, labels, weight, pos_weight, smoothing, gamma, alpha)
     ctx.reduction, ctx.out_dtype, ctx.hard_labels = reduction, out_dtype, hard_labels
     # The gradients the forward wrote serve one backward, which scales them in

@@ -25,7 +25,7 @@ enum : int32_t { F32 = 0, F64 = 1, BF16 = 2, F16 = 3, U8 = 4 };
 constexpr int64_t TILE = 16384;
 
 // log1p(e) for e in [0, 1] as 2 atanh(e / (2 + e)): kernels/_math.py's
-// LOG1P_P0..P4 (tests/test_cpu_loop.py checks they are the same).
+// LOG1P_P0..P4 (tests/impl/test_cpu_loop.py checks they are the same).
 constexpr float LOG1P_P0 = 2.0f, LOG1P_P1 = 0.66666314f, LOG1P_P2 = 0.4002491f, LOG1P_P3 = 0.27960604f,
                 LOG1P_P4 = 0.28178334f;
 
@@ -38,7 +38,7 @@ struct Args {
   void* loss;            // elementwise loss out, or null (its sum only)
   void* gx;              // gradient of the logits out (the logits' dtype), or null
   void* gz;              // gradient of the labels out (the labels' dtype), or null
-  int64_t sizes[4];      // the logits' shape collapsed to four dimensions (kernels/_layout.collapse)
+  int64_t sizes[4];      // the logits' shape collapsed to four dimensions (fused_sigxent/core/layout.py collapse)
   int64_t w_strides[4];
   int64_t p_strides[4];
   int64_t n;

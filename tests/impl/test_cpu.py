@@ -1,4 +1,4 @@
-"""The CPU path (`fused_sigxent/_cpu.py`, what `auto` runs on CPU tensors):
+"""The CPU path (`fused_sigxent/impl/cpu.py`, what `auto` runs on CPU tensors):
 against float64 math and the reference, across tile boundaries, at the
 limits, in bounded memory, and fused by Inductor under torch.compile."""
 
@@ -237,7 +237,7 @@ def test_compiled_on_cpu_keeps_every_semantic(front_end):
 
 def test_opcheck_on_the_cpu_path(impl):
     # The registrations hold for the CPU path as for the other two
-    # (test_op.py runs the same checks through `reference` and `triton`).
+    # (op/test_registry.py runs the same checks through `reference` and `triton`).
     ops = torch.ops.fused_sigxent
     x, z = torch.randn(3, 5, requires_grad=True), torch.rand(3, 5, requires_grad=True)
     w, p = torch.rand(1, 5, requires_grad=True), (torch.rand(5) + 0.5).requires_grad_()
@@ -379,7 +379,7 @@ class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
 def test_temporaries_are_tile_sized(shape, weight, dtype, label_dtype, impl):
     # Besides its outputs, a call allocates only buffers of a tile's size
     # (TILE = 257 elements here; a tile of whole rows when coefficients
-    # vary: one row of 1031), in float32, and the loop none: issue 11's
+    # vary: one row of 1031), in float32, and the loop none: the CPU path's
     # bound on memory.
     tile = 1031 if weight == "class" else 257
     x, z, w, p, s = _case(shape, dtype, label_dtype, weight=weight, pos_weight=weight)
@@ -403,7 +403,7 @@ def test_temporaries_are_tile_sized(shape, weight, dtype, label_dtype, impl):
 def test_focal_tiles_against_float64(poisoned, gamma, alpha, dtype, label_dtype):
     # The focal loss's own fast formulas, across tiles, for every output the
     # front end asks for, with weights of every layout and smoothing.
-    # The op's 0-d arguments come in the compute dtype (`_op.sigmoid_ce`).
+    # The op's 0-d arguments come in the compute dtype (`routes.scalar_arguments`).
     ct = _reference.compute_dtype(dtype)
     g = torch.tensor(gamma, dtype=ct)
     a = None if alpha is None else torch.tensor(alpha, dtype=ct)

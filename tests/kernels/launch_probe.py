@@ -1,4 +1,4 @@
-"""Run by tests/test_launch.py in a process of its own (kernels decorated as
+"""Run by tests/kernels/test_launch.py in a process of its own (kernels decorated as
 for a GPU, TRITON_INTERPRET unset): the kernels compiled for a stand-in
 sm_90 driver (perf/host_overhead.py), their launches (kernels/_launch.py)
 counted by route. Prints one JSON object of facts."""

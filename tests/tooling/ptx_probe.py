@@ -1,5 +1,5 @@
 """The kernels cross-compiled for sm_90 (and one sm_80 build) with no GPU, for
-tests/test_ptx.py and tests/test_sass.py: `python -m perf.sass` (perf/_sass.py
+tests/tooling/test_ptx.py and tests/tooling/test_sass.py: `python -m perf.sass` (perf/_sass.py
 holds the compile and disassembly code) run once per test session, in a
 fresh process, since this one interprets the kernels (TRITON_INTERPRET=1)."""
 
@@ -12,7 +12,7 @@ import sys
 
 from perf._sass import Variant
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Every autotune candidate of each (the budgets hold for all of them).
 VARIANTS = [
@@ -31,7 +31,7 @@ VARIANTS = [
     Variant("fwd", "bf16", "u8", int64=True),
     Variant("fwd", "bf16", "u8", arch=80),
     Variant("scale", "bf16", "u8"),
-    # the focal loss (issue 12), each with its budget: hard labels (forward
+    # the focal loss, each with its budget: hard labels (forward
     # and backward), soft labels (bf16 and fp32), class indices
     Variant("fwd", "bf16", "u8", focal="hard"),
     Variant("bwd", "bf16", "u8", reduction="none", focal="hard"),

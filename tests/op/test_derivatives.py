@@ -1,4 +1,4 @@
-"""Derivatives off the beaten path (`fused_sigxent/_autograd.py`): double
+"""Derivatives off the beaten path (`fused_sigxent/op/derivatives.py`): double
 backward, forward-mode AD, torch.func transforms and vmap, hooks, a smoothing
 schedule under torch.compile, and TorchScript refused by name. Every value is
 checked in float64 against PyTorch's own loss (or, for TF's reductions, the

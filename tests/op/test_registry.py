@@ -1,12 +1,14 @@
-"""The torch.library ops: registration (opcheck), autograd, torch.compile,
-autocast and the backend switch."""
+"""The torch.library ops: registration (opcheck), the implementation protocol,
+autograd, torch.compile, autocast and the backend switch."""
+
+import inspect
 
 import pytest
 import torch
 
 import fused_sigxent as fs
 from conftest import aot_graphs, assert_close, oracle_elementwise, oracle_reduce
-from fused_sigxent.op import derivatives as _autograd
+from fused_sigxent.op import derivatives
 from fused_sigxent.op import routes
 from fused_sigxent.core import reduction as R
 
@@ -67,13 +69,13 @@ def test_learned_weight_and_pos_weight_gradients(backend, reduction):
 @pytest.mark.parametrize("reduction", [R.SUM, R.TORCH_MEAN, R.MEAN_BY_WEIGHTS, R.NONE])
 def test_gradient_in_forward_plan(reduction):
     x, z, w, _ = _inputs()
-    planned = _autograd.grads_in_forward(x, z, None, reduction)
+    planned = derivatives.grads_in_forward(x, z, None, reduction)
     assert planned == ((False, False) if reduction == R.NONE else (True, True))
     # A full weight makes MEAN's denominator data-dependent: recompute instead.
-    assert _autograd.grads_in_forward(x, z, w, R.MEAN_BY_WEIGHTS) == (False, False)
-    assert _autograd.grads_in_forward(x, z.detach(), w, R.SUM) == (True, False)
+    assert derivatives.grads_in_forward(x, z, w, R.MEAN_BY_WEIGHTS) == (False, False)
+    assert derivatives.grads_in_forward(x, z.detach(), w, R.SUM) == (True, False)
     with torch.no_grad():
-        assert _autograd.grads_in_forward(x, z, None, reduction) == (False, False)
+        assert derivatives.grads_in_forward(x, z, None, reduction) == (False, False)
 
 
 def test_compiled_graph_recomputes_instead_of_scaling_a_saved_gradient(monkeypatch):
@@ -225,3 +227,28 @@ def test_gradcheck_front_ends(backend):
         assert torch.autograd.gradcheck(lambda x, z, w: fs.sigmoid_cross_entropy(z, x, w, 0.2, reduction), (x, z, w))
     assert torch.autograd.gradcheck(
         lambda x, z, p: fs.weighted_cross_entropy_with_logits(labels=z, logits=x, pos_weight=p), (x, z, p))
+
+
+def _parameters(fn, skip_self=False) -> list[tuple]:
+    """(name, kind, default) of each parameter: what a caller relies on (the
+    annotations may be wider, a float smoothing on the reference)."""
+    params = list(inspect.signature(fn).parameters.values())[1 if skip_self else 0:]
+    return [(p.name, p.kind, p.default) for p in params]
+
+
+@pytest.mark.parametrize("name", ["sigmoid_ce_fwd", "sigmoid_ce_bwd", "sigmoid_ce_scale_"])
+def test_every_implementation_follows_the_protocol(name):
+    # One protocol (impl.Implementation) for the reference, the CPU path and
+    # the kernels; the op's schema is the protocol less grad_logits_out,
+    # which only callers inside an op's implementation pass.
+    from fused_sigxent import impl
+    from fused_sigxent.impl import cpu, reference
+    from fused_sigxent.kernels import sigmoid_ce_bwd, sigmoid_ce_fwd, sigmoid_ce_scale
+
+    kernels = {"sigmoid_ce_fwd": sigmoid_ce_fwd, "sigmoid_ce_bwd": sigmoid_ce_bwd,
+               "sigmoid_ce_scale_": sigmoid_ce_scale}[name]
+    protocol = _parameters(getattr(impl.Implementation, name), skip_self=True)
+    for module in (reference, cpu, kernels):
+        assert _parameters(getattr(module, name)) == protocol, module.__name__
+    schema = [a.name for a in getattr(OPS, name).default._schema.arguments]
+    assert schema == [n for n, _, _ in protocol if n != "grad_logits_out"]

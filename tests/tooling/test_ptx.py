@@ -1,6 +1,6 @@
 """What the kernels compile to for an H100 (sm_90), checked here with no GPU:
 16-byte accesses on the contiguous path, no float64 instructions outside the
-float64 path, and builds for int64 offsets and an A100 (tests/ptx_probe.py)."""
+float64 path, and builds for int64 offsets and an A100 (tests/tooling/ptx_probe.py)."""
 
 from ptx_probe import Variant, rows, rows_of
 

@@ -1,4 +1,4 @@
-"""TensorFlow front ends: the seeds' printed vectors, TF's weights rule and
+"""TensorFlow front ends: TensorFlow's printed vectors, TF's weights rule and
 reductions, through both backends."""
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 import fused_sigxent as fs
 from conftest import assert_close, oracle_elementwise, oracle_reduce
 
-# seeds/002: TF r1.12 printed these float32 losses for a (2, 3, 3) batch.
+# TF r1.12's documentation printed these float32 losses for a (2, 3, 3) batch.
 SEED_002_LOGITS = [[[0.1, 0.2, 0.3], [0.4, 0.5, 0.6], [0.7, 0.8, 0.9]],
                    [[-0.1, -0.2, -0.3], [-0.4, -0.5, -0.6], [-0.7, -0.8, -0.9]]]
 SEED_002_LABELS = [[[1.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 1.0]],
@@ -16,7 +16,7 @@ SEED_002_LOSS = [[[0.6443967, 0.59813887, 0.8543552], [0.91301525, 0.974077, 0.4
                   [0.40318602, 0.3711007, 0.34115386]],
                  [[0.6443967, 0.59813887, 0.5543552], [0.5130153, 0.474077, 0.43748793],
                   [1.103186, 0.3711007, 1.2411538]]]
-# seeds/004: TF 2.x printed these.
+# TF 2.x's documentation printed these.
 SEED_004_LOGITS = [1.0, -1.0, 0.0, 1.0, -1.0, 0.0, 0.0]
 SEED_004_LABELS = [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.5]
 SEED_004_LOSS = [1.3132617, 0.3132617, 0.6931472, 0.3132617, 1.3132617, 0.6931472, 0.6931472]

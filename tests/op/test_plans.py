@@ -1,5 +1,5 @@
 """Launch plans (kernels/_launch.py), and the front end's checks skipped
-for a signature that passed (call plans, fused_sigxent/_eager.py): what a
+for a signature that passed (call plans, fused_sigxent/op/routes.py): what a
 call works out once per signature, and that a replayed call is the same
 call (under the interpreter, checked against the reference)."""
 

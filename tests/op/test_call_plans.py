@@ -1,4 +1,4 @@
-"""Call plans (fused_sigxent/_eager.py): a plain eager call of a signature
+"""Call plans (fused_sigxent/op/routes.py): a plain eager call of a signature
 seen before replays what its first call worked out. A replayed call must be
 the same call (checked against the reference), anything the first call's
 decisions read must make a plan of its own, and whatever a plan cannot

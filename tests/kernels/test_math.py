@@ -142,9 +142,9 @@ def test_fast_math_path_limits_nan_and_masks(fast_math):
     assert_close(g_got, torch.autograd.grad(want, xd)[0], torch.float32)
 
 
-# (rows, classes): 40 classes are a multiple of CHUNK (chunks within one
-# row, vector loads), 37 are not (chunks cross one row end), 5 are fewer than
-# CHUNK (chunks cross two). 129, 150 and 301 rows make more blocks of the
+# (rows, classes): 40 classes are a multiple of VEC (vectors within one
+# row, vector loads), 37 are not (vectors cross one row end), 5 are fewer than
+# VEC (vectors cross two). 129, 150 and 301 rows make more blocks of the
 # interpreter's 1024 than its 4 programs, so the class index is stepped along
 # the grid stride, and leave a ragged tail. (6, 7, 33) with a middle weight
 # keeps three dimensions: flat offsets, divided.
@@ -204,13 +204,13 @@ def test_every_coefficient_layout_against_float64(poisoned, shape):
         assert seen >= {C.COEF_CLASSES.value, C.COEF_STRIDED.value, C.COEF_SCALAR.value}
 
 
-def test_chunk_wraps_cover_every_row_end():
-    # A chunk starting at the last class, CHUNK elements long, crosses
-    # exactly CHUNK_WRAPS row ends at most.
+def test_vec_wraps_cover_every_row_end():
+    # A vector starting at the last class, VEC elements long, crosses
+    # exactly VEC_WRAPS row ends at most.
     for classes in range(2, 40):
         _, wraps = _math.classes_stepped([1, 1, 3, classes], 2)
-        crossed = (classes - 1 + _math.CHUNK.value - 1) // classes
-        assert wraps == (0 if classes % _math.CHUNK.value == 0 else crossed), classes
+        crossed = (classes - 1 + _math.VEC.value - 1) // classes
+        assert wraps == (0 if classes % _math.VEC.value == 0 else crossed), classes
 
 
 def test_stepped_layouts_with_int64_offsets(monkeypatch):
@@ -303,7 +303,7 @@ def _focal_kernel(x_ptr, z_ptr, gamma_ptr, alpha_ptr, out_ptr, n,
 
 
 FOCAL_GAMMAS = [0.0, 0.5, 1.0, 2.0, 5.0]
-# Logits: a dense grid, the stability table's |x| (SPEC section 6), where
+# Logits: a dense grid, the stability table's |x| (docs/semantics.md), where
 # exp(-|x|) leaves the normals (87.3) and float32 (103.3), and +-inf.
 FOCAL_X = torch.cat([
     torch.linspace(-40.0, 40.0, 161),

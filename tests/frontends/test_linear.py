@@ -1,4 +1,4 @@
-"""fs.linear_sigmoid_cross_entropy and the chunked engine (fused_sigxent/chunked.py)
+"""fs.linear_sigmoid_cross_entropy and the chunked engine (fused_sigxent/impl/chunked.py)
 against the unfused composition in float64, on both backends."""
 
 import math

@@ -1,7 +1,7 @@
 """What kernels/_triton.py relies on in Triton's internals, checked on the
 installed Triton: a Triton release that changes one fails here, naming it,
 rather than making every launch quietly take JITFunction.run's slower path
-(the end-to-end check is tests/test_launch.py)."""
+(the end-to-end check is tests/kernels/test_launch.py)."""
 
 import inspect
 import os
@@ -14,7 +14,7 @@ from triton.runtime.jit import JITFunction, compute_cache_key
 
 from fused_sigxent.kernels import _triton
 
-KERNELS = os.path.join(os.path.dirname(__file__), "..", "kernels")
+KERNELS = os.path.join(os.path.dirname(__file__), "..", "..", "kernels")
 
 
 def _kernel(x_ptr, n_elements, BLOCK: triton.language.constexpr):

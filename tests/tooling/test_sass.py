@@ -1,5 +1,5 @@
-"""Issue 10's budgets on the kernels' sm_90 SASS, with no GPU (perf/_sass.py,
-run by tests/ptx_probe.py): hot-loop instructions per element for every
+"""The budgets on the kernels' sm_90 SASS, with no GPU (perf/_sass.py,
+run by tests/tooling/ptx_probe.py): hot-loop instructions per element for every
 autotune candidate, no spills, and the SFU doing the transcendentals."""
 
 from ptx_probe import VARIANTS, Variant, rows, rows_of
@@ -46,7 +46,7 @@ FOCAL_SUFFIXES = ("focal=hard", "focal=soft")
 
 
 def test_focal_factor_costs_one_sfu_exp_with_hard_labels():
-    # Issue 12: the focal forward with hard labels takes the plain forward's
+    # The focal forward with hard labels takes the plain forward's
     # three SFU instructions plus one (the exp of gamma log(1 - p_t)), within
     # the plain budget plus 15 SASS/element; its backward also needs the
     # loss itself, so log1p's reciprocal too: 2 + 2.
@@ -60,7 +60,7 @@ def test_focal_factor_costs_one_sfu_exp_with_hard_labels():
 
 
 def test_focal_factor_with_soft_labels_costs_two_sfu_instructions():
-    # Issue 12 allows one SFU instruction more; soft labels need two, and no
+    # The focal loss is allowed one SFU instruction more; soft labels need two, and no
     # fewer (_math.focal_soft_labels): 1 - p_t = sigmoid(|x|) ((1 - y) + y e)
     # is a sum weighted by the label, so log(1 - p_t) is no function of the
     # cross entropy's terms and takes the SFU's lg2, and (1 - p_t)^(gamma - 1)

@@ -1,7 +1,7 @@
-"""The compiled CPU loop (fused_sigxent/csrc/sigmoid_ce_cpu.cpp): built here
+"""The compiled CPU loop (fused_sigxent/impl/csrc/sigmoid_ce_cpu.cpp): built here
 (CI has a compiler), the kernels' formulas, across its chunks, the same sum
 for any thread count, and the ATen tiles where it cannot be built.
-tests/test_cpu.py runs the CPU path's semantics through both."""
+tests/impl/test_cpu.py runs the CPU path's semantics through both."""
 
 import os
 import re
@@ -25,7 +25,7 @@ def _auto(monkeypatch):
 
 def test_log1p_polynomial_is_the_kernels():
     # One polynomial for log1p(e), e in [0, 1], in both implementations
-    # (its error bound is tests/test_math.py's).
+    # (its error bound is tests/kernels/test_math.py's).
     from fused_sigxent.kernels import _math
 
     with open(_cpu_loop.SOURCE) as f:

@@ -1,4 +1,4 @@
-"""Sigmoid focal loss (SPEC section 6, `fused_sigxent/_focal.py`): against a
+"""Sigmoid focal loss (`fused_sigxent/frontends/focal.py`): against a
 float64 re-implementation of torchvision's formula, on both backends
 (kernels interpreted), with its stability, masking, class-index targets,
 launch counts, argument checks and derivatives off the beaten path."""
@@ -210,7 +210,7 @@ def test_class_index_out_of_range_poisons_its_row(backend):
     assert total.isnan()
 
 
-# (rows, classes) of class-index targets, as tests/test_math.py's layouts:
+# (rows, classes) of class-index targets, as tests/kernels/test_math.py's layouts:
 # 40 classes (chunks of 8 within a row: one index per chunk), 37 and 5 (chunks
 # crossing one and two row ends), 1 class, one row; enough rows for the
 # interpreter's 4 programs to step along the grid stride, with a ragged tail.
@@ -319,7 +319,7 @@ def test_module_is_torchvision_ordered_with_mean_default(backend):
 
 def test_cpu_auto_runs_focal_in_tiles(monkeypatch):
     # The CPU path's tiles implement the focal loss, of dense and of
-    # class-index targets (tests/test_cpu.py): the reference never runs.
+    # class-index targets (tests/impl/test_cpu.py): the reference never runs.
     monkeypatch.setenv("FUSED_SIGXENT_BACKEND", "auto")
     seen = []
     ref_fwd = _reference.sigmoid_ce_fwd
@@ -368,7 +368,7 @@ def test_double_backward_forward_ad_and_vmap(backend):
 def test_exact_zero_logits_on_the_plain_ops_routes(route, monkeypatch):
     # A zero-initialized head's logits are exactly 0, where the focal factor's
     # |x| and the loss's relu terms meet: autograd differentiates them there
-    # on these routes (test_autograd.py's twin test has the cross entropy).
+    # on these routes (op/test_derivatives.py's twin test has the cross entropy).
     monkeypatch.setenv("FUSED_SIGXENT_BACKEND", "auto")
     x = torch.randn(SHAPE, dtype=torch.float64) * 2
     x.view(-1)[::2] = 0

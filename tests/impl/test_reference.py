@@ -1,4 +1,4 @@
-"""The reference path (`fused_sigxent/_reference.py`): the definition the
+"""The reference path (`fused_sigxent/impl/reference.py`): the definition the
 kernels are held to, checked against float64 math and PyTorch's own loss."""
 
 import pytest
@@ -44,7 +44,7 @@ def test_matches_pytorch_with_weights(reduction, dtype):
 
 
 def test_seed_004_vector():
-    # Printed by TF in seeds/004: logits, labels and the float32 losses.
+    # Printed by TF 2.x's documentation: logits, labels and the float32 losses.
     x = torch.tensor([1.0, -1.0, 0.0, 1.0, -1.0, 0.0, 0.0])
     z = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.5])
     expected = torch.tensor([1.3132617, 0.3132617, 0.6931472, 0.3132617, 1.3132617, 0.6931472, 0.6931472])

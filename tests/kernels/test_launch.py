@@ -4,7 +4,7 @@ kernel it launched, later launches call that kernel directly. A new
 specialization (a pointer's alignment) makes a plan of its own; a hook, or
 a lookup that disagrees with Triton, keeps launches on JITFunction.run.
 Checked with the kernels compiled for sm_90 and a stand-in driver
-(tests/launch_probe.py)."""
+(tests/kernels/launch_probe.py)."""
 
 import json
 import os
@@ -13,14 +13,14 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
 def facts():
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSED_SIGXENT_BACKEND")}
     env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "launch_probe.py")], cwd=ROOT, env=env,
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "kernels", "launch_probe.py")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     return json.loads(run.stdout)
