@@ -2,6 +2,9 @@
 calls the implementation directly; anything that could observe or transform
 the call sees the registered op."""
 
+import contextlib
+
+import pytest
 import torch
 
 import fused_sigxent as fs
@@ -63,3 +66,45 @@ def test_both_routes_give_the_same_loss_and_gradient(backend):
         loss.backward(torch.tensor(0.5))
     assert_close(x.grad, direct)
     assert_close(loss.detach(), fs.binary_cross_entropy_with_logits(x.detach(), z, w, label_smoothing=0.1))
+
+
+def _route_taken(monkeypatch) -> list:
+    """The names of the routes taken from now on, in order."""
+    taken = []
+    rows = []
+    for r in routes.ROUTES:
+        rows.append(r._replace(run=lambda args, key, given, r=r: taken.append(r.name) or r.run(args, key, given)))
+    monkeypatch.setattr(routes, "ROUTES", tuple(rows))
+    return taken
+
+
+def test_each_route_is_taken_where_the_table_says(monkeypatch):
+    # The first row whose test holds runs the call; a kept plan skips the table.
+    taken = _route_taken(monkeypatch)
+    x, z = _inputs()
+    fs.binary_cross_entropy_with_logits(x, z)
+    fs.binary_cross_entropy_with_logits(x, z)  # the kept call plan: no row asked
+    assert taken == ["planned"]
+    with OpNames():
+        fs.binary_cross_entropy_with_logits(x, z)
+    assert taken[-1] == "observed"
+    with pytest.raises(RuntimeError, match="TorchScript"):
+        torch.jit.trace(lambda t: fs.binary_cross_entropy_with_logits(t, z), (x.detach(),))
+    assert taken[-1] == "refused"
+    # DTensor arguments (as the route's test sees them): the plain ops.
+    monkeypatch.setattr(routes, "is_dtensor", lambda *tensors: True)
+    monkeypatch.setattr(routes, "implicit_replication", contextlib.nullcontext)
+    assert_close(fs.binary_cross_entropy_with_logits(x, z, reduction="sum").detach(),
+                 torch.nn.functional.binary_cross_entropy_with_logits(x, z, reduction="sum").detach())
+    assert taken[-1] == "plain_ops"
+
+
+@pytest.mark.parametrize("backend_name,route", [("auto", "compiled_cpu"), ("reference", "compiled")])
+def test_compiled_graphs_take_the_compiled_routes(monkeypatch, backend_name, route):
+    monkeypatch.setenv("FUSED_SIGXENT_BACKEND", backend_name)
+    taken = _route_taken(monkeypatch)
+    x, z = _inputs()
+    loss = torch.compile(lambda a, b: fs.binary_cross_entropy_with_logits(a, b), backend="eager", fullgraph=True)(x, z)
+    loss.backward()
+    assert taken == [route]
+    assert_close(x.grad, torch.autograd.grad(torch.nn.functional.binary_cross_entropy_with_logits(x, z), x)[0])
