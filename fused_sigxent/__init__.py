@@ -10,6 +10,7 @@ Layers, each importing only those below it (docs/design.md):
 
 from .frontends.focal import SigmoidFocalLoss, sigmoid_focal_loss
 from .frontends.linear import linear_sigmoid_cross_entropy
+from .frontends.patch import patch, unpatch
 from .frontends.siglip import siglip_loss
 from .frontends.tf_api import (
     deprecated_flipped_sigmoid_cross_entropy_with_logits,
@@ -31,6 +32,8 @@ __all__ = [
     "sigmoid_cross_entropy_with_logits",
     "sigmoid_focal_loss",
     "siglip_loss",
+    "patch",
+    "unpatch",
     "weighted_cross_entropy_with_logits",
 ]
 __version__ = "0.1.0"

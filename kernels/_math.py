@@ -564,10 +564,10 @@ def load_block(
 def class_index_label(labels_ptr, offs, mask, row, col, d2, n_cols, s, NDIM: tl.constexpr,
                       VEC_WRAPS: tl.constexpr, MASKED: tl.constexpr, VEC_: tl.constexpr):
     """The smoothed one-hot label z' at flat offsets offs of (rows, n_cols)
-    logits from one int64 class index per row (n_cols: background, no
-    positive): 1 - s / 2 where the column is the row's index, s / 2
-    elsewhere, never a one-hot tensor. An index outside [0, n_cols] gives
-    NaN for the whole row (no host sync to raise).
+    logits from one int64 class index per row (-1 and n_cols: padding and
+    background, no positive): 1 - s / 2 where the column is the row's
+    index, s / 2 elsewhere, never a one-hot tensor. An index outside
+    [-1, n_cols] gives NaN for the whole row (no host sync to raise).
 
     The index is a coefficient constant along the classes, read as
     `load_coefficient` reads one: the launchers collapse with the classes
@@ -593,7 +593,7 @@ def class_index_label(labels_ptr, offs, mask, row, col, d2, n_cols, s, NDIM: tl.
         index = tl.load(labels_ptr + row_j, mask=mask, other=0)
         hot = col_j == index.to(tl.int32)
     # Checked in int64: an index past int32 is still out of range.
-    bad = (index < 0) | (index > n_cols)
+    bad = (index < -1) | (index > n_cols)
     # The smoothing as the other labels take it, z (1 - s) + s / 2, per index, not per element.
     on = tl.where(bad, float("nan"), 1.0 * (1.0 - s) + 0.5 * s)
     off = tl.where(bad, float("nan"), 0.0 * (1.0 - s) + 0.5 * s)

@@ -8,7 +8,7 @@ from ..core import reduction as R
 from ..core.dtypes import compute_dtype, number_as_tensor
 from ..op import routes
 from . import checks
-from .linear import chunk_size_argument
+from .linear import autocast_matmul_dtype, chunk_size_argument
 
 
 def _scalar(name: str, value, x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -40,12 +40,14 @@ def siglip_loss(
 
     with x = image_features (N, D), y = text_features (N, D), t = logit_scale
     (already exponentiated, as open_clip passes it) and b = logit_bias,
-    numbers or 0-d tensors. Float32 loss (float64 for float64 features);
+    numbers or 0-d tensors. Under torch.autocast the features' product runs
+    in the autocast dtype, as a matmul's. Float32 loss (float64 for float64 features);
     gradients for both features, t and b, from the forward's one pass.
     """
     routes.refuse_unsupported_linear("siglip_loss", image_features, text_features, logit_scale, logit_bias)
-    x = checks.logits("image_features", image_features)
-    y = checks.tensor("text_features", text_features)
+    checks.logits("image_features", image_features)
+    checks.tensor("text_features", text_features)
+    x, y = autocast_matmul_dtype(image_features, text_features)
     for name, t in (("image_features", x), ("text_features", y)):
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D (N, D); got shape {tuple(t.shape)}")

@@ -68,33 +68,35 @@ def chunk_rows(rows: int, classes: int, device: torch.device, chunk_size: int = 
 
 
 def _check_class_indices(positives: Tensor, classes: int) -> None:
-    """Every class index in [-1, C). A CPU tensor is checked here (a host read
-    of a CPU tensor costs no sync) and raises ValueError; a CUDA one with
-    torch._assert_async, a device-side assertion with no host sync, so an
-    index out of range stops the run rather than reading out of bounds."""
+    """Every class index in [-1, C] (-1 and C: no positive). A CPU tensor is
+    checked here (a host read of a CPU tensor costs no sync) and raises
+    ValueError; a CUDA one with torch._assert_async, a device-side assertion
+    with no host sync, so an index out of range stops the run rather than
+    reading out of bounds."""
     if positives.numel() == 0:
         return
-    bad = (positives < -1) | (positives >= classes)
+    bad = (positives < -1) | (positives > classes)
     if positives.device.type == "cpu":
         if bad.any():
             lo, hi = int(positives.min()), int(positives.max())
             raise ValueError(
-                f"target holds class indices outside [-1, {classes}) (C = weight.shape[0] = {classes}); "
-                f"got values from {lo} to {hi}"
+                f"target holds class indices outside [-1, {classes}] (C = weight.shape[0] = {classes}; -1 and C "
+                f"mean no positive); got values from {lo} to {hi}"
             )
     else:
-        torch._assert_async(~bad.any(), f"target holds class indices outside [-1, {classes})")
+        torch._assert_async(~bad.any(), f"target holds class indices outside [-1, {classes}]")
 
 
-def _scatter_indices(positives: Tensor) -> tuple[Tensor, Tensor]:
+def _scatter_indices(positives: Tensor, classes: int) -> tuple[Tensor, Tensor]:
     """(columns, values) that write a chunk's positives into its label buffer
-    with scatter_, deterministically: a -1 (padding) points at its row's
-    largest positive with value True (already True there), or, in a row with
-    none, at column 0 with value False. So every write to a position carries
-    the same value, and duplicates are harmless."""
-    row_max = positives.max(dim=1, keepdim=True).values
-    columns = torch.where(positives >= 0, positives, row_max.clamp_min(0))
-    values = (positives >= 0) | (row_max >= 0)
+    with scatter_, deterministically: an index that names no class (-1 or C)
+    points at its row's largest class with value True (already True there),
+    or, in a row with none, at column 0 with value False. So every write to
+    a position carries the same value, and duplicates are harmless."""
+    named = (positives >= 0) & (positives < classes)
+    row_max = torch.where(named, positives, -1).max(dim=1, keepdim=True).values
+    columns = torch.where(named, positives, row_max.clamp_min(0))
+    values = named | (row_max >= 0)
     return columns, values
 
 
@@ -138,7 +140,7 @@ def run_chunks(
     input (B, H), weight (C, H), bias (C,) or 0-d or None (added to every
     logit), scale 0-d or None (multiplies input @ weight.T), and exactly one
     of target (B, C) dense labels or positives (B, K) int64 class indices
-    (-1 = none). pos_weight broadcasts to (C,). The loss is the summed
+    (-1 and C: none). pos_weight broadcasts to (C,). The loss is the summed
     elementwise loss divided as `reduction` (one of REDUCTIONS) says, in float32
     (float64 for float64 input); each gradient is for an incoming gradient
     of 1, in its tensor's dtype, and empty where not asked for.
@@ -181,8 +183,10 @@ def run_chunks(
         if target is not None:
             labels = target[start:end]
         else:
-            columns, values = _scatter_indices(positives[start:end])
-            labels = labels_buffer[: end - start].scatter_(1, columns, values)
+            labels = labels_buffer[: end - start]
+            if positives.shape[1]:  # (K = 0: a batch with no positives, the buffer's zeros)
+                columns, values = _scatter_indices(positives[start:end], n_cols)
+                labels.scatter_(1, columns, values)
         if need_grad_pos_weight:  # from the logits, before their gradient replaces them
             z = reference.smoothed_labels(labels, label_smoothing, ct)
             acc_pos_weight += reference.grad_wrt_pos_weight(logits.to(ct), z).sum(0)
@@ -190,7 +194,7 @@ def run_chunks(
         # written over the logits themselves (no second chunk-sized buffer).
         partial_sums.append(_loss_and_grad_in_place(logits, labels, pos_weight, label_smoothing, ct, any_grad))
         dlogits = logits
-        if target is None:
+        if target is None and positives.shape[1]:
             labels.scatter_(1, columns, False)  # the buffer is all zeros again for the next chunk
         if need_grad_input or need_grad_scale:
             # d(sum)/d(xs) = dlogits @ weight; grad_input = scale * that, applied at the end.

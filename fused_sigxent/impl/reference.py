@@ -116,13 +116,13 @@ def grad_wrt_pos_weight(x: Tensor, z: Tensor) -> Tensor:
 
 def class_index_labels(index: Tensor, n_classes: int, dtype: torch.dtype) -> Tensor:
     """Labels of int64 class indices (shape logits.shape[:-1], values in
-    [0, C], C = background: no positive) as one-hot rows over the last
-    dimension, NaN over a row whose index is outside [0, C] (no host sync
-    to raise; the loss shows it). A full-size comparison: the reference is
+    [-1, C]; -1 = padding and C = background: no positive) as one-hot rows
+    over the last dimension, NaN over a row whose index is outside [-1, C]
+    (no host sync to raise; the loss shows it). A full-size comparison: the reference is
     the definition and clarity wins; the kernels compare each column with
     its row's index instead and never form it."""
     hot = (torch.arange(n_classes, device=index.device) == index[..., None]).to(dtype)
-    bad = (index < 0) | (index > n_classes)
+    bad = (index < -1) | (index > n_classes)
     return torch.where(bad[..., None], math.nan, hot)
 
 

@@ -114,10 +114,13 @@ def linear_sigmoid_ce(
     need_grad_scale: bool,
     need_grad_pos_weight: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The chunked engine as an op: see `impl.chunked.run_chunks`."""
-    return chunked.run_chunks(
-        input, weight, bias, scale, target, positives, pos_weight, label_smoothing, reduction, chunk_size,
-        need_grad_input, need_grad_weight, need_grad_bias, need_grad_scale, need_grad_pos_weight)
+    """The chunked engine as an op: see `impl.chunked.run_chunks`. Its matmuls
+    run in the input's dtype, so autocast (which the front end applied to
+    the arguments, as F.linear's) stays out of its body."""
+    with torch.autocast(input.device.type, enabled=False):
+        return chunked.run_chunks(
+            input, weight, bias, scale, target, positives, pos_weight, label_smoothing, reduction, chunk_size,
+            need_grad_input, need_grad_weight, need_grad_bias, need_grad_scale, need_grad_pos_weight)
 
 
 @linear_sigmoid_ce.register_fake

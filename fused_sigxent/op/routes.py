@@ -294,12 +294,15 @@ def scalar_arguments(logits: Tensor, labels: Tensor, label_smoothing: float, gam
     smoothing = number_as_tensor(label_smoothing, logits, ct)
     if gamma is None:
         return smoothing, ()
+
+    def as_tensor(value):  # a number, or a 0-d tensor (data) the front end checked
+        return value.to(ct) if isinstance(value, Tensor) else number_as_tensor(value, logits, ct)
+
     # Unsmoothed bool/uint8/class-index labels are 0 or 1: the kernels'
     # focal factor then needs no log (a host fact, so a constexpr).
     hard = (labels.dtype in (torch.bool, torch.uint8, torch.int64)
             and not isinstance(label_smoothing, torch.SymFloat) and label_smoothing == 0)
-    return smoothing, (number_as_tensor(gamma, logits, ct),
-                       None if alpha is None else number_as_tensor(alpha, logits, ct), hard)
+    return smoothing, (as_tensor(gamma), None if alpha is None else as_tensor(alpha), hard)
 
 
 class CallPlan:

@@ -192,9 +192,69 @@ def test_nan_in_nan_out_and_zero_weight_masks(backend):
 
 def test_class_index_out_of_range_raises_on_cpu():
     x = torch.randn(2, 5)
-    for bad in ([0, 6], [-1, 2]):
-        with pytest.raises(ValueError, match=r"\[0, 5\]"):
+    for bad in ([0, 6], [-2, 2]):
+        with pytest.raises(ValueError, match=r"\[-1, 5\]"):
             fs.sigmoid_focal_loss(x, torch.tensor(bad), reduction="sum")
+
+
+def test_minus_one_and_c_both_mean_no_positive(backend):
+    # -1 (padding, as the linear head's lists) and C (background, mmdet's
+    # convention) are the same all-negative row, on every backend.
+    x = torch.randn(4, 5, requires_grad=True)
+    got = fs.sigmoid_focal_loss(x, torch.tensor([-1, 2, 5, -1]), reduction="none")
+    want = fs.sigmoid_focal_loss(x, torch.tensor([5, 2, 5, 5]), reduction="none")
+    assert_close(got, want)
+    dense = torch.zeros(4, 5)
+    dense[1, 2] = 1
+    assert_close(got, fs.sigmoid_focal_loss(x, dense, reduction="none"))
+    gx, = torch.autograd.grad(got.sum(), x)
+    assert_close(gx, torch.autograd.grad(fs.sigmoid_focal_loss(x, dense, reduction="sum"), x)[0])
+
+
+def test_alpha_and_gamma_as_tensors_are_data(backend):
+    # torchvision accepts 0-d tensors; a schedule passes a new one each step,
+    # which must give the numbers' result and never a kept plan's old value.
+    x = torch.randn(3, 6, requires_grad=True)
+    z = (torch.rand(3, 6) > 0.5).float()
+    for gamma, alpha in [(2.0, 0.25), (0.5, 0.75), (1.5, 0.0)]:
+        for _ in range(2):
+            got = fs.sigmoid_focal_loss(x, z, torch.tensor(alpha), torch.tensor(gamma), "mean")
+            want = fs.sigmoid_focal_loss(x, z, alpha, gamma, "mean")
+            assert_close(got, want)
+            assert_close(torch.autograd.grad(got, x)[0], torch.autograd.grad(want, x)[0])
+    module = fs.SigmoidFocalLoss(torch.tensor(0.25), torch.tensor(2.0))
+    assert_close(module(x, z), fs.sigmoid_focal_loss(x, z, 0.25, 2.0, "mean"))
+    for alpha, gamma, words in [(0.25, -1.0, "gamma"), (0.25, float("inf"), "gamma"), (1.5, 2.0, "alpha"),
+                                (-1.0, 2.0, "alpha")]:
+        with pytest.raises(ValueError, match=words):
+            fs.sigmoid_focal_loss(x, z, torch.tensor(alpha), torch.tensor(gamma))
+    with pytest.raises(ValueError, match="detach"):
+        fs.sigmoid_focal_loss(x, z, 0.25, torch.tensor(2.0, requires_grad=True))
+    with pytest.raises(TypeError, match="0-d"):
+        fs.sigmoid_focal_loss(x, z, 0.25, torch.tensor([2.0]))
+
+
+def test_a_gamma_schedule_does_not_recompile():
+    compiles = []
+
+    def counting(gm, example_inputs):
+        compiles.append(1)
+        return gm.forward
+
+    x, z = torch.randn(3, 6), (torch.rand(3, 6) > 0.5).float()
+    loss = torch.compile(lambda x, z, g: fs.sigmoid_focal_loss(x, z, 0.25, g, "sum"), backend=counting)
+    for gamma in (2.0, 1.0, 0.5):
+        assert_close(loss(x, z, torch.tensor(gamma)), fs.sigmoid_focal_loss(x, z, 0.25, gamma, "sum"))
+    assert len(compiles) == 1
+
+
+def test_a_bad_reduction_says_invalid_as_torchvision_does():
+    # torchvision's own tests match the reduction error on the word "Invalid".
+    with pytest.raises(ValueError, match="Invalid") as error:
+        fs.sigmoid_focal_loss(torch.randn(2, 3), torch.rand(2, 3), reduction="average")
+    assert "'none', 'mean', 'sum'" in str(error.value)
+    with pytest.raises(ValueError, match="Invalid"):
+        fs.SigmoidFocalLoss(reduction="average")
 
 
 def test_class_index_out_of_range_poisons_its_row(backend):
@@ -251,7 +311,7 @@ def test_class_index_targets_in_every_layout(monkeypatch, shape, weight_kind):
         assert_close(gx, torch.autograd.grad(want, xd, torch.ones_like(want))[0], torch.float32)
     if n_rows > 2:
         bad = index.clone().view(-1)
-        bad[1], bad[-1] = -1, shape[-1] + 1
+        bad[1], bad[-1] = -2, shape[-1] + 1
         # (the op itself: the front end checks CPU tensors' indices and raises)
         loss, *_ = torch.ops.fused_sigxent.sigmoid_ce_fwd(x.detach(), bad.view(index.shape), None, None, torch.zeros(()),
                                                          R.NONE, torch.float32, False, False, torch.full((), 2.0),
@@ -290,7 +350,8 @@ def test_bad_arguments_raise_before_any_kernel(launches, monkeypatch):
         (ValueError, "gamma", lambda: fs.sigmoid_focal_loss(x, z, gamma=math.inf)),
         (ValueError, "alpha", lambda: fs.sigmoid_focal_loss(x, z, alpha=1.5)),
         (TypeError, "gamma", lambda: fs.sigmoid_focal_loss(x, z, gamma="2")),
-        (TypeError, "gamma", lambda: fs.sigmoid_focal_loss(x, z, gamma=torch.tensor(2.0))),
+        (TypeError, "gamma", lambda: fs.sigmoid_focal_loss(x, z, gamma=torch.tensor([2.0]))),
+        (TypeError, "gamma", lambda: fs.sigmoid_focal_loss(x, z, gamma=torch.tensor(2))),
         (TypeError, "alpha", lambda: fs.sigmoid_focal_loss(x, z, alpha=True)),
         (TypeError, "alpha", lambda: fs.sigmoid_focal_loss(x, z, alpha=None)),
         (ValueError, "targets", lambda: fs.sigmoid_focal_loss(x, torch.rand(3, 2))),

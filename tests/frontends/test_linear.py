@@ -37,8 +37,8 @@ def cpu_backend(request, monkeypatch):
 
 def make_case(kind, B=7, H=5, C=11, K=4, dtype=torch.float64, lead=()):
     """(input, weight, bias, pos_weight, target as the op takes it, the dense
-    float64 labels it means). Sparse rows carry -1 padding and a duplicate;
-    one row has no positive at all."""
+    float64 labels it means). Sparse rows carry -1 padding, C (background:
+    no positive either) and a duplicate; one row has no positive at all."""
     x = torch.randn(*lead, B, H, dtype=dtype)
     w = torch.randn(C, H, dtype=dtype)
     b = torch.randn(C, dtype=dtype)
@@ -51,12 +51,14 @@ def make_case(kind, B=7, H=5, C=11, K=4, dtype=torch.float64, lead=()):
             pos[0, 1] = pos[0, 0]  # a duplicate counts once
             pos[1, -1] = -1  # padding
             pos[2, :] = -1  # no positive
+            pos[3, 0] = C  # background: no positive either
         else:
             pos[1, 0] = -1
+            pos[3, 0] = C
         dense = torch.zeros(rows, C, dtype=torch.float64)
         for r in range(rows):
             for c in pos[r]:
-                if c >= 0:
+                if 0 <= c < C:
                     dense[r, c] = 1.0
         target = pos.reshape(*lead, B) if k == 1 else pos.reshape(*lead, B, k)
         return x, w, b, p, target, dense.reshape(*lead, B, C)
@@ -328,8 +330,10 @@ def _bad(**overrides):
     (dict(weight=torch.randn(11, dtype=torch.float64)), ValueError, "weight must be 2-D"),
     (dict(bias=torch.randn(12, dtype=torch.float64)), ValueError, "bias"),
     (dict(pos_weight=torch.rand(10, dtype=torch.float64)), ValueError, "pos_weight"),
-    (dict(target=torch.full((7, 2), 11)), ValueError, "class indices outside [-1, 11)"),
-    (dict(target=torch.full((7, 2), -2)), ValueError, "class indices outside [-1, 11)"),
+    (dict(target=torch.full((7, 2), 12)), ValueError, "class indices outside [-1, 11]"),
+    (dict(target=torch.full((7, 2), -2)), ValueError, "class indices outside [-1, 11]"),
+    (dict(target=torch.zeros(7, 11, dtype=torch.int64)), ValueError, "bool, uint8 or float"),
+    (dict(target=torch.zeros(7, 12, dtype=torch.int64)), ValueError, "K < C"),
     (dict(target=torch.zeros(7, 3, dtype=torch.float64)), ValueError, "dense target must have shape (7, 11)"),
     (dict(target=torch.zeros(6, 2, dtype=torch.int64)), ValueError, "int64 target"),
     (dict(target=torch.zeros(7, 2, dtype=torch.int32)), TypeError, "target"),
@@ -367,7 +371,7 @@ def test_out_of_range_index_raises_under_compile():
     compiled = torch.compile(lambda x, w, t: fs.linear_sigmoid_cross_entropy(x, w, t), fullgraph=True)
     compiled(x, w, target)
     with pytest.raises(ValueError, match="class indices outside"):
-        compiled(x, w, target.clamp_min(0) + 11)
+        compiled(x, w, target.clamp_min(0) + 12)
 
 
 def test_unsupported_modes_are_refused_by_name():
@@ -397,3 +401,98 @@ def test_dtensor_inputs_are_refused_by_name(monkeypatch):
         fs.linear_sigmoid_cross_entropy(torch.randn(4, 3), torch.randn(5, 3), torch.rand(4, 5))
     with pytest.raises(NotImplementedError, match="DTensor"):
         fs.siglip_loss(torch.randn(4, 3), torch.randn(4, 3), 1.0, 0.0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_a_batch_with_no_positives_and_an_empty_batch(reduction):
+    # K = 0 is valid (the all-negative loss), and so is an empty batch:
+    # "sum" 0 and "mean" NaN, as PyTorch's loss of an empty tensor.
+    x, w, b, p, _, _ = make_case("float")
+    xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+    loss = fs.linear_sigmoid_cross_entropy(xg, wg, torch.zeros(7, 0, dtype=torch.int64), bg, reduction=reduction)
+    want = oracle(x, w, b, None, torch.zeros(7, 11, dtype=torch.float64), 0.0, reduction)
+    torch.testing.assert_close(loss, want, **F64)
+    xo, wo, bo = (t.clone().requires_grad_() for t in (x, w, b))
+    expected = torch.autograd.grad(oracle(xo, wo, bo, None, torch.zeros(7, 11, dtype=torch.float64), 0.0, reduction),
+                                   (xo, wo, bo))
+    for g, e in zip(torch.autograd.grad(loss, (xg, wg, bg)), expected):
+        torch.testing.assert_close(g, e, **F64)
+    empty = torch.zeros(0, 5, dtype=torch.float64, requires_grad=True)
+    for target in (torch.zeros(0, 0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64),
+                   torch.zeros(0, 11, dtype=torch.bool)):
+        loss = fs.linear_sigmoid_cross_entropy(empty, wg, target, reduction=reduction)
+        assert (loss.isnan() if reduction == "mean" else loss == 0), (target.shape, loss)
+        gx, gw = torch.autograd.grad(loss, (empty, wg))
+        assert gx.shape == (0, 5) and (gw == 0).all()
+
+
+def test_minus_one_and_c_mean_no_positive_as_in_the_focal_loss():
+    x, w, b, p, _, _ = make_case("float")
+    target = torch.tensor([[0, 11], [11, -1], [-1, -1], [3, 3], [10, 11], [11, 11], [2, 5]])
+    dense = torch.zeros(7, 11, dtype=torch.float64)
+    for r, row in enumerate(target.tolist()):
+        for c in row:
+            if 0 <= c < 11:
+                dense[r, c] = 1.0
+    torch.testing.assert_close(fs.linear_sigmoid_cross_entropy(x, w, target, b), oracle(x, w, b, None, dense, 0.0,
+                                                                                          "mean"), **F64)
+
+
+def test_an_int64_multi_hot_target_is_refused_not_read_as_ids():
+    # A (B, C) 0/1 int64 tensor would otherwise name class 0 at every 0.
+    x, w, _, _, _, dense = make_case("bool")
+    with pytest.raises(ValueError, match="Pass dense labels as bool, uint8 or float"):
+        fs.linear_sigmoid_cross_entropy(x, w, dense.long())
+    torch.testing.assert_close(fs.linear_sigmoid_cross_entropy(x, w, dense.to(torch.uint8)),
+                               oracle(x, w, None, None, dense, 0.0, "mean"), **F64)
+
+
+def test_chunk_size_beyond_any_batch_is_one_chunk():
+    x, w, b, _, target, _ = make_case("int64_k")
+    one = fs.linear_sigmoid_cross_entropy(x, w, target, b, chunk_size=None)
+    for huge in (2**31, 2**70):
+        torch.testing.assert_close(fs.linear_sigmoid_cross_entropy(x, w, target, b, chunk_size=huge), one, **F64)
+
+
+class _OpDtypes(TorchDispatchMode):
+    """The dtypes of the fused linear op's input and weight, as it received them."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "linear_sigmoid_ce" in str(func):
+            self.seen.append((args[0].dtype, args[1].dtype))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("input_dtype", [torch.bfloat16, torch.float32])
+def test_autocast_runs_the_matmuls_in_its_dtype_as_f_linear(input_dtype):
+    # Under torch.autocast F.linear runs in the autocast dtype whatever its
+    # inputs' (bf16 activations with an fp32 head, or all fp32), and the
+    # loss in float32: the same here, gradients in each parameter's dtype.
+    torch.manual_seed(1)
+    x = torch.randn(6, 8).to(input_dtype).requires_grad_()
+    w = torch.randn(5, 8, requires_grad=True)
+    b = torch.randn(5, requires_grad=True)
+    ids = torch.tensor([0, 4, 2, -1, 3, 1])
+    dense = torch.nn.functional.one_hot(ids.clamp_min(0), 5).float()
+    dense[3] = 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with _OpDtypes() as mode:
+            loss = fs.linear_sigmoid_cross_entropy(x, w, ids, b)
+        want = F.binary_cross_entropy_with_logits(F.linear(x, w, b), dense)
+    assert mode.seen == [(torch.bfloat16, torch.bfloat16)]
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, want, rtol=1e-3, atol=1e-3)
+    got = torch.autograd.grad(loss, (x, w, b))
+    expected = torch.autograd.grad(want, (x, w, b))
+    for g, e in zip(got, expected):
+        assert g.dtype == e.dtype
+        torch.testing.assert_close(g, e, rtol=2e-2, atol=2e-3)
+
+
+def test_outside_autocast_a_dtype_mismatch_is_still_an_error():
+    with pytest.raises(TypeError, match="weight must have input's dtype"):
+        fs.linear_sigmoid_cross_entropy(torch.randn(4, 3).bfloat16(), torch.randn(5, 3), torch.tensor([0, 1, 2, 3]))

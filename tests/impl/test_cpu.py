@@ -542,13 +542,13 @@ def test_reduced_loss_beyond_float32_range_is_inf(impl):
 
 @pytest.mark.parametrize("focal", [False, True])
 def test_class_indices_in_tiles_never_dense(focal):
-    # int64 class indices (C = background; outside [0, C]: that row's loss
-    # NaN) become one-hot rows a tile at a time: agreement with the
+    # int64 class indices (-1 and C: no positive; outside [-1, C]: that
+    # row's loss NaN) become one-hot rows a tile at a time: agreement with the
     # reference in every output, and no temporary of the whole (N, C).
     shape, tile_rows = (40, 13), 257 // 13
     x = torch.randn(shape) * 4
     index = torch.randint(0, 14, shape[:-1])
-    index[[3, 30]] = torch.tensor([-1, 14])
+    index[[3, 30, 31]] = torch.tensor([-2, 14, -1])
     extra = (torch.tensor(2.0), torch.tensor(0.25), True) if focal else ()
     s = torch.tensor(0.1)
     for reduction in (R.NONE, R.SUM, R.TORCH_MEAN):
