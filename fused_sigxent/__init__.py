@@ -11,7 +11,7 @@ Layers, each importing only those below it (docs/design.md):
 from .frontends.focal import SigmoidFocalLoss, sigmoid_focal_loss
 from .frontends.linear import linear_sigmoid_cross_entropy
 from .frontends.patch import patch, unpatch
-from .frontends.siglip import siglip_loss
+from .frontends.siglip import SigLipLoss, siglip_loss
 from .frontends.tf_api import (
     deprecated_flipped_sigmoid_cross_entropy_with_logits,
     sigmoid_cross_entropy,
@@ -24,6 +24,7 @@ from .core.reduction import Reduction
 __all__ = [
     "BCEWithLogitsLoss",
     "Reduction",
+    "SigLipLoss",
     "SigmoidFocalLoss",
     "binary_cross_entropy_with_logits",
     "deprecated_flipped_sigmoid_cross_entropy_with_logits",

@@ -2,7 +2,8 @@
 chunked engine (`impl/chunked.py`): the diagonal is the positive class."""
 
 import torch
-from torch import Tensor
+import torch.distributed as dist
+from torch import Tensor, nn
 
 from ..core import reduction as R
 from ..core.dtypes import compute_dtype, number_as_tensor
@@ -33,16 +34,24 @@ def siglip_loss(
     logit_bias,
     *,
     chunk_size: int | None = None,
+    group=None,
 ) -> Tensor:
-    """open_clip's `SigLipLoss` for one device, never holding the N x N logits:
+    """open_clip's `SigLipLoss`, never holding the N x N logits:
 
-    loss = -(1/N) sum_ij log sigmoid(l_ij (t <x_i, y_j> + b)), l_ii = 1, l_ij = -1 (i != j),
+    loss = -(1/n) sum_{i local} sum_{j} log sigmoid(l_ij (t <x_i, y_j> + b)), l_ij = 1 for the
+    matching pair, -1 otherwise,
 
-    with x = image_features (N, D), y = text_features (N, D), t = logit_scale
+    with x = image_features (n, D), y = text_features (n, D), t = logit_scale
     (already exponentiated, as open_clip passes it) and b = logit_bias,
-    numbers or 0-d tensors. Under torch.autocast the features' product runs
-    in the autocast dtype, as a matmul's. Float32 loss (float64 for float64 features);
-    gradients for both features, t and b, from the forward's one pass.
+    numbers or 0-d tensors (None: no bias). Without `group` (or a group of
+    one rank) j runs over this call's n rows. With `group` (a
+    torch.distributed process group), over the global batch: every rank
+    passes its own n rows (n equal on every rank, else a ValueError on every
+    rank) and gets open_clip's `SigLipLoss(rank=r, world_size=W)` value; its
+    text features get the gradient of every rank's loss, each scaled by that
+    rank's incoming gradient. Under torch.autocast the features' product
+    runs in the autocast dtype, as a matmul's. Float32 loss (float64 for
+    float64 features); gradients for both features, t and b.
     """
     routes.refuse_unsupported_linear("siglip_loss", image_features, text_features, logit_scale, logit_bias)
     checks.logits("image_features", image_features)
@@ -61,7 +70,53 @@ def siglip_loss(
         raise ValueError(f"text_features is on {y.device} but image_features is on {x.device}")
     ct = compute_dtype(x.dtype)
     t = _scalar("logit_scale", logit_scale, x, ct)
-    b = _scalar("logit_bias", logit_bias, x, ct)
+    b = None if logit_bias is None else _scalar("logit_bias", logit_bias, x, ct)
     rows = chunk_size_argument(chunk_size)
     smoothing = number_as_tensor(0.0, x, ct)
-    return routes.linear_loss(x, y, b, t, None, None, None, smoothing, R.MEAN_BY_ROWS, rows)
+    return routes.siglip_loss(x, y, t, b, smoothing, rows, group)
+
+
+# open_clip's exchange strategies: this package's ring serves each of them.
+DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+
+
+class DistImplError(ValueError, AssertionError):
+    """An unknown `dist_impl`: open_clip asserts, so both kinds catch it."""
+
+
+class SigLipLoss(nn.Module):
+    """open_clip's `SigLipLoss` (constructor and forward): the SigLIP loss of
+    `siglip_loss`, over the default process group's global batch where
+    `world_size > 1`, by this package's ring whatever `dist_impl` says
+    (validated as open_clip does). `bidir`, open_clip's older keyword, is
+    accepted and ignored; `cache_labels` too (no labels are made)."""
+
+    def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1, dist_impl: str | None = None,
+                 chunk_size: int = 0, bidir: bool | None = None) -> None:
+        super().__init__()
+        dist_impl = dist_impl or "bidir"
+        if dist_impl not in DIST_IMPLS:
+            raise DistImplError(f"dist_impl must be one of {', '.join(DIST_IMPLS)}; got {dist_impl!r}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0:
+            raise ValueError(f"chunk_size must be an int >= 0 (0: chosen from the sizes); got {chunk_size!r}")
+        self.cache_labels, self.rank, self.world_size = cache_labels, rank, world_size
+        self.dist_impl, self.chunk_size, self.bidir = dist_impl, chunk_size, bidir
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None,
+                output_dict: bool = False):
+        group = None
+        if self.world_size > 1:
+            if not (dist.is_available() and dist.is_initialized()):
+                raise RuntimeError(f"SigLipLoss(world_size={self.world_size}) needs torch.distributed initialized "
+                                   "(init_process_group) before its forward")
+            if (dist.get_rank(), dist.get_world_size()) != (self.rank, self.world_size):
+                raise ValueError(
+                    f"SigLipLoss(rank={self.rank}, world_size={self.world_size}) runs in rank "
+                    f"{dist.get_rank()} of a default group of {dist.get_world_size()}")
+            group = dist.group.WORLD
+        loss = siglip_loss(image_features, text_features, logit_scale, logit_bias,
+                           chunk_size=self.chunk_size or None, group=group)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, world_size={self.world_size}, chunk_size={self.chunk_size}"

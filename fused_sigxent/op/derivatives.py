@@ -25,6 +25,7 @@ from torch.autograd import forward_ad as _forward_ad
 from ..core import reduction as R
 from ..core.dtypes import compute_dtype
 from ..impl import reference as _reference
+from ..impl import ring as _ring
 
 
 class RegisteredOps:
@@ -321,18 +322,53 @@ def linear_setup_context(ctx, inputs, output):
     ctx.needs = tuple(inputs[10:15])
 
 
-def linear_backward(ctx, grad, *_):
-    """The chunked forward wrote every gradient for an incoming gradient of 1: scale them."""
-    if grad is None:
-        return (None,) * 15
+def _no_double_backward() -> None:
+    # create_graph=True: the chunked losses' gradients are computed as data
+    # (in the forward, or recomputed as data in the backward); returned
+    # here they would differentiate as constants, a silently zero second
+    # derivative.
     if torch.is_grad_enabled():
-        # create_graph=True: these gradients were computed in the forward, as
-        # data; returned here they would differentiate as constants, a
-        # silently zero second derivative.
         raise RuntimeError(
             "fused_sigxent's fused linear losses (linear_sigmoid_cross_entropy, siglip_loss) do not support "
             "double backward (create_graph=True): their gradients are computed in the forward. Use the unfused "
             "composition, fs.binary_cross_entropy_with_logits(F.linear(input, weight, bias), target)")
+
+
+def linear_backward(ctx, grad, *_):
+    """The chunked forward wrote every gradient for an incoming gradient of 1: scale them."""
+    if grad is None:
+        return (None,) * 15
+    _no_double_backward()
     grad_input, grad_weight, grad_bias, grad_scale, grad_pos_weight = (
         g * grad if need else None for g, need in zip(ctx.saved_tensors, ctx.needs))
     return (grad_input, grad_weight, grad_bias, grad_scale, None, None, grad_pos_weight) + (None,) * 8
+
+
+class RingSigLIP(torch.autograd.Function):
+    """SigLIP over a process group's global batch (`impl/ring.py`): the
+    forward's ring scores every rank's text block and writes this rank's
+    image, scale and bias gradients (and its own text block's); the backward
+    scales them by the incoming gradient and runs the image ring for the text
+    gradient from every rank's loss. Every rank of the group must run the
+    backward (as every rank of a DDP step does)."""
+
+    @staticmethod
+    def forward(ctx, image, text, scale, bias, ring, chunk_size):
+        needs = tuple(ctx.needs_input_grad[:4])
+        loss, grad_image, grad_scale, grad_bias, grad_text_own = _ring.forward(
+            ring, image, text, scale, bias, chunk_size, (needs[0], needs[1], needs[2], needs[3]))
+        ctx.save_for_backward(image, text, scale, bias, grad_image, grad_scale, grad_bias, grad_text_own)
+        ctx.ring, ctx.chunk_size, ctx.needs = ring, chunk_size, needs
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        _no_double_backward()
+        image, text, scale, bias, grad_image, grad_scale, grad_bias, grad_text_own = ctx.saved_tensors
+        need_image, need_text, need_scale, need_bias = ctx.needs
+        grad_text = None
+        if need_text:
+            grad_text = _ring.backward_text(ctx.ring, image, text, scale, bias, grad, grad_text_own, ctx.chunk_size)
+        return (grad_image * grad if need_image else None, grad_text,
+                (grad_scale * grad).to(scale.dtype) if need_scale else None,
+                (grad_bias * grad).to(bias.dtype) if need_bias else None, None, None)

@@ -47,7 +47,8 @@ from ..core.dtypes import compute_dtype, number_as_tensor
 from ..core.plans import PLANS, remember
 from ..impl import reference
 from . import registry  # noqa: F401  (registers torch.ops.fused_sigxent)
-from .derivatives import REGISTERED, SigmoidCE, TracedCE, apply_planned, grads_in_forward
+from ..impl import ring as _ring
+from .derivatives import REGISTERED, RingSigLIP, SigmoidCE, TracedCE, apply_planned, grads_in_forward
 
 try:
     from torch.distributed.tensor import DTensor
@@ -368,9 +369,10 @@ def _forward(implementation, x, z, w, p, smoothing, reduction, out_dtype, grads,
 
 
 # The chunked linear op (`fs.linear_sigmoid_cross_entropy`, `fs.siglip_loss`)
-# has one route, eager and compiled alike: the registered op. Its forward
-# computes every gradient, so there is no kernel choice to plan and no
-# backward to recompute.
+# has two routes, eager and compiled alike: SigLIP over a process group of
+# more than one rank takes the ring (`RingSigLIP`, `impl/ring.py`); every
+# other call the registered op, whose forward computes every gradient (no
+# kernel choice to plan, no backward to recompute).
 
 
 def refuse_unsupported_linear(name: str, *tensors: Tensor | None) -> None:
@@ -395,3 +397,15 @@ def linear_loss(input, weight, bias, scale, target, positives, pos_weight, label
     loss, *_ = torch.ops.fused_sigxent.linear_sigmoid_ce(
         input, weight, bias, scale, target, positives, pos_weight, label_smoothing, reduction, chunk_size, *needs)
     return loss
+
+
+def siglip_loss(image, text, scale, bias, smoothing, chunk_size, group) -> Tensor:
+    """SigLIP's loss of checked arguments: over `group`'s global batch by the
+    ring where the group has more than one rank, else the chunked op."""
+    if group is not None:
+        ring = _ring.Ring(group)
+        if ring.world > 1:
+            text_needs_grad = torch.is_grad_enabled() and text.requires_grad
+            _ring.check_equal_blocks(ring, image, text_needs_grad)
+            return RingSigLIP.apply(image, text, scale, bias, ring, chunk_size)
+    return linear_loss(image, text, bias, scale, None, None, None, smoothing, R.MEAN_BY_ROWS, chunk_size)
