@@ -190,8 +190,9 @@ def test_gpu_check_dry_run_lists_steps_within_eight_minutes(tmp_path):
     assert [name for name, _, _ in steps] == ["env", "gpu-tests", "host-overhead", "loss-bf16-uint8", "loss-float32",
                                              "focal", "linear-siglip", "config-grid"]
     budgets = [int(b) for _, b, _ in steps]
-    # Every step killed at its budget, SIGKILL after the grace, and the packing: still within 8 minutes.
-    assert sum(budgets) + len(budgets) * (gpu_check.GRACE_S + 1) + gpu_check.RESERVE_S <= 8 * 60
+    # Every step killed at its budget, SIGKILL after the grace, and the packing:
+    # within the runner's cap, which leaves a minute of 8 for make's install.
+    assert sum(budgets) + len(budgets) * (gpu_check.GRACE_S + 1) + gpu_check.RESERVE_S <= gpu_check.TOTAL_S <= 7 * 60
     commands = {name: command for name, _, command in steps}
     assert "-m pytest -q -m gpu" in commands["gpu-tests"] and "--junitxml" in commands["gpu-tests"]
     assert "perf.host_overhead --device cuda" in commands["host-overhead"]

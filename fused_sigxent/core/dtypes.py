@@ -32,12 +32,19 @@ def number_as_tensor(value, x: Tensor, dtype: torch.dtype = torch.float32) -> Te
     does not trace through caches, and a float traced as a symbol stays one).
     Inside a CUDA graph capture it is made anew: a tensor made there is filled
     only when the graph replays and lives in the graph's pool, so it must
-    never be cached for eager calls."""
+    never be cached for eager calls. So it is under a dispatch mode or a
+    torch.func transform: what they make (a fake tensor, a functorch wrapper)
+    has no storage once they end."""
     # is_compiling first: Dynamo cannot trace is_current_stream_capturing
     # (torch 2.11 breaks the graph there).
-    if torch.compiler.is_compiling() or (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    if (torch.compiler.is_compiling() or _dispatch_modes() or _transforms()
+            or (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
         return torch.full((), value, dtype=dtype, device=x.device)
     return _constant(float(value), dtype, x.device)
+
+
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_transforms = torch._C._are_functorch_transforms_active
 
 
 @functools.lru_cache(maxsize=64)

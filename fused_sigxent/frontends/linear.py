@@ -75,7 +75,8 @@ def linear_sigmoid_cross_entropy(
     (float64 for float64 input). Gradients for input, weight, bias and
     pos_weight; the target is not differentiated (an error if it requires grad).
     """
-    routes.refuse_unsupported_linear("linear_sigmoid_cross_entropy", input, weight, target, bias, pos_weight)
+    routes.refuse_unsupported_linear("linear_sigmoid_cross_entropy", input, weight, target, bias, pos_weight,
+                                     class_parallel=True)
     checks.logits("input", input)
     checks.tensor("weight", weight)
     if bias is not None:

@@ -24,6 +24,7 @@ from torch.autograd import forward_ad as _forward_ad
 
 from ..core import reduction as R
 from ..core.dtypes import compute_dtype
+from ..impl import class_parallel as _class_parallel
 from ..impl import reference as _reference
 from ..impl import ring as _ring
 
@@ -372,3 +373,38 @@ class RingSigLIP(torch.autograd.Function):
         return (grad_image * grad if need_image else None, grad_text,
                 (grad_scale * grad).to(scale.dtype) if need_scale else None,
                 (grad_bias * grad).to(bias.dtype) if need_bias else None, None, None)
+
+
+class ClassParallelHead(torch.autograd.Function):
+    """The class-parallel fused linear head (`impl/class_parallel.py`) on
+    this rank's shards: the forward (rows gathered first where each rank
+    holds its own) writes every gradient for an incoming gradient of 1; the
+    backward scales them, reducing the input's over the ranks (all-reduced,
+    or reduce-scattered back to each rank's rows). Every rank of the group
+    must run the backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, pos_weight, dense, positives, smoothing, mean, n_classes, chunk_size,
+                rows_sharded, group):
+        counts = None
+        if rows_sharded:  # (the positives come gathered: ids are mapped to this rank's classes after)
+            x, counts = _class_parallel.gather_rows(x, group)
+        needs = tuple(ctx.needs_input_grad[:4])
+        loss, grad_x, grad_w, grad_b, grad_p = _class_parallel.forward(
+            x, weight, bias, pos_weight, dense, positives, smoothing, mean, n_classes, chunk_size, needs, group)
+        ctx.save_for_backward(grad_x, grad_w, grad_b, grad_p)
+        ctx.needs, ctx.counts, ctx.group = needs, counts, group
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        _no_double_backward()
+        grad_x, grad_w, grad_b, grad_p = ctx.saved_tensors
+        need_x, need_w, need_b, need_p = ctx.needs
+        if need_x:
+            if ctx.counts is not None:
+                grad_x = _class_parallel.scatter_rows(grad_x, ctx.counts, ctx.group)
+            else:
+                torch.distributed.all_reduce(grad_x, group=ctx.group)
+        return (grad_x * grad if need_x else None, grad_w * grad if need_w else None,
+                grad_b * grad if need_b else None, grad_p * grad if need_p else None) + (None,) * 8

@@ -8,8 +8,10 @@ Every loss front end (torch, TF, focal) hands its checks and arguments to
 | route        | taken when                                        | runs                                          |
 | ------------ | ------------------------------------------------- | --------------------------------------------- |
 | refused      | TorchScript tracing or scripting                  | a RuntimeError naming TorchScript             |
-| plain_ops    | DTensor arguments; a torch.func transform inside   | the reference's plain ops, which autograd,    |
-|              | torch.compile                                      | DTensor and torch.func differentiate         |
+| sharded      | DTensor logits (a 1-D mesh; other layouts raise,  | each rank's shard on the routes below, two    |
+|              | naming the placement)                             | scalars all-reduced (`op/sharded.py`)         |
+| plain_ops    | other DTensor arguments; a torch.func transform   | the reference's plain ops, which autograd,    |
+|              | inside torch.compile                              | DTensor and torch.func differentiate          |
 | compiled_cpu | torch.compile of CPU tensors, backend `auto`      | `TracedCE`: plain ops Inductor fuses          |
 | compiled     | torch.compile                                     | the registered op; AOTAutograd differentiates |
 |              |                                                   | it through its registered derivatives         |
@@ -47,6 +49,7 @@ from ..core.dtypes import compute_dtype, number_as_tensor
 from ..core.plans import PLANS, remember
 from ..impl import reference
 from . import registry  # noqa: F401  (registers torch.ops.fused_sigxent)
+from . import sharded
 from ..impl import ring as _ring
 from .derivatives import REGISTERED, RingSigLIP, SigmoidCE, TracedCE, apply_planned, grads_in_forward
 
@@ -192,6 +195,14 @@ def is_dtensor(*tensors) -> bool:
     return DTensor is not None and any(isinstance(t, DTensor) for t in tensors)
 
 
+def _sharded_logits(args) -> bool:
+    return DTensor is not None and isinstance(args[0], DTensor) and not _compiled_transform()
+
+
+def _run_sharded(args, key, given):
+    return sharded.loss(args, route)
+
+
 def _wants_plain_ops(args) -> bool:
     return is_dtensor(*args[:4]) or _compiled_transform()
 
@@ -277,6 +288,7 @@ def _run_observed(args, key, given):
 
 ROUTES = (
     Route("refused", _scripted, _refuse),
+    Route("sharded", _sharded_logits, _run_sharded),
     Route("plain_ops", _wants_plain_ops, _run_plain_ops),
     Route("compiled_cpu", _compiled_on_cpu, _run_traced),
     Route("compiled", _compiling, _run_compiled),
@@ -375,23 +387,31 @@ def _forward(implementation, x, z, w, p, smoothing, reduction, out_dtype, grads,
 # kernel choice to plan, no backward to recompute).
 
 
-def refuse_unsupported_linear(name: str, *tensors: Tensor | None) -> None:
+def refuse_unsupported_linear(name: str, *tensors: Tensor | None, class_parallel: bool = False) -> None:
     """Refuses, by name, what the chunked op cannot serve: TorchScript, a
     torch.func transform (its gradients are data from the forward, not a
-    functorch formula) and DTensor inputs (no sharding rule)."""
+    functorch formula) and DTensor arguments, except (`class_parallel`) a
+    DTensor weight (the class-parallel head, `op/sharded.py`)."""
     refuse_torchscript()
     if torch._C._are_functorch_transforms_active():
         raise RuntimeError(
             f"{name} does not support torch.func transforms (grad, vmap, jacrev, ...): use the unfused "
             "composition fs.binary_cross_entropy_with_logits(F.linear(...), ...)")
-    if is_dtensor(*tensors):
-        raise NotImplementedError(f"{name} does not support DTensor inputs: pass local tensors (to_local())")
+    if is_dtensor(*tensors) and not (class_parallel and is_dtensor(tensors[1])):
+        raise NotImplementedError(
+            f"{name} does not support these DTensor arguments: "
+            + ("place the weight Shard(0) for the class-parallel head, or pass local tensors (to_local())"
+               if class_parallel else "pass local tensors (to_local())"))
 
 
 def linear_loss(input, weight, bias, scale, target, positives, pos_weight, label_smoothing, reduction,
                 chunk_size) -> Tensor:
     """The loss of the chunked op on checked arguments, asking it for the
-    gradients of the tensors that require them."""
+    gradients of the tensors that require them; a DTensor weight takes the
+    class-parallel head."""
+    if DTensor is not None and isinstance(weight, DTensor):
+        return sharded.class_parallel(input, weight, bias, target, positives, pos_weight, label_smoothing, reduction,
+                                      chunk_size)
     grad_mode = torch.is_grad_enabled()
     needs = [grad_mode and t is not None and t.requires_grad for t in (input, weight, bias, scale, pos_weight)]
     loss, *_ = torch.ops.fused_sigxent.linear_sigmoid_ce(

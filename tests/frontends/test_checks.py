@@ -82,3 +82,14 @@ def test_number_constants_are_never_cached_from_a_capture(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     assert number_as_tensor(0.37, x) is number_as_tensor(0.37, x)
     assert len(made) == 3
+
+
+def test_number_constants_made_under_a_transform_are_never_cached():
+    # What torch.full makes inside torch.func.jvp is a wrapper with no storage
+    # once the transform ends: cached, it would break every later call.
+    from fused_sigxent.core.dtypes import number_as_tensor
+
+    x = torch.randn(3, dtype=torch.float64)
+    torch.func.jvp(lambda t: number_as_tensor(0.123, t, torch.float64) * t, (x,), (x,))
+    assert number_as_tensor(0.123, x, torch.float64).data_ptr()
+    fs.binary_cross_entropy_with_logits(x, torch.rand(3, dtype=torch.float64), label_smoothing=0.123)
