@@ -56,6 +56,8 @@ REDUCTIONS = (R.SUM, R.TORCH_MEAN, R.MEAN_BY_ROWS)
 # rows at C = 152k.
 CHUNK_ELEMENTS = {"cpu": 1 << 23, "cuda": 1 << 27}
 MIN_CHUNK_ROWS = 64
+# More rows than any batch: chunk_rows then says what the budget alone gives.
+MAX_ROWS = 2**62
 
 
 def chunk_rows(rows: int, classes: int, device: torch.device, chunk_size: int = 0) -> int:

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..core import reduction as R
 from ..core.dtypes import compute_dtype
+from ..impl import chunked as _chunked
 from ..impl import class_parallel as _class_parallel
 from ..impl import reference
 from .derivatives import ClassParallelHead
@@ -254,6 +255,10 @@ def class_parallel(x, weight, bias, dense, positives, pos_weight, smoothing: Ten
         if rows_sharded:  # every rank's rows meet this rank's classes: their ids, gathered
             positives, _ = _class_parallel.gather_rows(positives, mesh.get_group())
         positives_local = _class_ids(positives, offset, length, n_classes)
+    if chunk_size == 0:
+        # Rows per chunk as one device holding every class would take them:
+        # each rank's chunk of logits is then 1 / W of that device's.
+        chunk_size = _chunked.chunk_rows(_chunked.MAX_ROWS, n_classes, x_local.device)
     loss = ClassParallelHead.apply(
         x_local, weight.to_local(), _shard0("bias", bias, weight), _shard0("pos_weight", pos_weight, weight),
         dense_local, positives_local, smoothing, reduction == R.TORCH_MEAN, n_classes, chunk_size, rows_sharded,

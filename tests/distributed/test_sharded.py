@@ -278,7 +278,7 @@ def _memory(rank, world):
     xs = distribute_tensor(xh.detach(), mesh, [Replicate()]).requires_grad_()
 
     def head_step():
-        fs.linear_sigmoid_cross_entropy(xs, ws, ids, chunk_size=256).backward()
+        fs.linear_sigmoid_cross_entropy(xs, ws, ids).backward()
         xs.grad = ws.grad = None
 
     head = _peak(head_step)
@@ -288,7 +288,7 @@ def _memory(rank, world):
         wl = wh.clone().requires_grad_()
 
         def single_step():
-            fs.linear_sigmoid_cross_entropy(xh, wl, ids, chunk_size=256).backward()
+            fs.linear_sigmoid_cross_entropy(xh, wl, ids).backward()
             xh.grad = wl.grad = None
 
         single = _peak(single_step)
@@ -301,7 +301,7 @@ def session(rank, world):
     out, seconds = {}, {}
     parts = [("losses", _sharded_losses), ("focal", _class_index_focal), ("head", _head_cases)]
     if world == 2:
-        parts += [("ops", _ops_on_shards), ("errors", _errors), ("memory", _memory)]
+        parts += [("ops", _ops_on_shards), ("errors", _errors), ("memory", _memory), ("docs", _docs_examples)]
     for name, part in parts:
         start = time.perf_counter()
         out[name] = part(rank, world)
@@ -374,3 +374,64 @@ def test_per_rank_peak_memory(sessions):
     assert sharded <= 1.25 * gradient, (sharded, gradient)
     for rank in sessions[2]:
         assert rank["memory"][2] <= 0.6 * single, (rank["memory"][2], single)
+
+
+def _docs_examples(rank, world):
+    """docs/distributed.md's two examples, as written there, with what one
+    process computes on the full tensors."""
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    import fused_sigxent as fs
+
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    features, labels = torch.randn(8, 16), (torch.rand(8, 12) > 0.7).float()
+    full = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 12))
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 12))
+    model.load_state_dict(full.state_dict())
+
+    # Tensor parallel: a column-parallel head, the loss on its class-sharded logits.
+    parallelize_module(model, mesh, {"2": ColwiseParallel(use_local_output=False)})
+    logits = model(features)  # a DTensor placed Shard(-1): each rank its classes
+    loss = fs.binary_cross_entropy_with_logits(
+        logits, distribute_tensor(labels, mesh, [Shard(-1)]),
+        pos_weight=distribute_tensor(torch.full((12,), 2.0), mesh, [Shard(0)]))
+    loss.backward()
+
+    want = F.binary_cross_entropy_with_logits(full(features), labels, pos_weight=torch.full((12,), 2.0))
+    want.backward()
+    tensor_parallel = (loss.full_tensor(), model[2].weight.grad.full_tensor(), want.detach(), full[2].weight.grad)
+
+    # Extreme multi-label: a data-parallel trunk, a class-parallel head, sparse positives.
+    trunk = nn.Linear(16, 24)
+    head = nn.Parameter(distribute_tensor(torch.randn(1000, 24) * 0.05, mesh, [Shard(0)]))  # rank r: its classes
+    positives = torch.randint(0, 1000, (8, 5))  # global class ids, -1 pads
+    positives[:, 4] = -1
+    rows = slice(rank * 8 // world, (rank + 1) * 8 // world)  # this rank's share of the batch
+    hidden = DTensor.from_local(trunk(features[rows]), mesh, [Shard(0)])
+    loss = fs.linear_sigmoid_cross_entropy(hidden, head, DTensor.from_local(positives[rows], mesh, [Shard(0)]))
+    loss.backward()  # head.grad: this rank's classes; trunk: this rank's rows, to be averaged by DDP
+
+    whole = nn.Linear(16, 24)
+    whole.load_state_dict(trunk.state_dict())
+    head_full = head.full_tensor().detach().requires_grad_()
+    want = fs.linear_sigmoid_cross_entropy(whole(features), head_full, positives)
+    want.backward()
+    extreme = (loss.full_tensor(), want.detach(), trunk.weight.grad, whole.weight.grad, head.grad.full_tensor(),
+               head_full.grad)
+    return tensor_parallel, extreme
+
+
+def test_the_docs_examples_compute_what_one_process_does(sessions):
+    ranks = [r["docs"] for r in sessions[2]]
+    for (loss, grad, want, want_grad), _ in ranks:
+        torch.testing.assert_close(loss, want)
+        torch.testing.assert_close(grad, want_grad)
+    # The data-parallel trunk's gradients add up, over the ranks, to one process's.
+    for _, (loss, want, _, whole_grad, head_grad, want_head_grad) in ranks:
+        torch.testing.assert_close(loss, want)
+        torch.testing.assert_close(head_grad, want_head_grad)
+        torch.testing.assert_close(sum(extreme[2] for _, extreme in ranks), whole_grad)
