@@ -81,3 +81,34 @@ def run_ranks(world: int, module: str, name: str, *args, env: dict | None = None
     if errors:
         raise AssertionError("\n".join(errors))
     return [value for _, value in results]
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+
+def time_and_peak(step, steps: int = 1, barrier: bool = False) -> tuple[float, int]:
+    """(median seconds of `steps` calls of `step`, resident bytes above the
+    current at their peak) in this process: one warm call first (builds,
+    pools), then the peak reset (5 written to /proc/self/clear_refs). With
+    `barrier`, every rank of the default group starts the measured calls
+    together. Meant for fresh processes with MALLOC_MMAP_THRESHOLD_ set, so
+    freed buffers leave the resident set."""
+    import statistics
+    import time
+
+    import torch.distributed as dist
+
+    step()
+    if barrier:
+        dist.barrier()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status("VmRSS")
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), _status("VmHWM") - before

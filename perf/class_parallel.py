@@ -10,16 +10,12 @@ before the measured steps, MALLOC_MMAP_THRESHOLD_=131072), in fresh processes.""
 import argparse
 import datetime
 import json
-import os
-import statistics
-import time
 
 import pandas as pd
 import torch
-import torch.distributed as dist
 
 from . import _bench
-from ._dist import run_ranks
+from ._dist import run_ranks, time_and_peak
 from .siglip_dist import COLUMNS
 
 # B rows, H features, C classes, K positives per row.
@@ -53,22 +49,7 @@ def measure(rank, world, trunk, b, h, c, k, steps):
         fs.linear_sigmoid_cross_entropy(x, w, ids).backward()
         x.grad = w.grad = None
 
-    def status(field):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
-
-    step()  # warm
-    if world > 1:
-        dist.barrier()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = status("VmRSS")
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), status("VmHWM") - before
+    return time_and_peak(step, steps, barrier=world > 1)
 
 
 def main(argv=None):
@@ -98,10 +79,7 @@ def main(argv=None):
             rows.append(dict(common, metric="peak_mem_per_rank", unit="bytes", p50=peak, p20=peak, p80=peak))
             print(f"{trunk:14s} W={world}  {seconds * 1e3:9.1f} ms/step  {peak / 2**20:8.1f} MiB per rank", flush=True)
     frame = pd.DataFrame(rows, columns=COLUMNS)
-    out = args.out or _bench.results_csv("class_parallel-", torch.device("cpu"))
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    frame.to_csv(out, index=False)
-    print(f"wrote {len(frame)} rows to {out}")
+    _bench.save_csv(frame, "class_parallel-", torch.device("cpu"), args.out)
     return frame
 
 

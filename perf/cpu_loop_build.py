@@ -8,7 +8,6 @@ keeping the build by hand)."""
 import argparse
 import datetime
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -32,8 +31,9 @@ if which == "package":
 else:
     from torch.utils import cpp_extension
     flags = cpu_loop._CAPABILITY_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])
-    cpp_extension.load(name="fused_sigxent_cpu_loop", sources=[cpu_loop.SOURCE], extra_cflags=["-O3", "-fopenmp", *flags],
-                       extra_ldflags=["-fopenmp"], build_directory=cache, is_python_module=False)
+    cpp_extension.load(name="fused_sigxent_cpu_loop", sources=[cpu_loop.SOURCE],
+                       extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"], build_directory=cache,
+                       is_python_module=False)
     lib = ctypes.CDLL(os.path.join(cache, "fused_sigxent_cpu_loop.so"))
     assert lib.fused_sigxent_cpu_loop_args_size() == ctypes.sizeof(cpu_loop.Args)
 print(time.perf_counter() - start)
@@ -65,10 +65,7 @@ def main(argv=None):
                                  config=json.dumps({"commit": env["commit"]})))
                 print(f"{builder:14s} {call:12s} {s:8.3f} s", flush=True)
     frame = pd.DataFrame(rows, columns=COLUMNS)
-    out = args.out or _bench.results_csv("cpu_loop_build-", torch.device("cpu"))
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    frame.to_csv(out, index=False)
-    print(f"wrote {len(frame)} rows to {out}")
+    _bench.save_csv(frame, "cpu_loop_build-", torch.device("cpu"), args.out)
     return frame
 
 

@@ -286,10 +286,7 @@ def main(argv=None):
         ratio = (times[provider] / times["torch_eager"]).groupby("mode").median()
         for mode, r in ratio.items():
             print(f"median {name} / eager host time, {mode}: {r:.2f}")
-    out = args.out or _bench.results_csv("host_overhead-", device)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    frame.to_csv(out, index=False)
-    print(f"wrote {len(frame)} rows to {out}")
+    _bench.save_csv(frame, "host_overhead-", device, args.out)
     return frame
 
 

@@ -97,10 +97,7 @@ def main(argv=None):
                              config=json.dumps({"commit": env["commit"], "driver": "stand-in sm_90"})))
             print(f"{way:16s} {p50:7.2f} us  (p20 {p20:.2f}, p80 {p80:.2f})", flush=True)
     frame = pd.DataFrame(rows, columns=COLUMNS)
-    out = args.out or _bench.results_csv("launch_paths-", torch.device("cpu"))
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    frame.to_csv(out, index=False)
-    print(f"wrote {len(frame)} rows to {out}")
+    _bench.save_csv(frame, "launch_paths-", torch.device("cpu"), args.out)
     return frame
 
 

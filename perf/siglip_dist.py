@@ -12,9 +12,6 @@ back to the system), in fresh processes."""
 import argparse
 import datetime
 import json
-import os
-import statistics
-import time
 
 import pandas as pd
 import torch
@@ -22,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import _bench
-from ._dist import run_ranks
+from ._dist import run_ranks, time_and_peak
 
 COLUMNS = ["op", "provider", "mode", "dtype", "n_rows", "n_cols", "world_size", "metric", "unit", "p50", "p20",
            "p80", "device_name", "timestamp", "package_version", "config"]
@@ -125,25 +122,10 @@ def measure(rank, world, impl, n, d, steps):
         loss.backward()
         x.grad = y.grad = t.grad = b.grad = None
 
-    def status(field):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
-
     if world > 1:  # the baseline computes the same loss as ours
         torch.testing.assert_close(bidir_loss(x, y, t, b), fs.siglip_loss(x, y, t, b, group=group), rtol=1e-4,
                                    atol=1e-4)
-    step()  # warm: the CPU loop built, the pools made
-    if world > 1:
-        dist.barrier()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = status("VmRSS")
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), status("VmHWM") - before
+    return time_and_peak(step, steps, barrier=world > 1)
 
 
 def sweep(n: int, d: int, steps: int) -> list[dict]:
@@ -179,10 +161,7 @@ def main(argv=None):
     memory = frame[frame.metric == "peak_mem_per_rank"].pivot_table(index="world_size", columns="provider",
                                                                       values="p50")
     print((memory / 2**20).round(1).to_string())
-    out = args.out or _bench.results_csv("siglip_dist-", torch.device("cpu"))
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    frame.to_csv(out, index=False)
-    print(f"wrote {len(frame)} rows to {out}")
+    _bench.save_csv(frame, "siglip_dist-", torch.device("cpu"), args.out)
     return frame
 
 

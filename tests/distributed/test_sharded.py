@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from perf._dist import run_ranks
+from perf._dist import run_ranks, time_and_peak
 
 ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1", "FUSED_SIGXENT_BACKEND": "triton"}
 
@@ -234,17 +234,8 @@ def _head_cases(rank, world):
 
 
 def _peak(step) -> int:
-    """Resident bytes above the current at the peak of `step()` (VmHWM reset first)."""
-    def status(field):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
-
-    step()  # warm
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = status("VmRSS")
-    step()
-    return status("VmHWM") - before
+    """Resident bytes above the current at the peak of `step()` (after a warm call)."""
+    return time_and_peak(step)[1]
 
 
 def _memory(rank, world):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from perf._dist import run_ranks
+from perf._dist import run_ranks, time_and_peak
 
 N, D = 5, 3  # rows per rank (ragged: not a power of two), features
 CHUNKS = [None, 1, 3]
@@ -131,20 +131,10 @@ def _peak_memory(rank, world, n, d):
     import fused_sigxent as fs
     import torch.distributed as dist
 
-    def status(field):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
-
     x = torch.randn(n, d, requires_grad=True)
     y = torch.randn(n, d, requires_grad=True)
     t, b = torch.tensor(5.0, requires_grad=True), torch.tensor(-3.0, requires_grad=True)
-    fs.siglip_loss(x, y, t, b, group=dist.group.WORLD).backward()  # warm: the CPU loop built, pools made
-    dist.barrier()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = status("VmRSS")
-    fs.siglip_loss(x, y, t, b, group=dist.group.WORLD).backward()
-    return status("VmHWM") - before
+    return time_and_peak(lambda: fs.siglip_loss(x, y, t, b, group=dist.group.WORLD).backward(), barrier=True)[1]
 
 
 def _errors_on_every_rank(rank, world):
