@@ -66,6 +66,15 @@ def results_csv(prefix: str, dev: torch.device, suffix: str = "") -> str:
     return os.path.join(RESULTS, f"{prefix}{name}-{datetime.date.today()}{suffix}.csv")
 
 
+def save_csv(frame, prefix: str, dev: torch.device, out: str | None = None) -> str:
+    """Writes `frame` to `out`, or to `results_csv(prefix, dev)`; says where."""
+    out = out or results_csv(prefix, dev)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    frame.to_csv(out, index=False)
+    print(f"wrote {len(frame)} rows to {out}")
+    return out
+
+
 # CPU timing (and any timing with a per-call `setup`): a sample is one
 # perf_counter interval around a loop of k calls, k chosen so the interval
 # lasts at least MIN_SAMPLE_MS (perf_counter's resolution and the loop's own
