@@ -5,7 +5,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..core import reduction as R
 from ..core.dtypes import compute_dtype, number_as_tensor
 from ..op import routes
 from . import checks
