@@ -1,11 +1,16 @@
 # make test: install (own venv, pinned CPU torch where none is present) and run the suite.
-# make perf: install and run the performance sweep on whatever device is here.
+# make perf: install and run the performance sweeps on whatever device is here,
+#   at sizes that mean something there (a 2-core CPU: about 8 minutes).
+# make perf-full: every sweep's full set of cases (a 2-core CPU: over half an hour).
+# make perf-plan: what make perf would run, case by case; nothing is timed.
+# make gpu-check: one GPU's checks and measurements within 8 minutes, in one
+#   archive ($(OUT) where set, else perf/results/gpu-check/).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-gpu perf clean
+.PHONY: install test test-gpu perf perf-full perf-plan gpu-check clean
 
 install: $(STAMP)
 
@@ -67,6 +72,15 @@ test-gpu: install
 
 perf: install
 	$(PY) -m perf
+
+perf-full: install
+	$(PY) -m perf --full
+
+perf-plan: install
+	$(PY) -m perf --dry-run
+
+gpu-check: install
+	$(PY) -m perf.gpu_check
 
 clean:
 	rm -rf $(VENV) build *.egg-info

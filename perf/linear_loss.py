@@ -1,6 +1,6 @@
-"""`python -m perf.linear_loss`: fused linear + sigmoid CE and SigLIP (issue 13)
-against the unfused eager composition and its torch.compile: time and peak
-memory per pass, one CSV row per measurement, and a markdown summary."""
+"""`python -m perf.linear_loss`: fused linear + sigmoid CE and SigLIP against
+the unfused eager composition and its torch.compile: time and peak memory per
+pass, one CSV row per measurement, a markdown summary and a plot."""
 
 import argparse
 import os
@@ -11,36 +11,50 @@ import torch
 import torch.nn.functional as F
 
 import fused_sigxent as fs
+from fused_sigxent.impl import chunked
 
 from . import _bench, _memory
 
-# Issue 13's sizes (each a training head whose logits are 1-2 GiB in float32):
+# Case tables, chosen by --sizes (default: "gpu" on a GPU, "full" on the CPU).
+# full: training heads whose logits are 1-2 GiB in float32:
 #   dense:  B=8192, H=256, C=32768 float32, 1% positives as float32 labels (logits 1 GiB);
 #   sparse: B=2048, H=128, C=262144, K=5 int64 positives per row (dense logits 2 GiB,
 #           dense float32 labels 2 GiB; the unfused composition must build those labels);
 #   siglip: N=16384, D=256 float32 (N x N logits 1 GiB).
-# --quick: the same shapes 1/16 to 1/64 the size, for a smoke test.
 CASES = {
     "dense": dict(kind="dense", B=8192, H=256, C=32768, K=0),
     "sparse": dict(kind="sparse", B=2048, H=128, C=262144, K=5),
     "siglip": dict(kind="siglip", B=16384, H=256, C=16384, K=0),
 }
+# small: `make perf` on a CPU. Logits of 64-128 MiB in float32, past any
+# cache, so the unfused composition's full-size passes still cost what they
+# cost at scale, while each eager step stays well under a second on 2 cores.
+SMALL_CASES = {
+    "dense": dict(kind="dense", B=2048, H=128, C=16384, K=0),
+    "sparse": dict(kind="sparse", B=512, H=64, C=65536, K=5),
+    "siglip": dict(kind="siglip", B=4096, H=128, C=4096, K=0),
+}
+# quick: the same shapes 1/16 to 1/64 the full size, for a smoke test.
 QUICK_CASES = {
     "dense": dict(kind="dense", B=512, H=64, C=4096, K=0),
     "sparse": dict(kind="sparse", B=256, H=32, C=16384, K=5),
     "siglip": dict(kind="siglip", B=2048, H=64, C=2048, K=0),
 }
-# GPU (issue 13's goals, not yet run): the dense head of a 152k-vocabulary
-# model in bf16 (goal: fwd+bwd <= 60 ms at <= 6 GiB on an H100) and SigLIP at
-# B = 65,536 bf16 (goal: < 48.8 ms and < 1.4 GB, siglip-kernel's figures; D = 768 assumed).
+# gpu: the dense head of a 152k-vocabulary model in bf16 and SigLIP at
+# N = 65,536 bf16 (D = 768 assumed), the sizes of GPU_TARGETS.
 GPU_CASES = {
     "dense": dict(kind="dense", B=8192, H=4096, C=151936, K=0),
     "sparse": dict(kind="sparse", B=8192, H=1024, C=262144, K=16),
     "siglip": dict(kind="siglip", B=65536, H=768, C=65536, K=0),
 }
+TABLES = {"full": CASES, "small": SMALL_CASES, "quick": QUICK_CASES, "gpu": GPU_CASES}
+# On one H100, fused_sigxent's fwd+bwd: (median ms at most, peak bytes above
+# the inputs at most). Dense: Liger's fused linear + softmax CE at this size
+# takes 192 ms and 6.1 GiB; SigLIP: the figures of the siglip-kernel project.
+GPU_TARGETS = {"dense": (60.0, 6 << 30), "siglip": (48.8, 1.4e9)}
 IMPLS = ["fused_sigxent", "torch_eager", "torch_compile"]
 PASSES = ["fwd", "fwd+bwd"]
-# Issue 13's goals, checked in the summary.
+# Goals against eager at any size, checked in the summary.
 GOAL_DENSE_MEMORY_RATIO = 1 / 8  # ours / eager, fwd+bwd peak
 GOAL_SPARSE_MEMORY_BYTES = 512 << 20  # ours, fwd+bwd peak above inputs
 GOAL_SIGLIP_MEMORY_RATIO = 1 / 8
@@ -131,11 +145,11 @@ def input_bytes(inputs) -> int:
     return sum(t.numel() * t.element_size() for t in inputs.values())
 
 
-def memory_child(impl, case, quick=False, threads=None):
+def memory_child(impl, case, sizes="full", threads=None):
     """In a fresh process (perf._memory): {pass: peak bytes above the inputs}."""
     if threads:
         torch.set_num_threads(threads)
-    spec = (QUICK_CASES if quick else CASES)[case]
+    spec = TABLES[sizes][case]
     inputs = make_inputs(spec)
     forward, backward, reset = step_fns(implementation(impl, spec["kind"]), inputs)
     return _memory.pass_peaks(forward, backward, reset, torch.device("cpu"))
@@ -146,8 +160,13 @@ def time_rounds(fns: dict, rounds: int, dev: torch.device = torch.device("cpu"))
     implementations take turns, one call each per round, so a load that
     comes and goes on a shared machine falls on all of them alike."""
     out = {}
-    for name, (forward, backward, reset) in fns.items():
-        backward(forward())  # warm-up: compilation, first-call caches, thread pools
+    for name, (forward, backward, reset) in list(fns.items()):
+        try:
+            backward(forward())  # warm-up: compilation, first-call caches, thread pools
+        except torch.OutOfMemoryError as err:  # eager's logits at GPU sizes: the others still run
+            print(f"    {name}: out of memory, left out ({str(err).splitlines()[0]})", flush=True)
+            del fns[name]
+            torch.cuda.empty_cache()
         reset()
     for _ in range(rounds):
         for name, (forward, backward, reset) in fns.items():
@@ -167,19 +186,55 @@ def time_rounds(fns: dict, rounds: int, dev: torch.device = torch.device("cpu"))
     return out
 
 
-def summarize(frame: pd.DataFrame) -> str:
+def target_checks(frame: pd.DataFrame) -> list[dict]:
+    """GPU_TARGETS against fused_sigxent's fwd+bwd rows of the GPU sizes: one
+    dict per case measured, with the figures and "pass" or "FAIL"."""
+    checks = []
+    for case, (ms_goal, bytes_goal) in GPU_TARGETS.items():
+        spec = GPU_CASES[case]
+        rows = frame[(frame["case"] == case) & (frame["impl"] == "fused_sigxent") & (frame["pass"] == "fwd+bwd")
+                     & (frame["B"] == spec["B"]) & (frame["C"] == spec["C"]) & (frame["H"] == spec["H"])]
+        if rows.empty:
+            continue
+        row = rows.iloc[0]
+        peak = row["peak_mem_bytes"]
+        ok = row["median_ms"] <= ms_goal and pd.notna(peak) and peak <= bytes_goal
+        checks.append(dict(case=case, median_ms=row["median_ms"], target_ms=ms_goal,
+                           peak_gib=peak / 2**30 if pd.notna(peak) else float("nan"), target_gib=bytes_goal / 2**30,
+                           with_inputs_gib=(peak + row["input_bytes"]) / 2**30 if pd.notna(peak) else float("nan"),
+                           verdict="pass" if ok else "FAIL"))
+    return checks
+
+
+def targets_markdown(frame: pd.DataFrame) -> list[str]:
+    checks = target_checks(frame)
+    if not checks:
+        return []
+    return ["", "## GPU targets (fused_sigxent, fwd+bwd)", "",
+            "Peak: CUDA's allocator peak above the inputs (the step's gradients included); "
+            "the inputs added in the next column.", "",
+            "| case | median ms | target ms | peak GiB | target GiB | peak with inputs GiB | verdict |",
+            "| --- | --- | --- | --- | --- | --- | --- |"] + [
+        f"| {c['case']} | {c['median_ms']:.1f} | {c['target_ms']:g} | {c['peak_gib']:.2f} | {c['target_gib']:.2f} | "
+        f"{c['with_inputs_gib']:.2f} | {c['verdict']} |" for c in checks]
+
+
+def summarize(frame: pd.DataFrame, pngs=()) -> str:
     """The markdown page: per case, each implementation's fwd+bwd time and
-    peaks, the ratios to eager, and issue 13's goals checked."""
+    peaks, the ratios to eager, the goals against eager checked, and on a
+    GPU the targets."""
     lines = [f"# fused linear + sigmoid CE and SigLIP on {frame['device'].iloc[0]}", "",
              f"torch {frame['torch_version'].iloc[0]}, {frame['threads'].iloc[0]} torch thread(s), "
              f"commit {frame['commit'].iloc[0]}. "
              "Times: median (min) of rounds in which the implementations took turns "
-             "(perf/linear_loss.py); peaks: resident memory above the inputs, a fresh process per "
-             "implementation x case (perf/_memory.py).", "",
-             "| case | pass | impl | median s | min s | peak MiB | time / eager | peak / eager |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "(perf/linear_loss.py); peaks: memory above the inputs (CPU: resident memory, a fresh process per "
+             "implementation x case, perf/_memory.py; GPU: CUDA's allocator).", "",
+             "| case | shape | pass | impl | median ms | min ms | peak MiB | time / eager | peak / eager |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     goals = []
     for case, part in frame.groupby("case", sort=False):
+        first = part.iloc[0]
+        shape = f"B={first['B']} H={first['H']} C={first['C']}" + (f" K={first['K']}" if first["K"] else "")
         for pass_ in PASSES:
             rows = part[part["pass"] == pass_].set_index("impl")
             eager = rows.loc["torch_eager"] if "torch_eager" in rows.index else None
@@ -187,7 +242,7 @@ def summarize(frame: pd.DataFrame) -> str:
                 peak = row["peak_mem_bytes"]
                 t_ratio = row["median_ms"] / eager["median_ms"] if eager is not None else float("nan")
                 m_ratio = peak / eager["peak_mem_bytes"] if eager is not None and pd.notna(peak) else float("nan")
-                lines.append(f"| {case} | {pass_} | {impl} | {row['median_ms'] / 1e3:.2f} | {row['min_ms'] / 1e3:.2f} | "
+                lines.append(f"| {case} | {shape} | {pass_} | {impl} | {row['median_ms']:.1f} | {row['min_ms']:.1f} | "
                              f"{peak / 2**20 if pd.notna(peak) else float('nan'):.0f} | {t_ratio:.2f} | {m_ratio:.3f} |")
         step = part[part["pass"] == "fwd+bwd"].set_index("impl")
         if {"fused_sigxent", "torch_eager"} <= set(step.index):
@@ -208,24 +263,97 @@ def summarize(frame: pd.DataFrame) -> str:
     note = [] if not frame["device"].iloc[0].startswith("cpu") else [
         "", "On a 2-core machine shared with other jobs, run with `--threads 1`: with two threads, "
         "every parallel op waits at OpenMP's barrier for a descheduled thread, which punishes many small "
-        "ops (ours: the CPU loss path's 256k-element tiles) far more than a few big ones (eager)."]
-    return "\n".join(lines + note + ["", "## Goals (issue 13)", "", "Met only if both the median and the min ratio meet it (the goals are for "
-                                                  "the full sizes; --quick shapes are a smoke test).", ""] + goals) + "\n"
+        "ops far more than a few big ones."]
+    plots = ["", "## Plot", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pngs] if pngs else []
+    return "\n".join(lines + note + targets_markdown(frame) + [
+        "", "## Goals against eager", "", "Met only if both the median and the min ratio meet it. The memory goals are "
+        "for the full sizes (`--sizes full` or `gpu`): at smaller ones a chunk is a larger share of the logits.", ""]
+        + goals + plots) + "\n"
 
 
-def main(argv=None):
-    started = time.perf_counter()
+def plot(frame: pd.DataFrame, stem: str) -> list[str]:
+    """<stem>.png: fwd+bwd median time and peak memory per case, a bar per
+    implementation (log scale). Needs matplotlib (the perf extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    step = frame[frame["pass"] == "fwd+bwd"]
+    if step.empty:
+        return []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    panels = [("median_ms", "fwd+bwd median ms", 1.0), ("peak_mem_bytes", "fwd+bwd peak MiB above the inputs", 2**20)]
+    for ax, (column, label, unit) in zip(axes, panels):
+        table = step.pivot_table(index="case", columns="impl", values=column, aggfunc="first", sort=False)
+        table = table.astype(float) / unit
+        if table.notna().any().any():
+            table.plot.bar(ax=ax, logy=True, rot=0)
+        ax.set_ylabel(label)
+        ax.set_xlabel("")
+    fig.suptitle(f"fused linear + sigmoid CE and SigLIP, {frame['device'].iloc[0]}, {frame['dtype'].iloc[0]}")
+    fig.tight_layout()
+    path = f"{stem}.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return [path]
+
+
+def write(rows, out, final=False) -> list[str]:
+    """The CSV (rewritten after every case); with `final`, the summary and the plot."""
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    frame["peak_mem_bytes"] = frame["peak_mem_bytes"].astype("Int64")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    frame.to_csv(out, index=False)
+    if not final or frame.empty:
+        return [out]
+    stem = os.path.splitext(out)[0]
+    pngs = plot(frame, stem)
+    with open(stem + ".md", "w") as f:
+        f.write(summarize(frame, pngs))
+    return [out, stem + ".md"] + pngs
+
+
+def parser():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="the same shapes, small, for a smoke test")
+    parser.add_argument("--quick", action="store_true", help="--sizes quick")
+    parser.add_argument("--sizes", choices=sorted(TABLES), default=None,
+                        help="case table (default: gpu on a GPU, full on the CPU)")
     parser.add_argument("--case", default=None, help=f"comma-separated: {', '.join(CASES)}")
     parser.add_argument("--impl", default=None, help=f"comma-separated: {', '.join(IMPLS)}")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per case (default 3)")
     parser.add_argument("--no-memory", action="store_true", help="leave peak_mem_bytes empty")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (GPU_CASES, bfloat16; peaks from CUDA's allocator)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (bfloat16; peaks from CUDA's allocator)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own, "
                         "the cores); memory children use the same")
+    parser.add_argument("--time-limit", type=float, default=None, help="seconds: start no case after this long")
     parser.add_argument("--out", default=None, help="CSV path (default perf/results/linear-<device>-<date>.csv)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--dry-run", action="store_true", help="list the cases and exit")
+    return parser
+
+
+def _plan(args):
+    """(table name, [case names], [impl names]) of parsed arguments."""
+    sizes = "quick" if args.quick else args.sizes or ("gpu" if args.device.startswith("cuda") else "full")
+    cases = args.case.split(",") if args.case else list(TABLES[sizes])
+    return sizes, cases, args.impl.split(",") if args.impl else IMPLS
+
+
+def planned(argv) -> list[str]:
+    """The cases `main(argv)` would run, one line each (nothing is timed)."""
+    sizes, cases, impls = _plan(parser().parse_args(argv))
+    return [f"{case} " + " ".join(f"{k}={v}" for k, v in TABLES[sizes][case].items() if k != "kind")
+            for case in cases]
+
+
+def main(argv=None):
+    started = time.perf_counter()
+    args = parser().parse_args(argv)
+    if args.dry_run:
+        print("\n".join(planned(argv)))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -234,25 +362,32 @@ def main(argv=None):
     env = _bench.environment(dev)
     print(f"{'GPU run' if gpu else 'CPU-only run (no GPU)'}: {env['device']}, {torch.get_num_threads()} torch threads; "
           "fused linear + sigmoid CE / SigLIP against the unfused eager composition and its torch.compile", flush=True)
-    table = QUICK_CASES if args.quick else GPU_CASES if gpu else CASES
-    cases = args.case.split(",") if args.case else list(table)
-    impls = args.impl.split(",") if args.impl else IMPLS
+    sizes, cases, impls = _plan(args)
     memory = not args.no_memory and (gpu or _memory.rss_available())
+    out = args.out or _bench.results_csv("linear-", dev, "-quick" if args.quick else "")
     rows = []
-    for case in cases:
-        spec = table[case]
+    for k, case in enumerate(cases):
+        if args.time_limit is not None and time.perf_counter() - started > args.time_limit:
+            print(f"time limit ({args.time_limit:.0f} s) reached: {k} of {len(cases)} cases run", flush=True)
+            break
+        spec = TABLES[sizes][case]
         inputs = make_inputs(spec, device=dev, dtype=dtype)
         fns = {name: step_fns(implementation(name, spec["kind"]), inputs) for name in impls}
         print(f"{case}: {spec}", flush=True)
         timed = time_rounds(fns, args.rounds, dev)
         peaks = {}
         if memory and gpu:
-            peaks = {name: _memory.pass_peaks(*fn, dev) for name, fn in fns.items()}
+            for name, fn in fns.items():
+                try:
+                    peaks[name] = _memory.pass_peaks(*fn, dev)
+                except torch.OutOfMemoryError:
+                    print(f"    {name}: out of memory measuring its peak", flush=True)
+                    torch.cuda.empty_cache()
         elif memory:
-            specs = [dict(impl=name, case=case, quick=args.quick, threads=torch.get_num_threads()) for name in impls]
-            # One child at a time: eager's peaks here are several GiB each.
-            peaks = dict(zip(impls, _memory.run_children("linear_loss", specs, workers=1)))
-        chunk = fs._linear.chunk_rows(spec["B"], spec["C"], dev)
+            specs = [dict(impl=name, case=case, sizes=sizes, threads=torch.get_num_threads()) for name in fns]
+            # One child at a time: eager's peaks at full size are several GiB each.
+            peaks = dict(zip(fns, _memory.run_children("linear_loss", specs, workers=1)))
+        chunk = chunked.chunk_rows(spec["B"], spec["C"], dev)
         for (name, pass_), seconds in timed.items():
             ms = torch.tensor(seconds, dtype=torch.float64) * 1e3
             q = ms.quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)).tolist()
@@ -265,15 +400,11 @@ def main(argv=None):
             print(f"    {name:15} {pass_:8} median {q[0]:9.1f} ms  min {ms.min().item():9.1f} ms  "
                   f"peak {rows[-1]['peak_mem_bytes']}", flush=True)
         del inputs, fns
-    frame = pd.DataFrame(rows, columns=COLUMNS)
-    frame["peak_mem_bytes"] = frame["peak_mem_bytes"].astype("Int64")
-    out = args.out or _bench.results_csv("linear-", dev, "-quick" if args.quick else "")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    frame.to_csv(out, index=False)
-    summary = os.path.splitext(out)[0] + ".md"
-    with open(summary, "w") as f:
-        f.write(summarize(frame))
-    print(f"wrote {out} and {summary}")
+        write(rows, out)
+    paths = write(rows, out, final=True)
+    for line in targets_markdown(pd.DataFrame(rows, columns=COLUMNS)):
+        print(line)
+    print(f"wrote {', '.join(paths)}")
     print(f"sweep took {time.perf_counter() - started:.0f} s")
 
 

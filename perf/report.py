@@ -117,10 +117,10 @@ def goals(cases: pd.DataFrame) -> list[str]:
     return lines
 
 
-def plots(frame: pd.DataFrame, stem: str) -> list[str]:
+def plots(frame: pd.DataFrame, stem: str, baseline: str = EAGER) -> list[str]:
     """Against numel, a line per implementation, a panel per pass (median
-    over the cases of that size): speed-up over torch_eager, GB/s, and peak
-    memory. Needs matplotlib (the perf extra)."""
+    over the cases of that size): speed-up over `baseline`, GB/s, and peak
+    memory (where measured). Needs matplotlib (the perf extra)."""
     try:
         import matplotlib
 
@@ -129,13 +129,13 @@ def plots(frame: pd.DataFrame, stem: str) -> list[str]:
     except ImportError:
         return []
     title = str(frame["device"].iloc[0])
-    eager = frame[frame["impl"] == EAGER].set_index(CASE + ["pass"])["median_ms"]
+    eager = frame[frame["impl"] == baseline].set_index(CASE + ["pass"])["median_ms"]
     speed = frame.join(eager.rename("eager_ms"), on=CASE + ["pass"])
     speed["speed-up"] = speed["eager_ms"] / speed["median_ms"]
     # Log scale: a peak of 0 (a backward whose forward saved the gradient)
     # would vanish, so peaks are drawn at MEM_FLOOR_BYTES at least.
     memory = frame.assign(peak_mib=frame["peak_mem_bytes"].astype(float).clip(lower=MEM_FLOOR_BYTES) / 2**20)
-    figures = [("speedup", speed, "speed-up", "speed-up over torch_eager", True),
+    figures = [("speedup", speed, "speed-up", f"speed-up over {baseline}", True),
                ("gbps", frame, "gbps", "GB/s (bytes_min / median)", False),
                ("memory", memory, "peak_mib", f"peak MiB above the inputs (≥ {MEM_FLOOR_BYTES >> 10} KiB)", True)]
     paths = []

@@ -1,5 +1,5 @@
 """The loss sweep: sizes x dtypes x features x reductions x implementations x
-passes, one CSV row per measurement (SPEC section 4), then the report."""
+passes, one CSV row per measurement, then the report."""
 
 import argparse
 import itertools
@@ -187,40 +187,38 @@ def measure(fn, x, z, w, p, s, reduction, dev, reps):
     }
 
 
-def timing_child(impl, numel, classes, dtype, label_dtype, feature, reduction, reps, device="cpu"):
-    """In a fresh process (perf._memory.run_child): one implementation's
-    `check` and `measure` of one case, {pass: [median, p20, p80]}. On the CPU a call's
-    time depends on what the process allocated before it (glibc serves a
-    large block from freed heap, or maps and faults it in afresh): timed in
-    the sweep's own process, torch.compile's 16M-element bf16 backward read
-    4.7 ms after some cases and 10 ms after others."""
+def case_child(impl, numel, classes, dtype, label_dtype, feature, reduction, reps, memory, device="cpu"):
+    """In a fresh process (perf._memory.run_child, with its allocator
+    settings where `memory`): one implementation's peak memory per pass
+    (first, while nothing freed before can hide in the heap; see
+    perf/_memory.py), then its `check` and `measure` with the allocator
+    settled for timing. {"peaks": {pass: bytes}, "times": {pass: [median,
+    p20, p80]}}. One process for both: each costs an interpreter start and,
+    compiled, a compilation, which took as long as the measurements."""
     dev = torch.device(device)
     x, z, w, p, s = make_inputs(numel, classes, getattr(torch, dtype), getattr(torch, label_dtype), feature, dev)
     fn = implementations(dev, [impl])[impl]
+    peaks = {}
+    if memory:
+        forward, backward, _, _, reset = passes(fn, x, z, w, p, s, reduction)
+        peaks = _memory.pass_peaks(forward, backward, reset, dev)
     check(impl, fn, x, z, w, p, s, reduction, reference(x, z, w, p, s, reduction))
-    return {pass_: list(t) for pass_, t in measure(fn, x, z, w, p, s, reduction, dev, reps).items()}
-
-
-def memory_child(impl, numel, classes, dtype, label_dtype, feature, reduction, device="cpu"):
-    """In a fresh process (perf._memory): the case's peak memory above its
-    inputs per pass, {pass: bytes}."""
-    dev = torch.device(device)
-    x, z, w, p, s = make_inputs(numel, classes, getattr(torch, dtype), getattr(torch, label_dtype), feature, dev)
-    fn = implementations(dev, [impl])[impl]
-    forward, backward, _, _, reset = passes(fn, x, z, w, p, s, reduction)
-    return _memory.pass_peaks(forward, backward, reset, dev)
+    times = {pass_: list(t) for pass_, t in measure(fn, x, z, w, p, s, reduction, dev, reps).items()}
+    return {"peaks": peaks, "times": times}
 
 
 def cases(dev, args):
     """The sweep's cases, narrowed by --quick and the filter options (so a
     full GPU sweep can run as several shorter commands whose CSVs `report`
-    combines)."""
+    combines, and `python -m perf` can name its sizes)."""
     gpu = dev.type == "cuda"
     numels = args.numel or (GPU_NUMELS if gpu else CPU_NUMELS)
     classes = args.classes or (GPU_CLASSES if gpu else CPU_CLASSES)
     features = args.feature or list(FEATURES)
     reductions = args.reduction or (GPU_REDUCTIONS if gpu else CPU_REDUCTIONS)
-    if args.dtype or args.labels or gpu:
+    if args.pairs:
+        pairs = args.pairs
+    elif args.dtype or args.labels or gpu:
         dtypes = [getattr(torch, d) for d in args.dtype] if args.dtype else (GPU_DTYPES if gpu else CPU_DTYPES)
         pairs = list(itertools.product(dtypes, args.labels or ["same", "uint8"]))
     else:
@@ -234,28 +232,67 @@ def cases(dev, args):
             yield numel, c, dtype, dtype if label == "same" else torch.uint8, feature, reduction
 
 
+def _pair(text):
+    """"bfloat16/uint8" -> (torch.bfloat16, "uint8"); labels "same" or the logits' own dtype name mean the same."""
+    dtype, label = text.split("/")
+    return getattr(torch, dtype), "same" if label in ("same", dtype) else label
+
+
+def _name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def _list(kind):
     return lambda text: [kind(item) for item in text.split(",")]
 
 
-def main(argv=None):
-    started = time.perf_counter()
+def parser():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a few cases, for a smoke test")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: the GPU where there is one)")
     parser.add_argument("--out", default=None, help="CSV path (default perf/results/<device>-<date>.csv)")
     parser.add_argument("--impl", type=_list(str), help=f"comma-separated: {', '.join(IMPLS)}")
-    parser.add_argument("--numel", type=_list(int), help="comma-separated element counts")
+    parser.add_argument("--numel", type=_list(int), help="comma-separated element counts, swept in this order")
     parser.add_argument("--classes", type=_list(int), help="comma-separated class counts C")
     parser.add_argument("--dtype", type=_list(str), help="comma-separated logits dtypes (bfloat16,float16,float32)")
     parser.add_argument("--labels", type=_list(str), help="comma-separated: same, uint8")
+    parser.add_argument("--pairs", type=_list(_pair), help="comma-separated logits/labels dtype pairs, "
+                        "e.g. bfloat16/uint8,float32/same (instead of every --dtype x --labels)")
     parser.add_argument("--feature", type=_list(str), help=f"comma-separated: {', '.join(FEATURES)}")
     parser.add_argument("--reduction", type=_list(str), help="comma-separated: mean, none")
     parser.add_argument("--no-memory", action="store_true", help="leave peak_mem_bytes empty (on the CPU "
                         "its child processes take about as long as the timing)")
     parser.add_argument("--part", default="1/1", help="K/N: run every N-th case from the K-th (1-based), "
                         "so N commands of bounded length cover the sweep")
-    args = parser.parse_args(argv)
+    parser.add_argument("--time-limit", type=float, default=None, help="seconds: start no case after this "
+                        "long; the CSV and report then hold the cases done (the CSV is rewritten after every case)")
+    parser.add_argument("--dry-run", action="store_true", help="list the cases and exit")
+    return parser
+
+
+def planned(argv) -> list[str]:
+    """The cases `main(argv)` would sweep, one line each (nothing is timed)."""
+    args = parser().parse_args(argv)
+    k_part, n_parts = map(int, args.part.split("/"))
+    return [f"numel={numel} C={c} {_name(dtype)}/{_name(label)} {feature} {reduction}"
+            for numel, c, dtype, label, feature, reduction
+            in list(cases(_bench.device(args.device), args))[k_part - 1::n_parts]]
+
+
+def write_csv(rows, out) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=_bench.COLUMNS)
+    frame["peak_mem_bytes"] = frame["peak_mem_bytes"].astype("Int64")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    frame.to_csv(out, index=False)
+    return frame
+
+
+def main(argv=None):
+    started = time.perf_counter()
+    args = parser().parse_args(argv)
+    if args.dry_run:
+        print("\n".join(planned(argv)))
+        return
     dev = _bench.device(args.device)
     env = _bench.environment(dev)
     impl_names = args.impl or IMPLS
@@ -272,59 +309,62 @@ def main(argv=None):
     # fwd and bwd timed at 0.081 and 0.048 just before (a burst of other load).
     reps = 45 if dev.type == "cpu" else 100
     memory = not args.no_memory and (dev.type == "cuda" or _memory.rss_available())
-    rows, children = [], []
+    rows = []
+    out = args.out or _bench.results_csv("", dev, "-quick" if args.quick else "")
     k_part, n_parts = map(int, args.part.split("/"))
     all_cases = list(cases(dev, args))[k_part - 1::n_parts]
+    done = 0
     for k, (numel, c, dtype, label_dtype, feature, reduction) in enumerate(all_cases):
+        if args.time_limit is not None and time.perf_counter() - started > args.time_limit:
+            print(f"time limit ({args.time_limit:.0f} s) reached: {done} of {len(all_cases)} cases swept", flush=True)
+            break
         x, z, w, p, s = make_inputs(numel, c, dtype, label_dtype, feature, dev)
         case = f"{feature}/{reduction}/C={c}"
         print(f"[{k + 1}/{len(all_cases)}] {case} numel={numel} {dtype} labels={label_dtype}", flush=True)
         expected = reference(x, z, w, p, s, reduction) if dev.type == "cuda" else None
         for name, fn in implementations(dev, impl_names).items():
-            spec = dict(impl=name, numel=numel, classes=c, dtype=str(dtype).replace("torch.", ""),
-                        label_dtype=str(label_dtype).replace("torch.", ""), feature=feature, reduction=reduction)
+            spec = dict(impl=name, numel=numel, classes=c, dtype=_name(dtype), label_dtype=_name(label_dtype),
+                        feature=feature, reduction=reduction)
             if dev.type == "cuda":
                 check(name, fn, x, z, w, p, s, reduction, expected)
                 timed = measure(fn, x, z, w, p, s, reduction, dev, reps)
-            else:  # checked and timed in a process of its own, compiled there once
-                timed = _memory.run_child("sweep_loss", dict(spec, reps=reps), "timing_child", env={})
-                if not timed:
-                    raise RuntimeError(f"timing child for {name} {case} failed")
-            peaks = {}
-            if memory and dev.type == "cuda":
-                forward, backward, _, _, reset = passes(fn, x, z, w, p, s, reduction)
-                peaks = _memory.pass_peaks(forward, backward, reset, dev)
-            elif memory:
-                children.append((len(rows), spec))
+                peaks = {}
+                if memory:
+                    forward, backward, _, _, reset = passes(fn, x, z, w, p, s, reduction)
+                    peaks = _memory.pass_peaks(forward, backward, reset, dev)
+            else:
+                # Measured in a process of its own, compiled there once: on the
+                # CPU a call's time depends on what the process allocated before
+                # it (glibc serves a large block from freed heap, or maps and
+                # faults it in afresh; timed in the sweep's own process,
+                # torch.compile's 16M-element bf16 backward read 4.7 ms after
+                # some cases and 10 ms after others), and its peak memory on
+                # what it freed before.
+                result = _memory.run_child("sweep_loss", dict(spec, reps=reps, memory=memory), "case_child",
+                                           env=None if memory else {})
+                if not result:
+                    raise RuntimeError(f"child process for {name} {case} failed")
+                timed, peaks = result["times"], result["peaks"]
             print(f"    {name:22}" + "  ".join(f"{pass_} {med:.3f} ms" for pass_, (med, _, _) in timed.items()),
                   flush=True)
             for pass_, (med, p20, p80) in timed.items():
                 nbytes = bytes_min(x, z, w, p, reduction, pass_)
                 gbps = nbytes / (med * 1e-3) / 1e9
                 rows.append(dict(
-                    env, impl=name, case=case, dtype=str(dtype).replace("torch.", ""),
-                    label_dtype=str(label_dtype).replace("torch.", ""), weight=w is not None,
-                    pos_weight=p is not None, label_smoothing=s, reduction=reduction, numel=numel,
-                    shape="x".join(map(str, x.shape)), **{"pass": pass_}, median_ms=med, p20_ms=p20, p80_ms=p80,
-                    bytes_min=nbytes, gbps=gbps, pct_copy_bw=100 * gbps / copy_bw, peak_mem_bytes=peaks.get(pass_),
+                    env, impl=name, case=case, dtype=_name(dtype), label_dtype=_name(label_dtype),
+                    weight=w is not None, pos_weight=p is not None, label_smoothing=s, reduction=reduction,
+                    numel=numel, shape="x".join(map(str, x.shape)), **{"pass": pass_}, median_ms=med, p20_ms=p20,
+                    p80_ms=p80, bytes_min=nbytes, gbps=gbps, pct_copy_bw=100 * gbps / copy_bw,
+                    peak_mem_bytes=peaks.get(pass_),
                 ))
         del x, z, w, p, expected
-    print(f"timing done in {time.perf_counter() - started:.0f} s", flush=True)
-    if children:
-        # Peak memory on the CPU: one fresh process per implementation x case
-        # (perf/_memory.py), run after the timing so they cannot disturb it.
-        print(f"peak memory: {len(children)} child processes", flush=True)
-        for (first, _), peaks in zip(children, _memory.run_children("sweep_loss", [spec for _, spec in children])):
-            for row in rows[first:first + len(PASSES)]:
-                row["peak_mem_bytes"] = peaks.get(row["pass"])
-    frame = pd.DataFrame(rows, columns=_bench.COLUMNS)
-    frame["peak_mem_bytes"] = frame["peak_mem_bytes"].astype("Int64")
-    out = args.out or _bench.results_csv("", dev, "-quick" if args.quick else "")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    frame.to_csv(out, index=False)
+        done += 1
+        write_csv(rows, out)  # so a sweep stopped from outside leaves the cases it finished
+    frame = write_csv(rows, out)
     print(f"wrote {len(frame)} rows to {out}")
-    for path in report.build(out):
-        print(f"wrote {path}")
+    if len(frame):
+        for path in report.build(out):
+            print(f"wrote {path}")
     print(f"sweep took {time.perf_counter() - started:.0f} s")
 
 
