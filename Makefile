@@ -57,9 +57,12 @@ $(STAMP): pyproject.toml Makefile
 
 # The suite interprets the kernels on CPU tensors; where a GPU is present the
 # gpu-marked tests then run again with compiled kernels (TRITON_INTERPRET=0).
+# Two pytest workers where pytest-xdist is installed: most tests are the
+# interpreter's Python, one core each, so two cores halve the wall time.
+HAS_XDIST := import xdist
 test: install
 	@if $(PY) -c '$(CAN_INTERPRET)'; then \
-		$(PY) -m pytest -q; \
+		if $(PY) -c '$(HAS_XDIST)' 2>/dev/null; then $(PY) -m pytest -q -n 2; else $(PY) -m pytest -q; fi; \
 	elif $(PY) -c '$(HAS_CUDA)'; then \
 		echo "SKIPPED the interpreted phase: triton < 3.7 with numpy >= 2.4 (numpy < 2.4 could not be installed)"; \
 	else \

@@ -141,11 +141,13 @@ def _targets(targets, x: Tensor) -> Tensor:
         # Free on CPU tensors; on CUDA it would synchronize, so the kernels
         # make such a row's loss NaN instead.
         n_classes = x.shape[-1]
-        bad = (t < -1) | (t > n_classes)
-        if bad.any():
+        # A DTensor's every shard, on every rank (one id per row: small), so
+        # that every rank raises alike.
+        ids = t.full_tensor() if routes.is_dtensor(t) else t
+        if ((ids < -1) | (ids > n_classes)).any():
             raise ValueError(
-                f"class-index targets must be in [-1, {n_classes}] (-1 and {n_classes}: no positive); got "
-                f"{t[bad][0].item()}"
+                f"class-index targets must be in [-1, {n_classes}] (-1 and {n_classes}: no positive); got values "
+                f"from {int(ids.min())} to {int(ids.max())}"
             )
     return t
 

@@ -83,19 +83,24 @@ def _plain(t) -> bool:
 
 
 def _coefficient_taken(c, x: Tensor) -> bool:
-    """None, or a real tensor on x's device that broadcasts to x (NumPy rules)."""
+    """None, or a real tensor on x's device that broadcasts to x (NumPy rules)
+    and whose dtype PyTorch would not promote the loss to."""
     if c is None:
         return True
     return (_plain(c) and not c.is_complex() and c.device == x.device and c.dim() <= x.dim()
+            and torch.promote_types(x.dtype, c.dtype) == x.dtype
             and all(a == 1 or a == b for a, b in zip(reversed(c.shape), reversed(x.shape))))
 
 
 def _taken(x, z) -> bool:
     """Logits and labels this package takes: floating logits of its dtypes,
-    labels of their shape (floating, bool or uint8), on one device."""
+    labels of their shape (floating, bool or uint8), on one device. PyTorch
+    returns its loss in the promoted dtype of input and target: a target of
+    a wider dtype goes to PyTorch, whose dtype this package would not keep."""
     return (_plain(x) and x.dtype in LOGITS_DTYPES and isinstance(z, Tensor) and _plain(z)
             and z.shape == x.shape and z.device == x.device
-            and (z.is_floating_point() or z.dtype in BYTE_LABEL_DTYPES))
+            and (z.is_floating_point() or z.dtype in BYTE_LABEL_DTYPES)
+            and torch.promote_types(x.dtype, z.dtype) == x.dtype)
 
 
 def _bce_with_logits(original):

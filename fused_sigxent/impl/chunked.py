@@ -186,7 +186,10 @@ def run_chunks(
             labels = target[start:end]
         else:
             labels = labels_buffer[: end - start]
-            if positives.shape[1]:  # (K = 0: a batch with no positives, the buffer's zeros)
+            # (K = 0: a batch with no positives; C = 0: a class-parallel rank
+            # with no classes. The buffer's zeros either way.)
+            scatter = positives.shape[1] > 0 and n_cols > 0
+            if scatter:
                 columns, values = _scatter_indices(positives[start:end], n_cols)
                 labels.scatter_(1, columns, values)
         if need_grad_pos_weight:  # from the logits, before their gradient replaces them
@@ -196,7 +199,7 @@ def run_chunks(
         # written over the logits themselves (no second chunk-sized buffer).
         partial_sums.append(_loss_and_grad_in_place(logits, labels, pos_weight, label_smoothing, ct, any_grad))
         dlogits = logits
-        if target is None and positives.shape[1]:
+        if target is None and scatter:
             labels.scatter_(1, columns, False)  # the buffer is all zeros again for the next chunk
         if need_grad_input or need_grad_scale:
             # d(sum)/d(xs) = dlogits @ weight; grad_input = scale * that, applied at the end.

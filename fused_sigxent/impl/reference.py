@@ -237,7 +237,10 @@ def divide(numerator: Tensor, denom: Tensor, reduction: int) -> Tensor:
         return numerator
     if reduction == R.TORCH_MEAN:
         return numerator / denom
-    return torch.where(denom == 0, 0.0, numerator / denom)
+    # The division's own denominator is never 0: the branch `where` drops
+    # would still carry 0 * (1 / 0) = NaN into an autograd gradient.
+    zero = denom == 0
+    return torch.where(zero, 0.0, numerator / torch.where(zero, 1.0, denom))
 
 
 def _upcast(logits, labels, weight, pos_weight, label_smoothing):

@@ -8,10 +8,10 @@ Every loss front end (torch, TF, focal) hands its checks and arguments to
 | route        | taken when                                        | runs                                          |
 | ------------ | ------------------------------------------------- | --------------------------------------------- |
 | refused      | TorchScript tracing or scripting                  | a RuntimeError naming TorchScript             |
-| sharded      | DTensor logits (a 1-D mesh; other layouts raise,  | each rank's shard on the routes below, two    |
-|              | naming the placement)                             | scalars all-reduced (`op/sharded.py`)         |
-| plain_ops    | other DTensor arguments; a torch.func transform   | the reference's plain ops, which autograd,    |
-|              | inside torch.compile                              | DTensor and torch.func differentiate          |
+| sharded      | DTensor arguments (DTensor logits on a 1-D mesh;  | each rank's shard on the routes below, two    |
+|              | other layouts raise, naming the placement)        | scalars all-reduced (`op/sharded.py`)         |
+| plain_ops    | a torch.func transform inside torch.compile       | the reference's plain ops, which autograd,    |
+|              |                                                   | DTensor and torch.func differentiate          |
 | compiled_cpu | torch.compile of CPU tensors, backend `auto`      | `TracedCE`: plain ops Inductor fuses          |
 | compiled     | torch.compile                                     | the registered op; AOTAutograd differentiates |
 |              |                                                   | it through its registered derivatives         |
@@ -195,8 +195,8 @@ def is_dtensor(*tensors) -> bool:
     return DTensor is not None and any(isinstance(t, DTensor) for t in tensors)
 
 
-def _sharded_logits(args) -> bool:
-    return DTensor is not None and isinstance(args[0], DTensor) and not _compiled_transform()
+def _sharded(args) -> bool:
+    return is_dtensor(*args[:4]) and not _compiled_transform()
 
 
 def _run_sharded(args, key, given):
@@ -204,7 +204,7 @@ def _run_sharded(args, key, given):
 
 
 def _wants_plain_ops(args) -> bool:
-    return is_dtensor(*args[:4]) or _compiled_transform()
+    return _compiled_transform()
 
 
 def _run_plain_ops(args, key, given):
@@ -288,7 +288,7 @@ def _run_observed(args, key, given):
 
 ROUTES = (
     Route("refused", _scripted, _refuse),
-    Route("sharded", _sharded_logits, _run_sharded),
+    Route("sharded", _sharded, _run_sharded),
     Route("plain_ops", _wants_plain_ops, _run_plain_ops),
     Route("compiled_cpu", _compiled_on_cpu, _run_traced),
     Route("compiled", _compiling, _run_compiled),

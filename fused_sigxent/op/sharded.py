@@ -143,6 +143,11 @@ def loss(args: tuple, local_loss) -> Tensor:
     shard (`local_loss(args)`: the loss of plain-tensor op arguments)."""
     x, z, w, p, label_smoothing, reduction, out_dtype = args[:7]
     focal = args[7:]
+    if not isinstance(x, DTensor):
+        placed = next((f"{name} placed {_placement(t)}" for name, t in (("labels", z), ("weight", w),
+                       ("pos_weight", p)) if isinstance(t, DTensor)), "DTensor arguments")
+        raise _unsupported(f"plain-tensor logits with {placed}: make the logits a DTensor too "
+                           "(distribute_tensor or DTensor.from_local)")
     d = shard_dim(x)
     xl = x.to_local()
     zl = _local_labels(z, x, d)
@@ -235,7 +240,11 @@ def class_parallel(x, weight, bias, dense, positives, pos_weight, smoothing: Ten
         x_local = x
     dense_local = positives_local = None
     if dense is not None:
-        if rows_sharded or not isinstance(dense, DTensor) or not isinstance(dense.placements[0], Shard) \
+        if rows_sharded:
+            raise _unsupported(f"dense targets with an input placed {_placement(x)}: dense (B, C) targets take a "
+                               "replicated input (each rank all of B, its own classes' columns); with a Shard(0) "
+                               "input pass sparse positives")
+        if not isinstance(dense, DTensor) or not isinstance(dense.placements[0], Shard) \
                 or dense.placements[0].dim % 2 != 1:
             raise _unsupported("dense targets with a class-parallel weight must be a DTensor placed Shard(1) (each "
                                "rank its classes' columns), with a replicated input; got "

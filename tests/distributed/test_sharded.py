@@ -286,11 +286,51 @@ def _memory(rank, world):
     return sharded, gradient, head, single
 
 
+def _edges(rank, world):
+    """Edge cases a user met: all-zero TF weights (the loss 0, the gradient 0,
+    never NaN); a class-parallel rank holding no classes (C < W); out-of-range
+    class ids in DTensor targets (the package's ValueError, on every rank);
+    plain logits with DTensor labels (refused by name)."""
+    import fused_sigxent as fs
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    out = {}
+    x, z = _full((4, 3))
+    xs = distribute_tensor(x, mesh, [Shard(0)]).requires_grad_()
+    loss = fs.sigmoid_cross_entropy(distribute_tensor(z, mesh, [Shard(0)]), xs,
+                                    distribute_tensor(torch.zeros(4, 3, dtype=torch.float64), mesh, [Shard(0)]),
+                                    reduction=fs.Reduction.MEAN)
+    loss.backward()
+    out["zero weights"] = (loss.full_tensor().item(), xs.grad.full_tensor().abs().max().item())
+    g = torch.Generator().manual_seed(3)
+    xh, wh = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randn(2, 4, generator=g, dtype=torch.float64)
+    ids = torch.tensor([0, 1, 2, -1, 1])  # C = 2 over 3 ranks: rank 2 has none
+    got = fs.linear_sigmoid_cross_entropy(xh, distribute_tensor(wh, mesh, [Shard(0)]), ids).full_tensor()
+    out["empty class block"] = (got.item(), fs.linear_sigmoid_cross_entropy(xh, wh, ids).item())
+    raised = []
+    for placement in (Replicate(), Shard(0)):
+        try:
+            fs.sigmoid_focal_loss(distribute_tensor(torch.randn(4, 6), mesh, [placement]),
+                                  distribute_tensor(torch.tensor([0, 1, 9, 6]), mesh, [placement]), reduction="sum")
+            raised.append(None)
+        except ValueError as error:
+            raised.append(str(error))
+    out["bad ids"] = raised
+    try:
+        fs.binary_cross_entropy_with_logits(torch.randn(4, 3), distribute_tensor(torch.rand(4, 3), mesh, [Replicate()]))
+        out["plain logits"] = None
+    except NotImplementedError as error:
+        out["plain logits"] = str(error)
+    return out
+
+
 def session(rank, world):
     import time
 
     out, seconds = {}, {}
-    parts = [("losses", _sharded_losses), ("focal", _class_index_focal), ("head", _head_cases)]
+    parts = [("losses", _sharded_losses), ("focal", _class_index_focal), ("head", _head_cases), ("edges", _edges)]
     if world == 2:
         parts += [("ops", _ops_on_shards), ("errors", _errors), ("memory", _memory), ("docs", _docs_examples)]
     for name, part in parts:
@@ -426,3 +466,14 @@ def test_the_docs_examples_compute_what_one_process_does(sessions):
         torch.testing.assert_close(loss, want)
         torch.testing.assert_close(head_grad, want_head_grad)
         torch.testing.assert_close(sum(extreme[2] for _, extreme in ranks), whole_grad)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_edge_cases_users_met(sessions, world):
+    for rank in sessions[world]:
+        edges = rank["edges"]
+        assert edges["zero weights"] == (0.0, 0.0)
+        got, want = edges["empty class block"]
+        assert got == pytest.approx(want, rel=1e-12)
+        assert all(message is not None and "[-1, 6]" in message for message in edges["bad ids"]), edges["bad ids"]
+        assert edges["plain logits"] is not None and "labels placed" in edges["plain logits"]

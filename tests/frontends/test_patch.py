@@ -181,3 +181,17 @@ def test_a_patched_loss_compiles_without_a_graph_break():
         loss.backward()
     assert_close(loss, ORIGINAL(x, z))
     assert_close(x.grad, torch.autograd.grad(ORIGINAL(x, z), x)[0])
+
+
+def test_a_wider_target_or_weight_dtype_goes_to_pytorch_which_promotes():
+    # PyTorch's loss comes back in the promoted dtype (float32 input with a
+    # float64 target: float64); this package keeps the logits' dtype, so such
+    # calls are PyTorch's.
+    x = torch.randn(3, 4)
+    with fs.patch():
+        for call in (lambda: F.binary_cross_entropy_with_logits(x, torch.rand(3, 4, dtype=torch.float64)),
+                     lambda: F.binary_cross_entropy_with_logits(x.half(), torch.rand(3, 4)),
+                     lambda: F.binary_cross_entropy_with_logits(x, torch.rand(3, 4), torch.rand(4).double())):
+            names = _ops(call)
+            assert "fused_sigxent.sigmoid_ce_fwd.default" not in names
+            assert call().dtype == torch.promote_types(call().dtype, torch.float32)

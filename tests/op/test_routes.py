@@ -2,8 +2,6 @@
 calls the implementation directly; anything that could observe or transform
 the call sees the registered op."""
 
-import contextlib
-
 import pytest
 import torch
 
@@ -91,12 +89,17 @@ def test_each_route_is_taken_where_the_table_says(monkeypatch):
     with pytest.raises(RuntimeError, match="TorchScript"):
         torch.jit.trace(lambda t: fs.binary_cross_entropy_with_logits(t, z), (x.detach(),))
     assert taken[-1] == "refused"
-    # DTensor arguments (as the route's test sees them): the plain ops.
-    monkeypatch.setattr(routes, "is_dtensor", lambda *tensors: True)
-    monkeypatch.setattr(routes, "implicit_replication", contextlib.nullcontext)
+    # A torch.func transform inside a compiled graph (as the route's test sees it): the plain ops.
+    monkeypatch.setattr(routes, "_compiled_transform", lambda: True)
     assert_close(fs.binary_cross_entropy_with_logits(x, z, reduction="sum").detach(),
                  torch.nn.functional.binary_cross_entropy_with_logits(x, z, reduction="sum").detach())
     assert taken[-1] == "plain_ops"
+    # DTensor arguments: the sharded route, which refuses plain logits by name.
+    monkeypatch.setattr(routes, "_compiled_transform", lambda: False)
+    monkeypatch.setattr(routes, "is_dtensor", lambda *tensors: True)
+    with pytest.raises(NotImplementedError, match="logits"):
+        fs.binary_cross_entropy_with_logits(x, z, label_smoothing=0.2)  # (a signature no plan kept)
+    assert taken[-1] == "sharded"
 
 
 @pytest.mark.parametrize("backend_name,route", [("auto", "compiled_cpu"), ("reference", "compiled")])
