@@ -4,6 +4,7 @@ import argparse
 import datetime
 import importlib
 import os
+import resource
 import sys
 import time
 import traceback
@@ -11,14 +12,36 @@ import traceback
 from . import plan
 
 
+def cpu_seconds() -> tuple[float, float] | None:
+    """(CPU seconds the whole machine has been busy, those of this process and
+    its waited-for children), or None where /proc/stat is not there."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    own = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    return busy, sum(r.ru_utime + r.ru_stime for r in own)
+
+
+def others_share(before, after, wall: float) -> float | None:
+    """The share of all cores that other processes used between two `cpu_seconds`."""
+    if before is None or after is None or wall <= 0:
+        return None
+    return max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / (wall * (os.cpu_count() or 1))
+
+
 def index_page(device: str, mode: str, results: list[tuple]) -> str:
     """The run's one page: what ran, how long it took, and where each sweep's page and plots are."""
     lines = [f"# `python -m perf` on {device} ({mode} plan), {datetime.date.today()}", "",
-             "| sweep | status | wall s | command |", "| --- | --- | --- | --- |"]
-    lines += [f"| {s.name} | {status} | {wall:.0f} | `{s.command().replace(plan.RESULTS + os.sep, '')}` |"
-              for s, status, wall in results]
+             f"`others`: the share of the machine's {os.cpu_count()} cores that other processes used during the "
+             "sweep; past a few percent its times are disturbed, not to be quoted.", "",
+             "| sweep | status | wall s | others | command |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {s.name} | {status} | {wall:.0f} | {'' if others is None else f'{others:.0%}'} | "
+              f"`{s.command().replace(plan.RESULTS + os.sep, '')}` |" for s, status, wall, others in results]
     lines += [""]
-    for s, status, _ in results:
+    for s, *_ in results:
         stem = os.path.splitext(s.csv)[0]
         folder = os.path.dirname(s.csv)
         pages = sorted(f for f in os.listdir(folder) if f.startswith(os.path.basename(stem))
@@ -59,15 +82,17 @@ def main(argv=None) -> int:
           + ", ".join(s.name for s in sweeps), flush=True)
     results = []
     for s in sweeps:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), cpu_seconds()
         print(f"== {s.name}: {s.command()}", flush=True)
         try:
-            importlib.import_module(s.module).main(list(s.args))
-            status = "ok"
+            note = importlib.import_module(s.module).main(list(s.args))
+            # A sweep stopped at its time limit says how many cases it did.
+            status = f"ok, {note}" if isinstance(note, str) else "ok"
         except Exception:  # the other sweeps still run; the exit status says one failed
             traceback.print_exc()
             status = "FAILED"
-        results.append((s, status, time.perf_counter() - started))
+        wall = time.perf_counter() - started
+        results.append((s, status, wall, others_share(cpu, cpu_seconds(), wall)))
         print(f"== {s.name}: {status} in {time.perf_counter() - started:.0f} s", flush=True)
     page = os.path.join(plan.RESULTS, f"summary-{name}-{datetime.date.today()}"
                         + ("-quick" if args.quick else "-full" if args.full else "") + ".md")
@@ -75,7 +100,7 @@ def main(argv=None) -> int:
     with open(page, "w") as f:
         f.write(index_page(_bench.device_name(dev), mode, results))
     print(f"wrote {page}")
-    return 0 if all(status == "ok" for _, status, _ in results) else 1
+    return 0 if all(status.startswith("ok") for _, status, *_ in results) else 1
 
 
 if __name__ == "__main__":

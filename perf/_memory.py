@@ -24,7 +24,6 @@ with `pass_peaks` or `rss_peak`), and prints it as one JSON line.
 import concurrent.futures
 import gc
 import json
-import multiprocessing
 import os
 import re
 import subprocess
@@ -115,8 +114,9 @@ def child_command(module: str, spec: dict, entry: str = "memory_child") -> list[
 def run_child(module: str, spec: dict, entry: str = "memory_child", env: dict | None = None) -> dict:
     """`perf.MODULE.<entry>(**spec)` in a fresh process with `env` added to
     this one's (default CHILD_ENV); its dict, or {} (and a printed reason) if
-    the child failed. `entry` "timing_child": a sweep's timing, which must not
-    inherit the allocator the parent's earlier cases left (`perf/_bench.py`)."""
+    the child failed. `entry` "case_child": a sweep's peaks and timing, which
+    must not inherit the allocator the parent's earlier cases left
+    (`perf/_bench.py`)."""
     env = dict(os.environ, **(CHILD_ENV if env is None else env))
     try:
         done = subprocess.run(child_command(module, spec, entry), cwd=ROOT, env=env, capture_output=True,
@@ -129,61 +129,6 @@ def run_child(module: str, spec: dict, entry: str = "memory_child", env: dict | 
         print(f"child {module}.{entry} {spec} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
         return {}
     return json.loads(lines[-1])
-
-
-def _forked_call(module: str, entry: str, spec: dict) -> dict:
-    if any(os.environ.get(k) != v for k, v in CHILD_ENV.items()):
-        raise RuntimeError("the fork server did not start with CHILD_ENV")
-    import importlib
-
-    return getattr(importlib.import_module(f"perf.{module}"), entry)(**spec)
-
-
-class ForkedChildren:
-    """`run_child` without an interpreter start per child: each call runs in
-    a process of its own, forked from a server that imported perf.MODULE
-    (torch and fused_sigxent with it) once, under CHILD_ENV, so a child's
-    allocator is a fresh child's (nothing freed into the heap above the
-    threshold). The imports take ~2.5 s a process on 2 cores, about as long
-    as a case's measurements. Where the server cannot be had (no fork, or
-    one already started without CHILD_ENV), calls fall back to `run_child`."""
-
-    def __init__(self, module: str):
-        self.module, self.pool = module, None
-        try:
-            ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload([f"perf.{module}"])
-            saved = {k: os.environ.get(k) for k in CHILD_ENV}
-            os.environ.update(CHILD_ENV)  # the server is started with the environment of now
-            try:
-                self.pool = ctx.Pool(1, maxtasksperchild=1)
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k)
-                    else:
-                        os.environ[k] = v
-        except (ValueError, OSError) as err:
-            print(f"no fork server ({err}): a fresh interpreter per child")
-
-    def __call__(self, spec: dict, entry: str) -> dict:
-        if self.pool is not None:
-            try:
-                return self.pool.apply_async(_forked_call, (self.module, entry, spec)).get(CHILD_TIMEOUT_S)
-            except multiprocessing.TimeoutError:
-                print(f"child {self.module}.{entry} {spec} timed out")
-                self.close()
-                return {}
-            except RuntimeError as err:
-                if "CHILD_ENV" not in str(err):
-                    raise
-                self.close()
-        return run_child(self.module, spec, entry)
-
-    def close(self):
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool = None
 
 
 def run_children(module: str, specs: list[dict], workers: int | None = None) -> list[dict]:

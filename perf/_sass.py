@@ -15,7 +15,7 @@ import subprocess
 
 import torch
 
-# The arithmetic of issue 10, for an H100 SXM: 132 SMs x 4 schedulers x
+# The instruction budget's arithmetic, for an H100 SXM: 132 SMs x 4 schedulers x
 # 1.755 GHz (boost) x 32 lanes of thread-instructions per second, and ~3.0 TB/s
 # of device-to-device copy bandwidth (bytes read plus written).
 ISSUE_RATE = 132 * 4 * 1.755e9 * 32
@@ -33,7 +33,7 @@ CONFIG_NAMES = {"fwd": "sigmoid_ce_fwd", "bwd": "sigmoid_ce_bwd", "scale": "sigm
 # Partial-sum slots on an H100 (kernels/_grid.py partial_slots): 132 SMs x
 # 16 resident programs of 4 warps, rounded up to a power of two.
 H100_PARTIAL_SLOTS = 4096
-# Reduction names of the sweep -> the op's codes (fused_sigxent/_reduction.py).
+# Reduction names of the sweep -> the op's codes (fused_sigxent/core/reduction.py).
 REDUCTIONS = {"none": 0, "sum": 1, "tf_mean": 2, "numel": 3, "nonzero": 4, "mean": 5}
 
 
@@ -50,7 +50,7 @@ class Variant:
     int64: offsets in int64 (numel past kernels/_grid.py INT32_LIMIT).
     arch: the compute capability compiled for. classes: the logits' last
     dimension (SHAPE's unless a variant needs another).
-    focal: "" (sigmoid cross entropy) or the focal loss (SPEC section 6) with
+    focal: "" (sigmoid cross entropy) or the focal loss (docs/semantics.md) with
       alpha_t: "hard" (unsmoothed hard labels: u8, or "index" labels, int64
       class indices), "soft" (any other labels).
     """
@@ -105,7 +105,7 @@ class Variant:
 
 
 def budget(v: Variant) -> float | None:
-    """Issue 10's budget of hot-loop SASS instructions per element, for the
+    """The budget of hot-loop SASS instructions per element, for the
     variants it names (every candidate must meet it): the forward writing
     the gradient with no weight, 40; the backward recomputing it, 30; the
     forward with per-class weight and pos_weight (and smoothing, which is
@@ -113,7 +113,7 @@ def budget(v: Variant) -> float | None:
     if v.logits == "fp64" or v.kernel == "scale" or v.arch != 90:
         return None
     if v.focal:
-        # Issue 12: the plain forward's budget plus ~15 for the focal factor
+        # The focal loss: the plain forward's budget plus ~15 for the focal factor
         # (with alpha_t), for hard labels (u8) and class indices (stepped per
         # chunk like a per-class weight: no division), whose factor needs one
         # exp. The backward gets the forward's too: the focal gradient needs
@@ -122,7 +122,7 @@ def budget(v: Variant) -> float | None:
         # more, the fewest: _math.focal_soft_labels), the selects of the
         # lanes where y = 1 and the floor that keeps lg2.approx.ftz off a
         # subnormal 1 - p_t; they measure 54.6-58.4 on sm_90 with Triton 3.9
-        # and up to 59.1 with 3.6 (its ptxas), four over issue 12's 55. Their
+        # and up to 59.1 with 3.6 (its ptxas), four over the focal budget of 55. Their
         # budget is the most that still keeps pace with copy bandwidth at
         # bf16 logits, labels and gradient (6 bytes per element): recorded,
         # not the goal met.

@@ -52,6 +52,13 @@ def measure(rank, world, trunk, b, h, c, k, steps):
     return time_and_peak(step, steps, barrier=world > 1)
 
 
+def planned(argv) -> list[str]:
+    """The cases `main(argv)` would run, one line each (a dry run)."""
+    b, h, c, k = SIZES["quick" if "--quick" in argv else "default"]
+    return [f"{trunk} trunk W={world} B={b} H={h} C={c} K={k} float32" for trunk in ("replicated", "data_parallel")
+            for world in WORLDS]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help=f"B, H, C, K = {SIZES['quick']} "

@@ -84,7 +84,7 @@ def only(candidate):
         PLANS.clear()
 
 
-def compiled_figures(kernel, dev) -> dict:
+def compiled_figures(kernel, dev, numel: int) -> dict:
     """What the tuner compiled and chose for the one variant run since `only`
     began: the config, registers, spills, programs per SM, occupancy and grid."""
     from fused_sigxent.kernels import _grid, _launch
@@ -100,7 +100,7 @@ def compiled_figures(kernel, dev) -> dict:
         if ptx:
             figures["ptx_md5"] = hashlib.md5(ptx.encode()).hexdigest()
     if dev.type == "cuda":
-        figures["programs"] = _grid.persistent_grid(NUMEL, dev).resolve(options["BLOCK"], choice.per_sm)[0]
+        figures["programs"] = _grid.persistent_grid(numel, dev).resolve(options["BLOCK"], choice.per_sm)[0]
     return figures
 
 
@@ -212,7 +212,7 @@ def main(argv=None):
                 try:
                     with only(candidate) as kernel:
                         forward()  # compiles (and for the tuner's pick, times) before any capture
-                        figures = compiled_figures(kernel, dev)
+                        figures = compiled_figures(kernel, dev, args.numel)
                         twin = timed.get((feature, figures.get("ptx_md5")))
                         if twin is None or source == "tuner":
                             med, p20, p80 = _bench.time_ms(forward, dev, reps=100)

@@ -1,6 +1,6 @@
-"""The CPU path's functions (`fused_sigxent/_cpu.py`) timed against PyTorch eager, and their compiled route.
+"""The CPU path's functions (`fused_sigxent/impl/cpu.py`) timed against PyTorch eager, and their compiled route.
 
-Issue 11's cases: numel 64K, 1M, 16M shaped (N/1024, 1024); float32
+The loss sweep's CPU cases: numel 64K, 1M, 16M shaped (N/1024, 1024); float32
 logits/labels and bfloat16 logits with uint8 labels; plain, per-class weight,
 per-class pos_weight, both + smoothing 0.1; PyTorch's mean. Two passes:
   fwd      the loss under no_grad (ours: `sigmoid_ce_fwd`, no gradient);

@@ -365,10 +365,11 @@ def main(argv=None):
     sizes, cases, impls = _plan(args)
     memory = not args.no_memory and (gpu or _memory.rss_available())
     out = args.out or _bench.results_csv("linear-", dev, "-quick" if args.quick else "")
-    rows = []
+    rows, stopped = [], None
     for k, case in enumerate(cases):
         if args.time_limit is not None and time.perf_counter() - started > args.time_limit:
-            print(f"time limit ({args.time_limit:.0f} s) reached: {k} of {len(cases)} cases run", flush=True)
+            stopped = f"{k} of {len(cases)} cases: time limit ({args.time_limit:.0f} s) reached"
+            print(stopped, flush=True)
             break
         spec = TABLES[sizes][case]
         inputs = make_inputs(spec, device=dev, dtype=dtype)
@@ -385,8 +386,8 @@ def main(argv=None):
                     torch.cuda.empty_cache()
         elif memory:
             specs = [dict(impl=name, case=case, sizes=sizes, threads=torch.get_num_threads()) for name in fns]
-            # One child at a time: eager's peaks at full size are several GiB each.
-            peaks = dict(zip(fns, _memory.run_children("linear_loss", specs, workers=1)))
+            # One child at a time at full size, where eager's peaks are several GiB each.
+            peaks = dict(zip(fns, _memory.run_children("linear_loss", specs, workers=1 if sizes == "full" else 2)))
         chunk = chunked.chunk_rows(spec["B"], spec["C"], dev)
         for (name, pass_), seconds in timed.items():
             ms = torch.tensor(seconds, dtype=torch.float64) * 1e3
@@ -406,6 +407,7 @@ def main(argv=None):
         print(line)
     print(f"wrote {', '.join(paths)}")
     print(f"sweep took {time.perf_counter() - started:.0f} s")
+    return stopped
 
 
 if __name__ == "__main__":

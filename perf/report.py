@@ -13,7 +13,7 @@ OURS_COMPILED, COMPILED = "fused_sigxent_compile", "torch_compile"
 # and the interpreter's own small allocations add tens of KiB, so below
 # 256 KiB a ratio would compare noise (a 64K-element float32 tensor is 256 KiB).
 MEM_FLOOR_BYTES = 256 << 10
-# Issue 11's goals, checked in the page's "Goals" list.
+# The loss's goals against PyTorch, checked in the page's "Goals" list.
 GOAL_MEDIAN_SPEEDUP, GOAL_WORST_SPEEDUP = 1.0, 0.8
 GOAL_WORST_MEMORY = 1.0
 GOAL_COMPILED = 1.25
@@ -91,7 +91,7 @@ def headline(cases: pd.DataFrame) -> pd.DataFrame:
 
 
 def goals(cases: pd.DataFrame) -> list[str]:
-    """Issue 11's three goals, each with the figures that decide it."""
+    """The three goals, each with the figures that decide it."""
     lines = []
 
     def verdict(ok):
@@ -193,7 +193,7 @@ def page(frame: pd.DataFrame, csv_names: list[str], pngs: list[str]) -> str:
     ]
     goal_lines = goals(cases)
     if goal_lines:
-        lines += ["## Goals (issue 11)", "", *goal_lines, ""]
+        lines += ["## Goals", "", *goal_lines, ""]
     lines += [
         "## Headline",
         "",

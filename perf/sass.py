@@ -56,7 +56,7 @@ def representative() -> list[Variant]:
         Variant("bwd", "bf16", "bf16", reduction="none", grads="both"),
         Variant("bwd", "bf16", "u8", "class", "class", reduction="tf_mean"),  # weighted recompute
         Variant("bwd", "bf16", "u8", "full", reduction="nonzero"),
-        # the focal loss (issue 12): hard labels (one exp more), soft, class indices
+        # the focal loss: hard labels (one exp more), soft, class indices
         Variant("fwd", "bf16", "u8", focal="hard"),
         Variant("fwd", "fp32", "u8", focal="hard"),
         Variant("fwd", "bf16", "bf16", focal="soft"),

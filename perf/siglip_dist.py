@@ -149,6 +149,13 @@ def sweep(n: int, d: int, steps: int) -> list[dict]:
     return rows
 
 
+def planned(argv) -> list[str]:
+    """The cases `main(argv)` would run, one line each (a dry run)."""
+    n, d = SIZES["quick" if "--quick" in argv else "default"]
+    return [f"{impl} W={world} n={n} D={d} float32" for impl in ("fused_sigxent", "open_clip_bidir")
+            for world in WORLDS]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help=f"n, D = {SIZES['quick']} (default {SIZES['default']})")

@@ -3,6 +3,7 @@ formula in eager PyTorch and under torch.compile, one CSV row per measurement
 (the loss sweep's columns), a short markdown summary and plots."""
 
 import argparse
+import functools
 import os
 import time
 
@@ -101,6 +102,8 @@ def parser():
     parser.add_argument("--out", default=None, help="CSV path (default perf/results/focal-<device>-<date>.csv)")
     parser.add_argument("--numel", type=_list(int), help="comma-separated element counts, swept in this order")
     parser.add_argument("--classes", type=_list(int), help=f"comma-separated class counts (default {CLASSES})")
+    parser.add_argument("--sample-ms", type=float, default=None, help="ms of calls to time per pass, at "
+                        f"least {_bench.MIN_SAMPLES} samples (default {_bench.SAMPLE_BUDGET_MS:g})")
     parser.add_argument("--time-limit", type=float, default=None, help="seconds: start no case after this "
                         "long (the CSV is rewritten after every case)")
     parser.add_argument("--dry-run", action="store_true", help="list the cases and exit")
@@ -164,12 +167,15 @@ def main(argv=None):
               "against torchvision's formula, eager and under torch.compile")
     copy_bw = _bench.copy_bandwidth_gbps(dev)
     reps = 15 if dev.type == "cpu" else 100
+    if args.sample_ms:
+        _bench.SAMPLE_BUDGET_MS = args.sample_ms
     out = args.out or _bench.results_csv("focal-", dev, "-quick" if args.quick else "")
     all_cases = cases(dev, args)
-    rows = []
+    rows, stopped = [], None
     for k, (numel, classes, dtype, label_dtype) in enumerate(all_cases):
         if args.time_limit is not None and time.perf_counter() - started > args.time_limit:
-            print(f"time limit ({args.time_limit:.0f} s) reached: {k} of {len(all_cases)} cases swept", flush=True)
+            stopped = f"{k} of {len(all_cases)} cases: time limit ({args.time_limit:.0f} s) reached"
+            print(stopped, flush=True)
             break
         gen = torch.Generator().manual_seed(0)
         shape = (numel // classes, classes)
@@ -190,7 +196,7 @@ def main(argv=None):
                     def reset():
                         xg.grad = None
 
-                    peaks = _memory.pass_peaks(lambda: fn(xg, z, reduction), lambda loss: loss.backward(), reset, dev)
+                    peaks = _memory.pass_peaks(functools.partial(fn, xg, z, reduction), lambda loss: loss.backward(), reset, dev)
                 print(f"    {name:22}" + "  ".join(f"{p} {m:.3f} ms" for p, (m, _, _) in timed.items()), flush=True)
                 for pass_, (med, p20, p80) in timed.items():
                     nbytes = bytes_min(x, z, pass_)
@@ -206,6 +212,7 @@ def main(argv=None):
         write(rows, out, env)
     paths = write(rows, out, env, final=True)
     print(f"wrote {', '.join(paths)}; took {time.perf_counter() - started:.0f} s")
+    return stopped
 
 
 if __name__ == "__main__":

@@ -6,19 +6,18 @@ import itertools
 import os
 import time
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
 import fused_sigxent as fs
 
-from . import _bench, _memory, report
+from . import _bench, _memory
 
 # Sizes: numel x classes C, shaped (numel // C, C). GPU: 1M..256M elements.
-# CPU (a 2-core CI machine; the whole CPU sweep, memory included, in about 10
-# minutes): issue 11's shape (N/1024, 1024) with N = 64K (where per-call
+# CPU (a 2-core machine): (N/1024, 1024) with N = 64K (where per-call
 # overheads show), 1M and 16M; float32 logits with float32 labels, and bf16
-# logits with uint8 labels (a mixed-precision classifier's).
+# logits with uint8 labels (a mixed-precision classifier's). These are the
+# full sweep's; `python -m perf` passes its own (perf/plan.py).
 GPU_NUMELS = [1 << 20, 1 << 24, 1 << 26, 1 << 28]
 CPU_NUMELS = [1 << 16, 1 << 20, 1 << 24]
 GPU_CLASSES = [1, 128, 1000, 100000]
@@ -187,14 +186,18 @@ def measure(fn, x, z, w, p, s, reduction, dev, reps):
     }
 
 
-def case_child(impl, numel, classes, dtype, label_dtype, feature, reduction, reps, memory, device="cpu"):
+def case_child(impl, numel, classes, dtype, label_dtype, feature, reduction, reps, memory, sample_ms=None,
+               device="cpu"):
     """In a fresh process (perf._memory.run_child, with its allocator
     settings where `memory`): one implementation's peak memory per pass
     (first, while nothing freed before can hide in the heap; see
     perf/_memory.py), then its `check` and `measure` with the allocator
     settled for timing. {"peaks": {pass: bytes}, "times": {pass: [median,
     p20, p80]}}. One process for both: each costs an interpreter start and,
-    compiled, a compilation, which took as long as the measurements."""
+    compiled, a compilation, which took as long as the measurements.
+    sample_ms: `_bench.SAMPLE_BUDGET_MS` for this child (None: its default)."""
+    if sample_ms:
+        _bench.SAMPLE_BUDGET_MS = sample_ms
     dev = torch.device(device)
     x, z, w, p, s = make_inputs(numel, classes, getattr(torch, dtype), getattr(torch, label_dtype), feature, dev)
     fn = implementations(dev, [impl])[impl]
@@ -264,6 +267,8 @@ def parser():
                         "its child processes take about as long as the timing)")
     parser.add_argument("--part", default="1/1", help="K/N: run every N-th case from the K-th (1-based), "
                         "so N commands of bounded length cover the sweep")
+    parser.add_argument("--sample-ms", type=float, default=None, help="ms of calls to time per pass, at "
+                        f"least {_bench.MIN_SAMPLES} samples (default {_bench.SAMPLE_BUDGET_MS:g})")
     parser.add_argument("--time-limit", type=float, default=None, help="seconds: start no case after this "
                         "long; the CSV and report then hold the cases done (the CSV is rewritten after every case)")
     parser.add_argument("--dry-run", action="store_true", help="list the cases and exit")
@@ -279,7 +284,9 @@ def planned(argv) -> list[str]:
             in list(cases(_bench.device(args.device), args))[k_part - 1::n_parts]]
 
 
-def write_csv(rows, out) -> pd.DataFrame:
+def write_csv(rows, out):
+    import pandas as pd  # here, not above: each child process would import it for nothing
+
     frame = pd.DataFrame(rows, columns=_bench.COLUMNS)
     frame["peak_mem_bytes"] = frame["peak_mem_bytes"].astype("Int64")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -308,15 +315,18 @@ def main(argv=None):
     # sweep read a compiled step at 0.248 ms where it reads 0.14 ms with
     # fwd and bwd timed at 0.081 and 0.048 just before (a burst of other load).
     reps = 45 if dev.type == "cpu" else 100
+    if args.sample_ms:  # here for a GPU's timing in this process; a CPU child gets it with its spec
+        _bench.SAMPLE_BUDGET_MS = args.sample_ms
     memory = not args.no_memory and (dev.type == "cuda" or _memory.rss_available())
     rows = []
     out = args.out or _bench.results_csv("", dev, "-quick" if args.quick else "")
     k_part, n_parts = map(int, args.part.split("/"))
     all_cases = list(cases(dev, args))[k_part - 1::n_parts]
-    done = 0
+    done, stopped = 0, None
     for k, (numel, c, dtype, label_dtype, feature, reduction) in enumerate(all_cases):
         if args.time_limit is not None and time.perf_counter() - started > args.time_limit:
-            print(f"time limit ({args.time_limit:.0f} s) reached: {done} of {len(all_cases)} cases swept", flush=True)
+            stopped = f"{done} of {len(all_cases)} cases: time limit ({args.time_limit:.0f} s) reached"
+            print(stopped, flush=True)
             break
         x, z, w, p, s = make_inputs(numel, c, dtype, label_dtype, feature, dev)
         case = f"{feature}/{reduction}/C={c}"
@@ -340,7 +350,8 @@ def main(argv=None):
                 # torch.compile's 16M-element bf16 backward read 4.7 ms after
                 # some cases and 10 ms after others), and its peak memory on
                 # what it freed before.
-                result = _memory.run_child("sweep_loss", dict(spec, reps=reps, memory=memory), "case_child",
+                result = _memory.run_child("sweep_loss", dict(spec, reps=reps, memory=memory,
+                                                              sample_ms=args.sample_ms), "case_child",
                                            env=None if memory else {})
                 if not result:
                     raise RuntimeError(f"child process for {name} {case} failed")
@@ -363,9 +374,12 @@ def main(argv=None):
     frame = write_csv(rows, out)
     print(f"wrote {len(frame)} rows to {out}")
     if len(frame):
+        from . import report
+
         for path in report.build(out):
             print(f"wrote {path}")
     print(f"sweep took {time.perf_counter() - started:.0f} s")
+    return stopped
 
 
 if __name__ == "__main__":

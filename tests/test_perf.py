@@ -30,7 +30,7 @@ needs_rss = pytest.mark.skipif(not _memory.rss_available(), reason="needs Linux'
 def test_quick_sweep_writes_report_columns_and_report(tmp_path, monkeypatch):
     monkeypatch.delenv("FUSED_SIGXENT_BACKEND", raising=False)
     out = tmp_path / "sweep.csv"
-    sweep_loss.main(["--quick", "--device", "cpu", "--out", str(out)])
+    sweep_loss.main(["--quick", "--device", "cpu", "--sample-ms", "100", "--out", str(out)])
     frame = pd.read_csv(out)
     assert list(frame.columns) == _bench.COLUMNS
     assert set(frame["pass"]) == {"fwd", "bwd", "fwd+bwd"}
@@ -150,11 +150,13 @@ def test_host_overhead_runs_through_triton_launch_path(tmp_path):
 
 
 # What `make perf` sweeps: literal here, so a change to the plan is a change to this test too.
+# The distributed sweeps run gloo ranks on the CPU whatever the device, at small sizes.
+DISTRIBUTED_PLAN = {"siglip-ranks": (["512"], 6), "class-parallel": (["16384"], 4)}
 DEFAULT_PLAN = {
-    "cpu": {"loss": (["65536", "1048576", "16777216"], 12), "focal": (["65536", "1048576"], 8),
-            "linear+siglip": (["2048", "512", "4096"], 3)},
+    "cpu": {"loss": (["4194304"], 4), "focal": (["65536", "1048576"], 4),
+            "linear+siglip": (["2048", "512", "4096"], 3), **DISTRIBUTED_PLAN},
     "cuda": {"loss": (["1048576", "16777216", "67108864", "268435456"], 32), "focal": (["1048576", "16777216",
-             "67108864"], 12), "linear+siglip": (["8192", "65536"], 3)},
+             "67108864"], 12), "linear+siglip": (["8192", "65536"], 3), **DISTRIBUTED_PLAN},
 }
 
 
@@ -171,7 +173,7 @@ def test_make_perf_runs_the_default_plan(capsys):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     assert text.startswith(f"default plan on {device}:")
     sweeps = re.findall(r"^(\S+): python -m (\S+) (.*)$", text, re.M)
-    assert [name for name, _, _ in sweeps] == ["loss", "focal", "linear+siglip"]
+    assert [name for name, _, _ in sweeps] == ["loss", "focal", "linear+siglip", "siglip-ranks", "class-parallel"]
     blocks = re.split(r"^\S+: python -m .*$", text, flags=re.M)[1:]
     for (name, module, args), block in zip(sweeps, blocks):
         sizes, n_cases = DEFAULT_PLAN[device][name]
