@@ -102,7 +102,7 @@ def pass_peaks(forward, backward, reset, dev: torch.device) -> dict:
 
 
 def memory_child(allocate_mib=0):
-    """A known allocation, to check the measurement itself (tests/test_perf.py):
+    """A known allocation, to check the measurement itself (tests/tooling/test_perf.py):
     the peak of allocating and writing `allocate_mib` MiB, then freeing it."""
     return {"peak": rss_peak(lambda: torch.ones(allocate_mib << 18) if allocate_mib else None)}
 

@@ -22,7 +22,7 @@ import torch
 
 from perf import _bench, _memory, gpu_check, host_overhead, linear_loss, plan, report, sweep_loss, train_step
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 needs_rss = pytest.mark.skipif(not _memory.rss_available(), reason="needs Linux's /proc/self/clear_refs")
 
 
