@@ -163,7 +163,9 @@ DEFAULT_PLAN = {
 def test_make_perf_runs_the_default_plan(capsys):
     # make perf is `python -m perf` with no arguments ...
     if shutil.which("make"):
-        dry = subprocess.run(["make", "-n", "perf"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        # (--no-print-directory: under `make test`, a nested make names its directory.)
+        dry = subprocess.run(["make", "-n", "--no-print-directory", "perf"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=60)
         assert dry.returncode == 0, dry.stderr
         assert re.search(r"python\S* -m perf$", dry.stdout.strip().splitlines()[-1])
     # ... whose dry run lists the default plan's sweeps and cases on this machine's device.
